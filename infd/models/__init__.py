@@ -1,0 +1,3 @@
+from infd.models.autoencoder import AutoencoderConfig, AutoencoderOutput, NeuralFieldAutoencoder
+
+__all__ = ["AutoencoderConfig", "AutoencoderOutput", "NeuralFieldAutoencoder"]

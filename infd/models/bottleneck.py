@@ -1,0 +1,117 @@
+"""Bottlenecks between encoder and decoder: vector quantisation, diagonal Gaussian, none.
+
+Each holds its 1x1 convs in and out of the latent space (LDM's quant_conv / post_quant_conv).
+Three entry points:
+  forward(h)   training path: encoder features -> decoder input, with its loss and statistics
+  latent(h)    encoder features -> the latent z that diffusion models (VQ: pre-quantisation)
+  to_decoder(z) latent z -> decoder input (VQ: quantise here, at the decoder input)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infd.config import ConfigError
+
+
+@dataclass
+class BottleneckConfig:
+    kind: Literal["vq", "kl", "none"] = "vq"
+    embed_dim: int = 3  # latent channels z
+    n_codes: int = 8192  # vq only
+    beta: float = 0.25  # vq commitment weight
+
+    def validate(self, prefix: str = "") -> None:
+        if self.kind == "vq" and self.n_codes < 2:
+            raise ConfigError(f"config key '{prefix}n_codes' must be >= 2 for kind=vq")
+
+
+@dataclass
+class BottleneckOutput:
+    z: Tensor  # decoder input (B, z_channels, h, w)
+    loss: Tensor  # scalar: VQ codebook + commitment, or KL; zero for none
+    stats: dict  # scalars for logging (code usage, perplexity, kl)
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook lookup with straight-through gradients. z (B, D, h, w) -> same shape."""
+
+    def __init__(self, n_codes: int, dim: int, beta: float):
+        super().__init__()
+        self.beta = beta
+        self.codebook = nn.Embedding(n_codes, dim)
+        self.codebook.weight.data.uniform_(-1.0 / n_codes, 1.0 / n_codes)
+
+    def codes(self, z: Tensor) -> Tensor:
+        """Index of the nearest code per position. (B, D, h, w) -> (B, h, w)."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        book = self.codebook.weight.float()
+        book_sq = book.pow(2).sum(1)
+        # Chunked so the (positions x codes) distance matrix stays small (8192 codes x 32K positions = 1 GB).
+        idx = [(book_sq - 2 * chunk @ book.t()).argmin(1) for chunk in flat.split(4096)]
+        return torch.cat(idx).view(z.shape[0], *z.shape[2:])
+
+    def lookup(self, idx: Tensor) -> Tensor:
+        """(B, h, w) indices -> (B, D, h, w) code vectors."""
+        return self.codebook(idx).permute(0, 3, 1, 2)
+
+    def forward(self, z: Tensor):
+        idx = self.codes(z)
+        zq = self.lookup(idx).to(z.dtype)
+        loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
+        return z + (zq - z).detach(), loss, self.usage(idx)
+
+    def usage(self, idx: Tensor) -> dict:
+        counts = torch.bincount(idx.flatten(), minlength=self.codebook.num_embeddings).float()
+        probs = counts / counts.sum()
+        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+        return {"vq/perplexity": entropy.exp().detach(), "vq/codes_used": (counts > 0).float().mean().detach()}
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cfg: BottleneckConfig, z_channels: int):
+        super().__init__()
+        self.kind = cfg.kind
+        moments = 2 if cfg.kind == "kl" else 1
+        self.quant_conv = nn.Conv2d(moments * z_channels, moments * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, z_channels, 1)
+        self.quantizer = VectorQuantizer(cfg.n_codes, cfg.embed_dim, cfg.beta) if cfg.kind == "vq" else None
+
+    @property
+    def encoder_channels_factor(self) -> int:
+        """Encoder output channels per latent channel (2 for mean and log-variance)."""
+        return 2 if self.kind == "kl" else 1
+
+    def latent(self, h: Tensor) -> Tensor:
+        """Encoder features -> latent z (B, embed_dim, h, w): pre-quantisation for vq, mean for kl."""
+        moments = self.quant_conv(h)
+        return moments.chunk(2, dim=1)[0] if self.kind == "kl" else moments
+
+    def to_decoder(self, z: Tensor) -> Tensor:
+        """Latent z -> decoder input (quantised for vq)."""
+        if self.quantizer is not None:
+            z = self.quantizer.lookup(self.quantizer.codes(z)).to(z.dtype)
+        return self.post_quant_conv(z)
+
+    def forward(self, h: Tensor) -> BottleneckOutput:
+        moments = self.quant_conv(h)
+        if self.kind == "vq":
+            z, loss, stats = self.quantizer(moments)
+        elif self.kind == "kl":
+            z, loss, stats = _gaussian_sample(moments, self.training)
+        else:
+            z, loss, stats = moments, moments.new_zeros(()), {}
+        return BottleneckOutput(self.post_quant_conv(z), loss, stats)
+
+
+def _gaussian_sample(moments: Tensor, sample: bool):
+    """Diagonal Gaussian posterior: sample (or mean) and KL to N(0, I), summed per sample, averaged over batch."""
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+    return z, kl, {"kl": kl.detach()}
