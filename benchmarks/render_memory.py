@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from infd.config import from_mapping, load_mapping  # noqa: E402
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder  # noqa: E402
 from infd.render import render_tiles, render_whole  # noqa: E402
+from infd.utils.memory import track_peak  # noqa: E402
 
 
 def build(args, device):
@@ -39,50 +40,20 @@ def build(args, device):
     return model, phi
 
 
-def resident_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _proc_status("VmRSS")
-
-
-def peak_bytes(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_status("VmHWM")
-
-
-def reset_peak(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _proc_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def child(args) -> None:
     """Render one (size, mode), print {"peak_mb", "seconds"} and save the image."""
     device = torch.device(args.device)
     model, phi = build(args, device)
     size = (args.size, args.size)
     out_bytes = 3 * args.size * args.size * 4
-    base = resident_bytes(device)
-    reset_peak(device)
     start = time.perf_counter()
-    with torch.no_grad():
+    with track_peak(device) as mem, torch.no_grad():
         if args.mode == "tiled":
             img = render_tiles(model.renderer, phi, size, tile=args.tile, pad=args.pad)
         else:
             img = render_whole(model.renderer, phi, size)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak = peak_bytes(device) - base - out_bytes
+    peak = mem["peak_bytes"] - out_bytes
     torch.save(img.cpu(), args.save)
     print(json.dumps({"peak_mb": round(peak / 2**20, 1), "seconds": round(seconds, 2)}))
 
