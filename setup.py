@@ -18,7 +18,11 @@ setup(
         "tqdm",
         "psutil",
         "scikit-image",
+        "braceexpand",
+        "boto3",
+        "pyarrow",
+        "webdataset",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "moto[server]"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},
 )

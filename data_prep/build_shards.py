@@ -1,0 +1,214 @@
+"""Build mixed-resolution WebDataset shards and their index.
+
+    python -m data_prep.build_shards --input SRC --output DST [--format folder|img2dataset|parquet]
+        [--samples-per-shard 1000] [--workers N] [--min-side 256] [--max-pixels N] [--max-aspect 3]
+        [--max-punsafe 0.5] [--max-pwatermark 0.8] [--min-aesthetic X] [--hr-threshold 1024]
+
+DST is a directory or s3://bucket/prefix. Shard i holds job i (deterministic: sorted inputs);
+a shard is finished when its stats file shard-XXXXXX.json exists, written after the tar is
+complete, so re-running resumes: finished shards are kept, partial ones redone. index.json and
+hr_manifest.jsonl are written last from the stats files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep import sources
+from data_prep.shard_writer import FilterConfig, ShardWriter
+from infd.data.index import HISTOGRAM_EDGES, INDEX_NAME
+
+log = logging.getLogger("data_prep.build_shards")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+class Destination:
+    """A local directory, or an s3:// prefix staged through a local directory."""
+
+    def __init__(self, url: str, staging: Path | None = None):
+        self.url = url
+        self.is_s3 = url.startswith("s3://")
+        if self.is_s3:
+            self.local = staging or Path(tempfile.mkdtemp(prefix="infd-shards-"))
+        else:
+            self.local = Path(url)
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        if not self.is_s3:
+            return (self.local / name).exists()
+        from botocore.exceptions import ClientError
+
+        from infd.data.urls import s3_client, split_s3
+
+        bucket, prefix = split_s3(self.url.rstrip("/") + "/" + name)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=prefix)
+            return True
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+
+    def read_text(self, name: str) -> str:
+        if not self.is_s3:
+            return (self.local / name).read_text()
+        from infd.data.urls import read_bytes
+
+        return read_bytes(self.url.rstrip("/") + "/" + name).decode()
+
+    def publish(self, name: str) -> None:
+        """Make a finished local file visible at the destination (S3: multipart upload, then delete)."""
+        if not self.is_s3:
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        from infd.data.urls import s3_client, split_s3
+
+        bucket, key = split_s3(self.url.rstrip("/") + "/" + name)
+        config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+        s3_client().upload_file(str(self.local / name), bucket, key, Config=config)
+        (self.local / name).unlink()
+
+
+def build_one(args) -> dict:
+    """Worker: write shard i from job, publish tar then stats. Returns the stats."""
+    i, job, dest, cfg = args
+    name = shard_name(i)
+    writer = ShardWriter(dest.local / f"{name}.tar", cfg)
+    for item in sources.job_items(job, writer.skip):
+        writer.add(item)
+    stats = writer.close()
+    dest.publish(f"{name}.tar")
+    (dest.local / f"{name}.json").write_text(json.dumps(stats))
+    dest.publish(f"{name}.json")  # last: its presence marks the shard finished
+    return stats
+
+
+def make_jobs(args) -> list[dict]:
+    src = Path(args.input)
+    if args.format == "folder":
+        return sources.folder_jobs(src, args.samples_per_shard)
+    if args.format == "img2dataset":
+        return sources.img2dataset_jobs(src)
+    return sources.parquet_jobs(src, args.samples_per_shard, args.path_column)
+
+
+def detect_format(src: Path) -> str:
+    if src.suffix == ".parquet" or (src.is_dir() and any(src.glob("*.parquet")) and not any(src.glob("*.tar"))):
+        return "parquet"
+    if src.is_dir() and any(src.glob("*.tar")):
+        return "img2dataset"
+    return "folder"
+
+
+def write_index(dest: Destination, n_shards: int, cfg: FilterConfig) -> dict:
+    shards, manifest, hist = [], [], [0] * len(HISTOGRAM_EDGES)
+    skipped, converted = Counter(), Counter()
+    for i in range(n_shards):
+        stats = json.loads(dest.read_text(f"{shard_name(i)}.json"))
+        shards.append({"name": stats["name"], "samples": stats["samples"], "hr": stats["hr"], "bytes": stats["bytes"]})
+        manifest += stats["hr_manifest"]
+        hist = [a + b for a, b in zip(hist, stats["histogram"])]
+        skipped.update(stats["skipped"])
+        converted.update(stats["converted"])
+    index = {"version": 1, "hr_threshold": cfg.hr_threshold, "filters": asdict(cfg),
+             "total_samples": sum(s["samples"] for s in shards), "total_hr": sum(s["hr"] for s in shards),
+             "total_bytes": sum(s["bytes"] for s in shards), "shards": shards,
+             "resolution_histogram": {"edges": HISTOGRAM_EDGES, "counts": hist, "of": "long side"},
+             "hr_manifest": "hr_manifest.jsonl", "skipped": dict(skipped), "converted": dict(converted)}
+    (dest.local / "hr_manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in manifest))
+    dest.publish("hr_manifest.jsonl")
+    (dest.local / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    dest.publish(INDEX_NAME)
+    return index
+
+
+def build(args) -> dict:
+    cfg = FilterConfig(min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
+                       max_punsafe=args.max_punsafe, max_pwatermark=args.max_pwatermark,
+                       min_aesthetic=args.min_aesthetic, hr_threshold=args.hr_threshold, verify=not args.no_verify)
+    args.format = args.format or detect_format(Path(args.input))
+    jobs = make_jobs(args)
+    dest = Destination(args.output, Path(args.staging) if args.staging else None)
+    for tmp in dest.local.glob("*.tmp"):  # partial shards of an interrupted run
+        tmp.unlink()
+    todo = [(i, job, dest, cfg) for i, job in enumerate(jobs) if not dest.exists(f"{shard_name(i)}.json")]
+    print(f"{len(jobs)} shards from {args.input} ({args.format}); {len(jobs) - len(todo)} already finished, "
+          f"{len(todo)} to build with {args.workers} processes -> {args.output}", flush=True)
+    bar = tqdm(total=len(todo), desc="shards", unit="shard")
+    samples = 0
+    with mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else _InProcess() as pool:
+        for stats in pool.imap_unordered(build_one, todo):
+            samples += stats["samples"]
+            bar.update(1)
+            bar.set_postfix(samples=samples)
+    bar.close()
+    index = write_index(dest, len(jobs), cfg)
+    if dest.is_s3 and not args.staging:
+        shutil.rmtree(dest.local, ignore_errors=True)
+    print(f"index: {index['total_samples']} samples ({index['total_hr']} high-res >= {cfg.hr_threshold}px) in "
+          f"{len(jobs)} shards, {index['total_bytes'] / 2**20:.1f} MB; skipped {index['skipped']}; "
+          f"converted {index['converted']}", flush=True)
+    return index
+
+
+class _InProcess:
+    """Pool stand-in for --workers 1 (easier to debug, no pickling)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, items):
+        return map(fn, items)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="image folder, img2dataset output dir, or LAION-style parquet")
+    p.add_argument("--output", required=True, help="directory or s3://bucket/prefix")
+    p.add_argument("--format", choices=["folder", "img2dataset", "parquet"], help="default: detected")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=max(1, mp.cpu_count()))
+    p.add_argument("--path-column", help="parquet: column with the image path (default: path/filepath/...)")
+    p.add_argument("--staging", help="s3 output: local staging directory (default: a temporary one)")
+    defaults = FilterConfig()
+    p.add_argument("--min-side", type=int, default=defaults.min_side)
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
+    p.add_argument("--max-aspect", type=float, default=defaults.max_aspect)
+    p.add_argument("--max-punsafe", type=float, default=defaults.max_punsafe)
+    p.add_argument("--max-pwatermark", type=float, default=defaults.max_pwatermark)
+    p.add_argument("--min-aesthetic", type=float, default=defaults.min_aesthetic)
+    p.add_argument("--hr-threshold", type=int, default=defaults.hr_threshold)
+    p.add_argument("--no-verify", action="store_true", help="skip the test decode of kept images")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if not Path(args.input).exists():
+        print(f"build_shards: error: --input {args.input} does not exist", file=sys.stderr)
+        return 2
+    build(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

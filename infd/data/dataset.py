@@ -1,0 +1,283 @@
+"""Mixed-resolution training stream over WebDataset shards, for DataLoader workers.
+
+Epoch plan (without resampling): shards in an order shuffled by (seed, epoch), the same on
+every rank; their samples form one sequence, cut into `world_size` equal contiguous ranges and
+each range into `num_workers` equal ranges. Every sample appears exactly once per epoch; the
+remainder (fewer than world_size x num_workers x batch_size samples) waits for another epoch.
+All ranks yield the same number of batches, so none hangs at the end of an epoch.
+
+Determinism: everything a position p of a worker's stream does (high-res or not, which high-res
+sample, the crop) draws from an RNG seeded by (seed, epoch, rank, worker, p); the shuffle
+buffer has its own seeded RNG and sees only raw bytes. A bad sample at p is replaced by the
+most recent decodable raw sample before it (counted), so positions never shift. Resuming at
+batch k therefore replays the raw stream without decoding and continues exactly.
+With resampled=True the stream is infinite; resuming reseeds from the batch count, so the
+continuation is a fresh draw from the same distribution, not the uninterrupted run's samples.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from infd.config import ConfigError
+from infd.data.counters import SkipCounter
+from infd.data.decode import SkipSample
+from infd.data.index import INDEX_NAME, ShardIndex, load_index
+from infd.data.tar_samples import TruncatedShard, iterate_tar
+from infd.data.transforms import PatchConfig, make_patch_sample
+from infd.data.urls import ShardReadError, dirname_url, expand_urls, join_url, open_stream, read_range
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+HISTORY = 8  # recent raw samples a bad one may be replaced by
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # brace pattern, directory, s3:// prefix or pipe: command(s)
+    index: str | None = None  # default: index.json beside the shards
+    batch_size: int = 8  # per rank
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    resampled: bool = False
+    p_hr: float = 0.0  # probability that a sample comes from the high-res stream (paper: 0.5)
+    seed: int = 0
+    patch: PatchConfig = field(default_factory=PatchConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.shards:
+            raise ConfigError(f"config key '{prefix}shards' is empty: give a shard pattern, directory or s3:// prefix")
+        if not 0.0 <= self.p_hr < 1.0:
+            raise ConfigError(f"config key '{prefix}p_hr' = {self.p_hr} must be in [0, 1)")
+        if self.batch_size < 1:
+            raise ConfigError(f"config key '{prefix}batch_size' must be >= 1")
+
+
+def image_bytes(raw: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in raw:
+            return raw[ext]
+    raise SkipSample("no_image_member", f"{raw.get('__key__')}: members {sorted(k for k in raw if k[:2] != '__')}")
+
+
+def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir-style shuffle buffer of `size` items."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(len(buf)))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class MixedResolutionDataset(IterableDataset):
+    """Yields collated batches (see `collate`); use with DataLoader(batch_size=None)."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.urls = expand_urls(cfg.shards)
+        if not self.urls:
+            raise ConfigError(f"config key 'data.shards' = {cfg.shards!r} matches no shard")
+        self.index = self._load_index()
+        self.epoch, self.start_batch = 0, 0
+        self.counter = SkipCounter()
+
+    def _load_index(self) -> ShardIndex | None:
+        url = self.cfg.index or join_url(dirname_url(self.urls[0]), INDEX_NAME)
+        try:
+            return load_index(url, self.urls)
+        except FileNotFoundError:
+            if self.cfg.resampled and self.cfg.p_hr == 0:
+                return None
+            raise ConfigError(f"no shard index at {url}: set data.index, build the shards with "
+                              "data_prep.build_shards, or use data.resampled=true with data.p_hr=0") from None
+
+    # ----- epoch plan ---------------------------------------------------------------------
+    def _main_count(self, shard) -> int:
+        return shard.samples - (shard.hr if self.cfg.p_hr > 0 else 0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches one rank yields per epoch (the same on every rank)."""
+        if self.cfg.resampled:
+            raise ValueError("a resampled stream has no epochs: set trainer.max_steps")
+        per_worker = self._samples_per_worker()
+        return (per_worker // self.cfg.batch_size) * max(1, self.cfg.num_workers)
+
+    def _samples_per_worker(self) -> int:
+        total = sum(self._main_count(s) for s in self.index.shards)
+        return total // self.world_size // max(1, self.cfg.num_workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self, batches_done: int) -> dict:
+        """Loader position after the trainer consumed `batches_done` batches of this epoch."""
+        return {"epoch": self.epoch, "batches": batches_done, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start_batch = state["epoch"], state["batches"]
+
+    def _shard_order(self) -> list:
+        shards = list(self.index.shards)
+        random.Random(self.cfg.seed * 1_000_003 + self.epoch).shuffle(shards)
+        return shards
+
+    def _worker_range(self, worker: int, n_workers: int) -> tuple[int, int]:
+        per_worker = self._samples_per_worker()
+        start = (self.rank * max(1, n_workers) + worker) * per_worker
+        return start, start + per_worker
+
+    # ----- raw streams ----------------------------------------------------------------------
+    def _range_stream(self, start: int, stop: int) -> Iterator[dict]:
+        """Raw samples [start, stop) of the epoch's sequence, without decoding."""
+        hr_keys = self.index.hr_keys if self.cfg.p_hr > 0 else set()
+        offset = 0
+        for shard in self._shard_order():
+            count = self._main_count(shard)
+            lo, hi = max(start - offset, 0), min(stop - offset, count)
+            offset += count
+            if lo >= hi:
+                continue
+            seen = 0
+            for raw in self._shard_samples(shard.url, hr_keys):
+                if seen >= lo:
+                    yield raw
+                seen += 1
+                if seen >= hi:
+                    break
+            if seen < hi:
+                self.counter.add("missing_samples", f"{shard.url}: {hi - seen} fewer than the index says", hi - seen)
+
+    def _shard_samples(self, url: str, hr_keys: set) -> Iterator[dict]:
+        stream = open_stream(url)
+        try:
+            for raw in iterate_tar(stream):
+                if (url, raw["__key__"]) not in hr_keys:
+                    raw["__url__"] = url
+                    yield raw
+        except TruncatedShard as err:
+            self.counter.add("truncated_shard", f"{url}: {err}")
+        finally:
+            stream.close()
+
+    def _resampled_stream(self, rng: np.random.Generator) -> Iterator[dict]:
+        urls = [s.url for s in self.index.shards] if self.index else self.urls
+        hr_keys = self.index.hr_keys if (self.index and self.cfg.p_hr > 0) else set()
+        while True:
+            yield from self._shard_samples(urls[int(rng.integers(len(urls)))], hr_keys)
+
+    # ----- decoding -------------------------------------------------------------------------
+    def _decode(self, raw: dict, rng: np.random.Generator) -> dict:
+        sample = make_patch_sample(image_bytes(raw), self.cfg.patch, rng)
+        sample["key"] = raw["__key__"]
+        return sample
+
+    def _main_sample(self, raw: dict | None, history: deque, rng: np.random.Generator) -> dict:
+        if raw is not None:
+            try:
+                return self._decode(raw, rng)
+            except SkipSample as err:
+                self.counter.add(err.reason, f"{raw.get('__url__')}:{raw['__key__']}: {err}")
+        else:
+            self.counter.add("missing_samples", "stream ended before the planned count")
+        for candidate in reversed(history):
+            if candidate is raw:
+                continue
+            try:
+                sample = self._decode(candidate, rng)
+                self.counter.add("replaced_by_duplicate", f"by {candidate['__key__']}")
+                return sample
+            except SkipSample:
+                continue
+        raise RuntimeError(f"no decodable sample among the last {HISTORY}: check the shards "
+                           f"(skips so far: {self.counter.as_dict()})")
+
+    def _hr_sample(self, rng: np.random.Generator) -> dict:
+        manifest = self.index.hr_manifest
+        for _ in range(HISTORY):
+            entry = manifest[int(rng.integers(len(manifest)))]
+            try:
+                sample = self._decode({"__key__": entry["key"], entry["ext"]: read_range(
+                    entry["url"], entry["offset"], entry["size"])}, rng)
+                return sample
+            except SkipSample as err:
+                self.counter.add(err.reason, f"high-res {entry['url']}:{entry['key']}: {err}")
+        raise RuntimeError(f"{HISTORY} high-res draws in a row failed: check the shards")
+
+    # ----- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.index is not None and self.cfg.p_hr > 0 and not self.index.hr_manifest:
+            raise ConfigError("data.p_hr > 0 but the index lists no high-res sample; lower data.p_hr")
+        # Batches this worker already delivered: the DataLoader takes batches round-robin.
+        skip = self.start_batch // n_workers + (1 if worker < self.start_batch % n_workers else 0)
+        seed_epoch = self.epoch
+        if self.cfg.resampled:
+            seed_epoch, skip_raw = 1_000_000 + self.start_batch, 0  # reseed; see module docstring
+            n_batches = None
+            raw_stream = self._resampled_stream(np.random.default_rng([self.cfg.seed, seed_epoch, self.rank, worker, 1]))
+        else:
+            start, stop = self._worker_range(worker, n_workers)
+            n_batches = (stop - start) // self.cfg.batch_size
+            raw_stream = self._range_stream(start, stop)
+            skip_raw = skip
+        buffer_rng = np.random.default_rng([self.cfg.seed, seed_epoch, self.rank, worker, 2])
+        raws = shuffled(raw_stream, self.cfg.shuffle_buffer, buffer_rng)
+        yield from self._batches(raws, worker, seed_epoch, n_batches, skip_raw)
+
+    def _batches(self, raws: Iterator, worker: int, seed_epoch: int, n_batches: int | None, skip: int):
+        history: deque = deque(maxlen=HISTORY)
+        b = 0
+        while n_batches is None or b < n_batches:
+            batch = []
+            for i in range(self.cfg.batch_size):
+                p = b * self.cfg.batch_size + i
+                rng = np.random.default_rng([self.cfg.seed, seed_epoch, self.rank, worker, p, 0])
+                is_hr = self.cfg.p_hr > 0 and rng.random() < self.cfg.p_hr
+                raw = None if is_hr else next(raws, None)
+                if raw is not None:
+                    history.append(raw)
+                if b < skip:
+                    continue  # fast-forward after resume: replay the raw stream, no decode
+                sample = self._hr_sample(rng) if is_hr else self._main_sample(raw, history, rng)
+                sample["is_hr"] = is_hr
+                batch.append(sample)
+            if b >= skip:
+                yield collate(batch, worker, self.counter.as_dict())
+            b += 1
+
+
+def collate(samples: list[dict], worker: int, skips: dict) -> dict:
+    """Stack samples: enc (B, 3, E, E) uint8, gt (B, 3, P, P) uint8, coords/cells (B, P, P, 2),
+    r (B,), is_hr (B,), kept (B,), keys; plus the worker id and its cumulative skip counts."""
+    return {
+        "enc": torch.stack([s["enc"] for s in samples]),
+        "gt": torch.stack([s["gt"] for s in samples]),
+        "coords": torch.stack([s["coords"] for s in samples]),
+        "cells": torch.stack([s["cells"] for s in samples]),
+        "r": torch.tensor([s["r"] for s in samples]),
+        "is_hr": torch.tensor([s["is_hr"] for s in samples]),
+        "kept": torch.tensor([s["kept"] for s in samples]),
+        "keys": [s["key"] for s in samples],
+        "worker": worker,
+        "skips": skips,
+    }
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """DataLoader over MixedResolutionDataset; batching happens in the workers."""
+    dataset = MixedResolutionDataset(cfg, rank, world_size)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=2 if cfg.num_workers > 0 else None)

@@ -1,0 +1,49 @@
+"""Samples of a WebDataset tar: consecutive members sharing a key (path up to the first dot of
+the file name) form one sample {"__key__": key, ext: bytes, ...}."""
+from __future__ import annotations
+
+import tarfile
+from typing import Iterator
+
+from infd.data.urls import ShardReadError
+
+
+class TruncatedShard(Exception):
+    """The tar ended or broke mid-way; samples before the break were yielded."""
+
+
+def split_key(name: str) -> tuple[str, str]:
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def iterate_tar(stream) -> Iterator[dict]:
+    """Yield samples from a binary stream of a tar. Raises TruncatedShard on a broken tar.
+
+    ShardReadError (I/O failure after retries) propagates unchanged.
+    """
+    sample: dict | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if key.startswith("__") or not ext:
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is truncated")
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key}
+                sample[ext] = data
+    except ShardReadError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise TruncatedShard(str(err)) from None
+    if sample is not None:
+        yield sample

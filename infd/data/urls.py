@@ -1,0 +1,195 @@
+"""Where shards live: local paths, brace patterns, `s3://` (streamed with boto3) and `pipe:`.
+
+S3 reads retry with exponential backoff and resume at the byte they reached; after the last
+retry they raise `ShardReadError`. A stream that ends before its announced length is an error,
+never a silently shorter shard. The S3 endpoint comes from boto3's usual configuration
+(AWS_ENDPOINT_URL, profiles, instance roles).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+log = logging.getLogger(__name__)
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read after retries: training must stop rather than see less data."""
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Brace patterns, whitespace-separated lists, local directories (their *.tar) and s3:// prefixes.
+
+    'data/shard-{000000..000009}.tar', 'data/', 's3://bucket/prefix/', 'pipe:curl -s URL'.
+    """
+    items = spec if isinstance(spec, (list, tuple)) else ([spec] if spec.startswith("pipe:") else spec.split())
+    urls: list[str] = []
+    for item in items:
+        if item.startswith("pipe:"):
+            urls.append(item)
+            continue
+        for url in braceexpand(item):
+            if url.startswith("s3://") and url.endswith("/"):
+                urls += list_s3_tars(url)
+            elif not url.startswith("s3://") and Path(url).is_dir():
+                urls += sorted(str(p) for p in Path(url).glob("*.tar"))
+            else:
+                urls.append(url)
+    return urls
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://"):].partition("/")
+    return bucket, key
+
+
+_S3_CLIENT = None
+
+
+def s3_client():
+    """One boto3 client per process (workers build their own after fork)."""
+    global _S3_CLIENT
+    if _S3_CLIENT is None or _S3_CLIENT[0] != os.getpid():
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        _S3_CLIENT = (os.getpid(), boto3.client("s3", config=config))
+    return _S3_CLIENT[1]
+
+
+def list_s3_tars(prefix_url: str) -> list[str]:
+    bucket, prefix = split_s3(prefix_url)
+    urls = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        urls += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(".tar")]
+    return sorted(urls)
+
+
+def _retryable(err: Exception) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(err, ClientError):
+        code = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code >= 500 or code == 429
+    return isinstance(err, (BotoCoreError, OSError, ConnectionError)) or "urllib3" in type(err).__module__
+
+
+class S3Stream(io.RawIOBase):
+    """Sequential reader of one S3 object that resumes at its position after a failure."""
+
+    def __init__(self, url: str, retries: int = 5, backoff: float = 0.5):
+        self.url, self.retries, self.backoff = url, retries, backoff
+        self.bucket, self.key = split_s3(url)
+        self.pos, self.size, self.body = 0, None, None
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        resp = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-")
+        if self.size is None:
+            self.size = self.pos + resp["ContentLength"]
+        self.body = resp["Body"]
+
+    def readinto(self, buf) -> int:
+        if self.size is not None and self.pos >= self.size:
+            return 0
+        for attempt in range(self.retries + 1):
+            try:
+                if self.body is None:
+                    self._open()
+                    if self.pos >= self.size:
+                        return 0
+                data = self.body.read(len(buf))
+                if not data:
+                    raise ConnectionError(f"stream ended at byte {self.pos} of {self.size}")
+                buf[:len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            except Exception as err:  # noqa: BLE001  classified below
+                self.body = None
+                if not _retryable(err) or attempt == self.retries:
+                    raise ShardReadError(f"reading {self.url} failed at byte {self.pos}"
+                                         f"{f' of {self.size}' if self.size else ''} after {attempt} retries: "
+                                         f"{type(err).__name__}: {err}") from err
+                log.warning("retrying %s at byte %d after %s: %s", self.url, self.pos, type(err).__name__, err)
+                time.sleep(self.backoff * 2**attempt)
+        return 0
+
+
+class PipeStream(io.RawIOBase):
+    """stdout of a shell command; a non-zero exit status is a ShardReadError at the end."""
+
+    def __init__(self, url: str):
+        self.cmd = url[len("pipe:"):]
+        self.proc = subprocess.Popen(self.cmd, shell=True, stdout=subprocess.PIPE)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.proc.stdout.readinto(buf)
+        if n == 0 and self.proc.wait() != 0:
+            raise ShardReadError(f"pipe command failed with status {self.proc.returncode}: {self.cmd}")
+        return n
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.stdout.close()
+        self.proc.wait()
+        super().close()
+
+
+def open_stream(url: str, buffer_size: int = 1 << 20):
+    """A buffered binary reader of a shard."""
+    if url.startswith("s3://"):
+        return io.BufferedReader(S3Stream(url), buffer_size)
+    if url.startswith("pipe:"):
+        return io.BufferedReader(PipeStream(url), buffer_size)
+    return open(url, "rb", buffering=buffer_size)
+
+
+def read_range(url: str, offset: int, length: int, retries: int = 5) -> bytes:
+    """Bytes [offset, offset + length) of a shard: the high-res stream reads single members this way."""
+    if url.startswith("pipe:"):
+        raise ShardReadError(f"random access (the high-res stream) needs local or s3:// shards, not {url}")
+    if not url.startswith("s3://"):
+        with open(url, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    else:
+        stream = S3Stream(url, retries=retries)
+        stream.pos, stream.size = offset, offset + length
+        data = stream.read(length) if length else b""
+        while len(data) < length:  # RawIOBase.read may return short reads
+            chunk = stream.read(length - len(data))
+            if not chunk:
+                break
+            data += chunk
+    if len(data) != length:
+        raise ShardReadError(f"{url}: wanted {length} bytes at {offset}, got {len(data)}")
+    return data
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole small file (index.json, manifests) from a local path or s3://."""
+    if url.startswith("s3://"):
+        bucket, key = split_s3(url)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(url).read_bytes()
+
+
+def join_url(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if base.startswith("s3://") else str(Path(base) / name)
+
+
+def dirname_url(url: str) -> str:
+    return url.rsplit("/", 1)[0] if url.startswith("s3://") else str(Path(url).parent)
