@@ -218,6 +218,9 @@ class MixedResolutionDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A new DataLoader asks worker 0 first; after k batches the next batch belongs to
+        # logical worker k % n, so physical worker i plays logical worker (i + k) % n.
+        worker = (worker + self.start_batch) % n_workers
         if self.index is not None and self.cfg.p_hr > 0 and not self.index.hr_manifest:
             raise ConfigError("data.p_hr > 0 but the index lists no high-res sample; lower data.p_hr")
         # Batches this worker already delivered: the DataLoader takes batches round-robin.

@@ -24,6 +24,7 @@ def iterate_tar(stream) -> Iterator[dict]:
     ShardReadError (I/O failure after retries) propagates unchanged.
     """
     sample: dict | None = None
+    stream = _CountingReader(stream)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
@@ -41,9 +42,26 @@ def iterate_tar(stream) -> Iterator[dict]:
                 if sample is None:
                     sample = {"__key__": key}
                 sample[ext] = data
+        # tarfile ends quietly at a cut inside a header; a tar is always whole 512-byte blocks.
+        while stream.read(1 << 16):
+            pass
+        if stream.count % 512:
+            raise tarfile.ReadError(f"tar is {stream.count} bytes, not whole 512-byte blocks: truncated")
     except ShardReadError:
         raise
     except (tarfile.TarError, EOFError, OSError) as err:
         raise TruncatedShard(str(err)) from None
     if sample is not None:
         yield sample
+
+
+class _CountingReader:
+    """Counts the bytes read from a binary stream."""
+
+    def __init__(self, stream):
+        self.stream, self.count = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.count += len(data)
+        return data

@@ -87,7 +87,8 @@ def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -
     """Encoded image bytes -> training sample.
 
     Returns enc (3, E, E) uint8, gt (3, P, P) uint8, coords and cells (P, P, 2) of the crop in
-    the r x r image, r, kept, and the upright original size. Raises SkipSample.
+    the r x r image, r, kept, the upright original size (W, H) and the square (top, left, side)
+    it was cut from. Raises SkipSample.
     """
     img = open_image(data, cfg.max_pixels)
     width, height = oriented_size(img)
@@ -101,7 +102,7 @@ def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -
     enc = rgb.resize((cfg.encoder_size,) * 2, Image.BICUBIC, box=_source_box(plan, (0, 0, plan.r, plan.r), scale))
     coords, cells = crop_queries((plan.r, plan.r), (ct, cl, ct + p, cl + p))
     return {"enc": _to_uint8_tensor(enc), "gt": _to_uint8_tensor(gt), "coords": coords[0], "cells": cells[0],
-            "r": plan.r, "kept": plan.kept, "size": (width, height)}
+            "r": plan.r, "kept": plan.kept, "size": (width, height), "square": plan.square}
 
 
 def to_unit_range(x: Tensor) -> Tensor:

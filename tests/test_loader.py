@@ -1,0 +1,214 @@
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from infd.config import from_mapping
+from infd.data.dataset import DataConfig, MixedResolutionDataset, build_loader
+from infd.data.transforms import PatchConfig, make_patch_sample, plan_patch
+from tests.images import bomb_png, build, exif_rotated_jpeg, jpeg_bytes, noise_image, png_bytes, sixteen_bit_png
+
+SMALL_PATCH = {"patch_size": 32, "r_max": 64, "encoder_size": 32}
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def small_shards(tmp_path, sizes, per_shard: int, hr_threshold: int = 100_000, name: str = "shards") -> Path:
+    src = tmp_path / f"{name}_src"
+    src.mkdir()
+    for i, (w, h) in enumerate(sizes):
+        (src / f"{i:05d}.jpg").write_bytes(jpeg_bytes(noise_image(w, h, i)))
+    out = tmp_path / name
+    build(src, str(out), "--samples-per-shard", str(per_shard), "--min-side", "32",
+          "--hr-threshold", str(hr_threshold), "--no-verify")
+    return out
+
+
+def data_cfg(shards, **kw) -> DataConfig:
+    raw = {"shards": str(shards), "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, "patch": SMALL_PATCH}
+    raw.update(kw)
+    return from_mapping(DataConfig, raw)
+
+
+def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path):
+    shards = small_shards(tmp_path, [(40 + i % 30, 50) for i in range(64)], per_shard=13)
+    out = tmp_path / "keys"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(SCRIPTS / "epoch_keys.py"), str(shards), str(out), "0,1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    all_keys = {f"{i:09d}" for i in range(64)}
+    for epoch in ("0", "1"):
+        batches = [r["epochs"][epoch] for r in ranks]
+        assert len(batches[0]) == len(batches[1]) == ranks[0]["batches_per_epoch"] == 8
+        seen = Counter(k for rank in batches for batch in rank for k in batch)
+        assert set(seen) == all_keys and max(seen.values()) == 1
+    order = lambda e: [k for b in ranks[0]["epochs"][e] for k in b]  # noqa: E731
+    assert order("0") != order("1")  # reshuffled per epoch
+
+
+def test_uneven_total_keeps_ranks_equal_and_never_repeats(tmp_path):
+    shards = small_shards(tmp_path, [(48, 48)] * 70, per_shard=9)
+    seen, counts = Counter(), []
+    for rank in (0, 1):
+        loader = build_loader(data_cfg(shards), rank, 2)
+        batches = list(loader)
+        counts.append(len(batches))
+        seen.update(k for b in batches for k in b["keys"])
+    assert counts[0] == counts[1] == 8  # 70 // 2 // 2 = 17 per worker -> 4 batches each
+    assert max(seen.values()) == 1 and len(seen) == 64
+
+
+def test_high_res_fraction_follows_p_hr(tmp_path):
+    # 5% of images are high-res (long side >= 200); with p_hr = 0.5 half the samples must be.
+    sizes = [(220, 210) if i % 20 == 0 else (40 + i % 50, 48) for i in range(200)]
+    shards = small_shards(tmp_path, sizes, per_shard=50, hr_threshold=200)
+    cfg = data_cfg(shards, p_hr=0.5, resampled=True, num_workers=2, batch_size=50)
+    loader = build_loader(cfg)
+    hr, total = 0, 0
+    for batch in loader:
+        widths = [int(k) for k in batch["keys"]]
+        hr += sum(sizes[i][0] >= 200 for i in widths)
+        total += len(widths)
+        assert batch["is_hr"].sum().item() == sum(sizes[i][0] >= 200 for i in widths)
+        if total >= 4000:
+            break
+    assert abs(hr / total - 0.5) <= 0.03, hr / total
+
+
+def test_downsampled_sizes_are_uniform_over_the_allowed_range():
+    cfg = PatchConfig(patch_size=32, r_max=95)
+    rng = np.random.default_rng(0)
+    rs = np.array([plan_patch(200, 150, cfg, rng).r for _ in range(8000)])
+    assert rs.min() == 32 and rs.max() == 95
+    counts = np.histogram(rs, bins=np.arange(32, 97, 8))[0]  # 8 bins of 8 sizes each
+    chi2 = ((counts - len(rs) / 8) ** 2 / (len(rs) / 8)).sum()
+    assert chi2 < 24.3, counts  # 99.9% quantile of chi-square with 7 degrees of freedom
+    small = np.array([plan_patch(70, 300, cfg, rng).r for _ in range(2000)])
+    assert small.min() == 32 and small.max() == 70  # noqa  # capped by the image's short side
+
+
+def test_keep_original_resolution_with_p_keep():
+    cfg = PatchConfig(patch_size=32, r_max=64, p_keep=0.3)
+    rng = np.random.default_rng(0)
+    plans = [plan_patch(500, 400, cfg, rng) for _ in range(4000)]
+    kept = [p for p in plans if p.kept]
+    assert abs(len(kept) / 4000 - 0.3) < 0.03 and all(p.r == 400 for p in kept)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_crop_pixels_are_where_the_coords_say(fmt):
+    # A ramp image: red encodes x, green encodes y (original pixels). The GT crop's pixels must
+    # show the ramp values at the original positions its coords and the square address.
+    w, h = 900, 700
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    img = Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).round().astype(np.uint8))
+    data = png_bytes(img) if fmt == "png" else jpeg_bytes(img, quality=98)
+    cfg = PatchConfig(patch_size=64, r_max=400, encoder_size=64)
+    for seed in range(5):
+        s = make_patch_sample(data, cfg, np.random.default_rng(seed))
+        top, left, side = s["square"]
+        orig_x = left + (s["coords"][..., 1].numpy() + 1) / 2 * side - 0.5  # pixel-centre index
+        orig_y = top + (s["coords"][..., 0].numpy() + 1) / 2 * side - 0.5
+        inner = (orig_x > 4 * side / s["r"]) & (orig_x < w - 1 - 4 * side / s["r"]) & \
+                (orig_y > 4 * side / s["r"]) & (orig_y < h - 1 - 4 * side / s["r"])
+        gt = s["gt"].numpy().astype(float)
+        tol = 1.0 if fmt == "png" else 3.0
+        assert np.abs(gt[0] - orig_x * 255 / (w - 1))[inner].max() < tol
+        assert np.abs(gt[1] - orig_y * 255 / (h - 1))[inner].max() < tol
+        assert np.allclose(s["cells"].numpy(), 2 / s["r"])
+
+
+def test_reduced_jpeg_decode_gives_the_same_crop_as_full_decode():
+    data = jpeg_bytes(noise_image(2400, 1800, 3), quality=95)
+    for seed in range(3):
+        fast = make_patch_sample(data, PatchConfig(fast_decode=True), np.random.default_rng(seed))
+        full = make_patch_sample(data, PatchConfig(fast_decode=False), np.random.default_rng(seed))
+        assert fast["r"] == full["r"] and torch.equal(fast["coords"], full["coords"])
+        diff = (fast["gt"].float() - full["gt"].float()).abs().mean()
+        assert diff < 4.0, diff  # same content; DCT-domain downscaling differs by a few levels
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_batches(tmp_path):
+    sizes = [(220, 210) if i % 5 == 0 else (40 + i % 50, 48) for i in range(60)]
+    shards = small_shards(tmp_path, sizes, per_shard=11, hr_threshold=200)
+    cfg = data_cfg(shards, p_hr=0.3)
+    full = build_loader(cfg, rank=1, world_size=2)
+    full.dataset.set_epoch(2)
+    reference = list(full)
+    resumed = build_loader(cfg, rank=1, world_size=2)
+    resumed.dataset.load_state_dict(full.dataset.state_dict(batches_done=3) | {"epoch": 2})
+    rest = list(resumed)
+    assert len(rest) == len(reference) - 3
+    for a, b in zip(reference[3:], rest):
+        assert a["keys"] == b["keys"] and torch.equal(a["gt"], b["gt"]) and torch.equal(a["coords"], b["coords"])
+
+
+def write_tar(path: Path, samples: list[tuple[str, str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, ext, data in samples:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_input_zoo_is_counted_and_never_crashes(tmp_path):
+    good = jpeg_bytes(noise_image(80, 60, 0))
+    pal = noise_image(64, 64, 9).convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=0)
+    zoo = [("good0", "jpg", good), ("corrupt", "jpg", b"\xff\xd8\xff\xe0garbage" * 10),
+           ("truncated", "jpg", jpeg_bytes(noise_image(300, 300, 1))[:2000]), ("empty", "jpg", b""),
+           ("textonly", "txt", b"caption without an image"), ("gray", "jpg", jpeg_bytes(noise_image(64, 64, 2, "L"))),
+           ("cmyk", "jpg", jpeg_bytes(noise_image(64, 64, 3, "CMYK"))), ("rgba", "png", png_bytes(noise_image(64, 64, 4, "RGBA"))),
+           ("deep", "png", sixteen_bit_png(64, 64)), ("palette", "png", buf.getvalue()),
+           ("rotated", "jpg", exif_rotated_jpeg(100, 40)), ("bomb", "png", bomb_png()),
+           ("tiny", "jpg", jpeg_bytes(noise_image(20, 20, 5))), ("good1", "jpg", good)]
+    shards = tmp_path / "zoo"
+    shards.mkdir()
+    write_tar(shards / "zoo-0.tar", zoo)
+    write_tar(shards / "cut-1.tar", [(f"c{i}", "jpg", good) for i in range(6)])
+    cut = (shards / "cut-1.tar").read_bytes()
+    (shards / "cut-1.tar").write_bytes(cut[: len(cut) // 2 + 100])  # a tar truncated mid-member
+    (shards / "index.json").write_text(json.dumps({"version": 1, "shards": [
+        {"name": "zoo-0.tar", "samples": len(zoo), "hr": 0, "bytes": 0},
+        {"name": "cut-1.tar", "samples": 6, "hr": 0, "bytes": 0}]}))
+    cfg = data_cfg(shards, batch_size=2, num_workers=2, patch=SMALL_PATCH | {"small": "skip"})
+    skips, n = {}, 0
+    for batch in build_loader(cfg):
+        skips[batch["worker"]] = batch["skips"]
+        n += len(batch["keys"])
+        assert batch["gt"].shape[1:] == (3, 32, 32)
+    totals = Counter()
+    for counts in skips.values():
+        totals.update(counts)
+    assert n == 20  # (14 + 6) // 2 workers = 10 per worker, all delivered
+    for reason in ("corrupt_image", "not_an_image", "empty_file", "no_image_member", "too_many_pixels",
+                   "too_small", "truncated_shard", "missing_samples", "replaced_by_duplicate"):
+        assert totals[reason] >= 1, (reason, dict(totals))
+
+
+def test_bad_config_values_name_the_key():
+    from infd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"patch\.r_max"):
+        from_mapping(DataConfig, {"shards": "x", "patch": {"patch_size": 256, "r_max": 128}})
+    with pytest.raises(ConfigError, match=r"'p_hr'"):
+        from_mapping(DataConfig, {"shards": "x", "p_hr": 1.5})
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    from infd.config import ConfigError
+
+    write_tar(tmp_path / "a.tar", [("k", "jpg", jpeg_bytes(noise_image(64, 64, 0)))])
+    with pytest.raises(ConfigError, match="no shard index"):
+        MixedResolutionDataset(data_cfg(tmp_path))
