@@ -21,8 +21,7 @@ setup(
         "braceexpand",
         "boto3",
         "pyarrow",
-        "webdataset",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "moto[server]"]},
+    extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},
 )

@@ -51,6 +51,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key)
     if origin in (tuple, list):
+        if isinstance(value, str):  # a single string where a list is expected: one item
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item,) = typing.get_args(hint)[:1] or (Any,)

@@ -32,7 +32,7 @@ def small_shards(tmp_path, sizes, per_shard: int, hr_threshold: int = 100_000, n
 
 
 def data_cfg(shards, **kw) -> DataConfig:
-    raw = {"shards": str(shards), "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, "patch": SMALL_PATCH}
+    raw = {"shards": shards if isinstance(shards, list) else str(shards), "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, "patch": SMALL_PATCH}
     raw.update(kw)
     return from_mapping(DataConfig, raw)
 
@@ -212,3 +212,26 @@ def test_missing_index_is_a_clear_error(tmp_path):
     write_tar(tmp_path / "a.tar", [("k", "jpg", jpeg_bytes(noise_image(64, 64, 0)))])
     with pytest.raises(ConfigError, match="no shard index"):
         MixedResolutionDataset(data_cfg(tmp_path))
+
+
+def test_pipe_urls_stream_the_same_samples_and_refuse_random_access(tmp_path):
+    from infd.config import ConfigError  # noqa: F401
+    from infd.data.urls import ShardReadError, read_range
+
+    shards = small_shards(tmp_path, [(48, 48)] * 16, per_shard=4)
+    local = list(build_loader(data_cfg(shards)))
+    pipes = [f"pipe:cat {p}" for p in sorted(shards.glob("*.tar"))]
+    piped = list(build_loader(data_cfg(pipes, index=str(shards / "index.json"))))
+    assert [b["keys"] for b in local] == [b["keys"] for b in piped]
+    with pytest.raises(ShardReadError, match="random access"):
+        read_range(pipes[0], 0, 10)
+
+
+def test_shards_are_readable_by_the_webdataset_library(tmp_path):
+    import webdataset as wds
+
+    shards = small_shards(tmp_path, [(48, 48), (64, 50), (70, 40)], per_shard=3)
+    samples = list(wds.WebDataset(str(shards / "shard-000000.tar"), shardshuffle=False,
+                                  nodesplitter=wds.split_by_node))
+    assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002"]
+    assert all({"jpg", "json"} <= set(s) for s in samples)

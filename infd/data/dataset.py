@@ -39,7 +39,7 @@ HISTORY = 8  # recent raw samples a bad one may be replaced by
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # brace pattern, directory, s3:// prefix or pipe: command(s)
+    shards: list[str] = field(default_factory=list)  # brace patterns, directories, s3:// prefixes, pipe: commands
     index: str | None = None  # default: index.json beside the shards
     batch_size: int = 8  # per rank
     num_workers: int = 2

@@ -26,15 +26,16 @@ class ShardReadError(RuntimeError):
 def expand_urls(spec: str | list[str]) -> list[str]:
     """Brace patterns, whitespace-separated lists, local directories (their *.tar) and s3:// prefixes.
 
-    'data/shard-{000000..000009}.tar', 'data/', 's3://bucket/prefix/', 'pipe:curl -s URL'.
+    'data/shard-{000000..000009}.tar', 'data/', 's3://bucket/prefix/'; a `pipe:` command is one
+    item of its own (pass a list for several).
     """
-    items = spec if isinstance(spec, (list, tuple)) else ([spec] if spec.startswith("pipe:") else spec.split())
+    items = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in items:
         if item.startswith("pipe:"):
             urls.append(item)
             continue
-        for url in braceexpand(item):
+        for url in (u for part in item.split() for u in braceexpand(part)):
             if url.startswith("s3://") and url.endswith("/"):
                 urls += list_s3_tars(url)
             elif not url.startswith("s3://") and Path(url).is_dir():
@@ -49,19 +50,22 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-_S3_CLIENT = None
+_S3_CLIENTS: dict = {}
+# Our own retries resume a broken stream at the byte reached; boto3's retry only whole requests.
+S3_RETRIES = int(os.environ.get("INFD_S3_RETRIES", "5"))
+S3_BACKOFF = float(os.environ.get("INFD_S3_BACKOFF", "0.5"))
 
 
 def s3_client():
-    """One boto3 client per process (workers build their own after fork)."""
-    global _S3_CLIENT
-    if _S3_CLIENT is None or _S3_CLIENT[0] != os.getpid():
+    """One boto3 client per process and endpoint (DataLoader workers build their own)."""
+    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"))
+    if key not in _S3_CLIENTS:
         import boto3
         from botocore.config import Config
 
         config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-        _S3_CLIENT = (os.getpid(), boto3.client("s3", config=config))
-    return _S3_CLIENT[1]
+        _S3_CLIENTS[key] = boto3.client("s3", config=config)
+    return _S3_CLIENTS[key]
 
 
 def list_s3_tars(prefix_url: str) -> list[str]:
@@ -84,8 +88,10 @@ def _retryable(err: Exception) -> bool:
 class S3Stream(io.RawIOBase):
     """Sequential reader of one S3 object that resumes at its position after a failure."""
 
-    def __init__(self, url: str, retries: int = 5, backoff: float = 0.5):
-        self.url, self.retries, self.backoff = url, retries, backoff
+    def __init__(self, url: str, retries: int | None = None, backoff: float | None = None):
+        self.url = url
+        self.retries = S3_RETRIES if retries is None else retries
+        self.backoff = S3_BACKOFF if backoff is None else backoff
         self.bucket, self.key = split_s3(url)
         self.pos, self.size, self.body = 0, None, None
 
@@ -157,7 +163,7 @@ def open_stream(url: str, buffer_size: int = 1 << 20):
     return open(url, "rb", buffering=buffer_size)
 
 
-def read_range(url: str, offset: int, length: int, retries: int = 5) -> bytes:
+def read_range(url: str, offset: int, length: int, retries: int | None = None) -> bytes:
     """Bytes [offset, offset + length) of a shard: the high-res stream reads single members this way."""
     if url.startswith("pipe:"):
         raise ShardReadError(f"random access (the high-res stream) needs local or s3:// shards, not {url}")

@@ -1,0 +1,81 @@
+"""Shards on a real S3-compatible server (moto_server on 127.0.0.1, started by the fixtures)."""
+import boto3
+import numpy as np
+import pytest
+import torch
+
+from infd.data import urls
+from infd.data.dataset import build_loader
+from tests.images import jpeg_bytes, noise_image
+from tests.s3_server import CuttingProxy, MotoServer, use_endpoint
+from tests.test_loader import data_cfg, small_shards
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    server = MotoServer()
+    use_endpoint(monkeypatch, server.url)
+    monkeypatch.setattr(urls, "S3_RETRIES", 2)
+    monkeypatch.setattr(urls, "S3_BACKOFF", 0.05)
+    boto3.client("s3").create_bucket(Bucket="bucket")
+    yield server
+    server.stop()
+
+
+def test_s3_shards_give_the_same_samples_as_local_ones(tmp_path, s3):
+    from tests.images import build
+
+    sizes = [(220, 210) if i % 6 == 0 else (40 + i % 50, 48) for i in range(48)]
+    local = small_shards(tmp_path, sizes, per_shard=10, hr_threshold=200)
+    build(tmp_path / "shards_src", "s3://bucket/sets/a", "--samples-per-shard", "10", "--min-side", "32",
+          "--hr-threshold", "200", "--no-verify")
+    keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="bucket")["Contents"])
+    assert "sets/a/index.json" in keys and "sets/a/shard-000004.tar" in keys
+    for p_hr in (0.0, 0.4):
+        a = list(build_loader(data_cfg(local, p_hr=p_hr)))
+        b = list(build_loader(data_cfg("s3://bucket/sets/a/", p_hr=p_hr)))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert x["keys"] == y["keys"] and torch.equal(x["gt"], y["gt"]) and torch.equal(x["enc"], y["enc"])
+
+
+def test_s3_build_resumes_from_finished_shards(tmp_path, s3):
+    from tests.images import build, write_folder
+
+    write_folder(tmp_path / "src", [(300, 300)] * 5)
+    build(tmp_path / "src", "s3://bucket/r", "--samples-per-shard", "2")
+    client = boto3.client("s3")
+    client.delete_object(Bucket="bucket", Key="r/shard-000001.json")
+    before = client.head_object(Bucket="bucket", Key="r/shard-000000.tar")["LastModified"]
+    index = build(tmp_path / "src", "s3://bucket/r", "--samples-per-shard", "2")
+    assert client.head_object(Bucket="bucket", Key="r/shard-000000.tar")["LastModified"] == before
+    assert index["total_samples"] == 5
+
+
+def test_a_cut_connection_resumes_at_the_byte_reached(tmp_path, s3, monkeypatch):
+    payload = np.random.default_rng(0).bytes(3 << 20)
+    boto3.client("s3").put_object(Bucket="bucket", Key="big.bin", Body=payload)
+    proxy = CuttingProxy(s3.port, cut_after=300_000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    with urls.open_stream("s3://bucket/big.bin") as f:
+        data = f.read()
+    proxy.close()
+    assert data == payload
+    assert proxy.connections >= 2  # the first was cut, the read went on from where it stopped
+
+
+def test_server_gone_mid_epoch_retries_then_fails_clearly(tmp_path, s3):
+    from tests.images import build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"{i:03d}.jpg").write_bytes(jpeg_bytes(noise_image(64, 64, i)))
+    build(src, "s3://bucket/gone", "--samples-per-shard", "5", "--min-side", "32", "--no-verify")
+    loader = build_loader(data_cfg("s3://bucket/gone/", num_workers=0, batch_size=2, shuffle_buffer=1))
+    it = iter(loader)
+    next(it)
+    s3.stop()
+    with pytest.raises(urls.ShardReadError, match=r"s3://bucket/gone/shard-0000\d\d\.tar.*after 2 retries"):
+        for _ in it:
+            pass
