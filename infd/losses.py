@@ -72,14 +72,18 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float) -> Tensor:
+def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float,
+                        reduce_grad=None) -> Tensor:
     """lambda = |grad rec| / |grad gan| at the last layer, clamped to [0, max_weight], no gradient.
 
-    Under data parallelism each rank uses its local gradients (as the reference code does); the
-    trainer may all-reduce the two norms first to use global ones.
+    The direct definition (a second backward through the graph); Stage1Loss computes the same
+    number from d loss / d rgb and the output layer's input. reduce_grad averages a gradient over
+    data-parallel ranks, so lambda is the global batch's rather than a per-rank estimate.
     """
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    if reduce_grad is not None:
+        g_rec, g_gan = reduce_grad(g_rec), reduce_grad(g_gan)
     return adaptive_weight_from_norms(g_rec.norm(), g_gan.norm(), max_weight)
 
 
@@ -90,9 +94,9 @@ def adaptive_weight_from_norms(rec_norm: Tensor, gan_norm: Tensor, max_weight: f
 class Stage1Loss(nn.Module):
     """Generator and discriminator objectives of stage 1.
 
-    generator_loss(pred, target, bottleneck_loss, logits_fake, last_layer, step) -> (loss, logs)
-    discriminator_loss(logits_real, logits_fake) -> (loss, logs)
-    The discriminator is run by the caller, so its forward on the generator output is shared.
+    generator_objective(...) -> (loss, d loss / d rgb, logs)
+    discriminator_loss(logits_real, logits_fake) -> (loss, logs); the caller runs the
+    discriminator on the generator's (detached) output, so the autoencoder runs once per step.
     """
 
     def __init__(self, cfg: Stage1LossConfig, lpips_net: nn.Module | None = None):
@@ -111,19 +115,35 @@ class Stage1Loss(nn.Module):
         loss = self.cfg.l1_weight * l1 + self.cfg.lpips_weight * perceptual
         return loss, {"l1": l1.detach(), self.lpips_name: perceptual.detach()}
 
-    def generator_loss(self, pred: Tensor, target: Tensor, bottleneck_loss: Tensor, logits_fake: Tensor | None,
-                       last_layer: Tensor | None, step: int):
-        rec, logs = self.reconstruction_loss(pred, target)
-        loss = rec + self.cfg.bottleneck_weight * bottleneck_loss
-        logs["bottleneck"] = bottleneck_loss.detach()
-        if logits_fake is not None and self.gan_active(step):
-            gan = -logits_fake.mean()
-            weight = adaptive_gan_weight(rec, gan, last_layer, self.cfg.adaptive_max) if self.training \
-                else torch.zeros((), device=gan.device)
-            loss = loss + self.cfg.gan_weight * weight * gan
+    def generator_objective(self, rgb: Tensor, target: Tensor, bottleneck_loss: Tensor, step: int,
+                            disc: nn.Module | None = None, head_weight_grad=None, reduce_grad=None):
+        """The generator loss, evaluated on a detached copy of the rendered rgb.
+
+        rgb (B, 3, H, W): the renderer's output (its graph is not touched).
+        disc: the discriminator module, called with its parameters frozen by the caller.
+        head_weight_grad(grad_rgb) -> d/dW of the renderer's output layer, from d loss / d rgb;
+        with it the adaptive weight is |grad_W rec| / |grad_W gan| as in the paper, computed
+        without a second backward through the model (so it works inside DeepSpeed engines).
+        reduce_grad averages over data-parallel ranks, so lambda is the global batch's.
+        Returns (loss, grad_rgb, logs): backpropagate `(rgb * grad_rgb).sum() + bottleneck term`
+        through the model for exactly the gradient of `loss`.
+        """
+        leaf = rgb.detach().requires_grad_(True)
+        rec, logs = self.reconstruction_loss(leaf, target)
+        grad_rec = torch.autograd.grad(rec, leaf)[0]
+        grad, loss = grad_rec, rec.detach() + self.cfg.bottleneck_weight * bottleneck_loss.detach()
+        if disc is not None and self.gan_active(step):
+            gan = -disc(leaf).mean()
+            grad_gan = torch.autograd.grad(gan, leaf)[0]
+            g_rec, g_gan = head_weight_grad(grad_rec), head_weight_grad(grad_gan)
+            if reduce_grad is not None:
+                g_rec, g_gan = reduce_grad(g_rec), reduce_grad(g_gan)
+            weight = adaptive_weight_from_norms(g_rec.norm(), g_gan.norm(), self.cfg.adaptive_max)
+            grad = grad_rec + self.cfg.gan_weight * weight * grad_gan
+            loss = loss + self.cfg.gan_weight * weight * gan.detach()
             logs.update({"gan_g": gan.detach(), "adaptive_weight": weight})
-        logs["loss_g"] = loss.detach()
-        return loss, logs
+        logs.update({"bottleneck": bottleneck_loss.detach(), "loss_g": loss})
+        return loss, grad, logs
 
     def discriminator_loss(self, logits_real: Tensor, logits_fake: Tensor):
         loss = hinge_d_loss(logits_real, logits_fake)

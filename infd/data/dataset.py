@@ -50,8 +50,6 @@ class DataConfig:
     patch: PatchConfig = field(default_factory=PatchConfig)
 
     def validate(self, prefix: str = "") -> None:
-        if not self.shards:
-            raise ConfigError(f"config key '{prefix}shards' is empty: give a shard pattern, directory or s3:// prefix")
         if not 0.0 <= self.p_hr < 1.0:
             raise ConfigError(f"config key '{prefix}p_hr' = {self.p_hr} must be in [0, 1)")
         if self.batch_size < 1:
@@ -86,7 +84,8 @@ class MixedResolutionDataset(IterableDataset):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.urls = expand_urls(cfg.shards)
         if not self.urls:
-            raise ConfigError(f"config key 'data.shards' = {cfg.shards!r} matches no shard")
+            raise ConfigError(f"config key 'shards' (data) = {cfg.shards!r} matches no shard: give shard patterns, "
+                              "directories or s3:// prefixes")
         self.index = self._load_index()
         self.epoch, self.start_batch = 0, 0
         self.counter = SkipCounter()

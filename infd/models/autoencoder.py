@@ -22,6 +22,7 @@ class AutoencoderOutput:
     rgb: Tensor  # (B, 3, H, W) rendered at the query coords
     phi: Tensor  # (B, C, h*f, w*f)
     bottleneck: BottleneckOutput
+    head_input: object  # the renderer output layer's input (see renderer.head_weight_grad)
 
 
 class NeuralFieldAutoencoder(nn.Module):
@@ -51,7 +52,8 @@ class NeuralFieldAutoencoder(nn.Module):
         """Training path: encode, bottleneck (with its loss), decode, render the queries."""
         bott = self.bottleneck(self.encoder(x))
         phi = self.decoder(bott.z)
-        return AutoencoderOutput(self.renderer(phi, coords, cells), phi, bott)
+        rgb, head_input = self.renderer.forward_with_head_input(phi, coords, cells)
+        return AutoencoderOutput(rgb, phi, bott, head_input)
 
     @property
     def last_layer(self) -> Tensor:

@@ -88,10 +88,19 @@ class CLIF(nn.Module):
         return self.conv_out.weight
 
     def forward(self, phi: Tensor, coords: Tensor, cells: Tensor) -> Tensor:
+        return self.forward_with_head_input(phi, coords, cells)[0]
+
+    def forward_with_head_input(self, phi: Tensor, coords: Tensor, cells: Tensor):
+        """-> rgb (B, 3, H, W) and the output layer's input (B, hidden, H, W)."""
         q_feat, rel_coord, rel_cell = query_nearest(phi, coords, cells)
         x = torch.cat([q_feat, rel_coord.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=1)
-        h = self.blocks(self.conv_in(x))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        head_input = F.silu(self.norm_out(self.blocks(self.conv_in(x))))
+        return self.conv_out(head_input), head_input
+
+    def head_weight_grad(self, head_input: Tensor, grad_rgb: Tensor) -> Tensor:
+        """Gradient of a loss w.r.t. the output layer's weight, from d loss / d rgb."""
+        return torch.nn.grad.conv2d_weight(head_input.detach().to(grad_rgb.dtype), self.conv_out.weight.shape,
+                                           grad_rgb, padding=1)
 
 
 class LIIF(nn.Module):
@@ -117,33 +126,35 @@ class LIIF(nn.Module):
         return self.mlp[-1].weight
 
     def forward(self, phi: Tensor, coords: Tensor, cells: Tensor) -> Tensor:
+        return self.forward_with_head_input(phi, coords, cells)[0]
+
+    def forward_with_head_input(self, phi: Tensor, coords: Tensor, cells: Tensor):
+        """-> rgb (B, 3, H, W) and the output layer's input: per ensemble member the hidden
+        features (B, H, W, hidden) and its blend weight (B, 1, H, W)."""
         if self.feat_unfold:
             b, c, h, w = phi.shape
             phi = F.unfold(phi, 3, padding=1).view(b, c * 9, h, w)
-        if not self.local_ensemble:
-            return self._query(phi, coords, cells)[0]
-        return self._ensemble(phi, coords, cells)
+        shifts = [(sy, sx) for sy in (-0.5, 0.5) for sx in (-0.5, 0.5)] if self.local_ensemble else [(0.0, 0.0)]
+        hidden, areas = [], []
+        for shift in shifts:
+            q_feat, rel, rel_cell = query_nearest(phi, coords, cells, shift)
+            x = torch.cat([q_feat, rel.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=1)
+            hidden.append(self.mlp[:-1](x.permute(0, 2, 3, 1)))
+            areas.append((rel[:, :1] * rel[:, 1:]).abs() + 1e-9)
+        # Local ensemble: each prediction is weighted by the area of the rectangle between the
+        # query and the diagonally opposite neighbour's centre, so the blend is continuous.
+        weights = [a / sum(areas) for a in reversed(areas)] if self.local_ensemble else [torch.ones_like(areas[0])]
+        rgb = sum(self.mlp[-1](h).permute(0, 3, 1, 2) * wt for h, wt in zip(hidden, weights))
+        return rgb, (hidden, weights)
 
-    def _query(self, phi: Tensor, coords: Tensor, cells: Tensor, shift=(0.0, 0.0)):
-        q_feat, rel_coord, rel_cell = query_nearest(phi, coords, cells, shift)
-        x = torch.cat([q_feat, rel_coord.to(q_feat.dtype), rel_cell.to(q_feat.dtype)], dim=1)
-        rgb = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return rgb, rel_coord
-
-    def _ensemble(self, phi: Tensor, coords: Tensor, cells: Tensor) -> Tensor:
-        """Blend the predictions of the 4 feature cells around each query.
-
-        Each prediction is weighted by the area of the rectangle between the query and the
-        diagonally opposite neighbour's centre, so the blend is continuous across cells.
-        """
-        preds, areas = [], []
-        for sy in (-0.5, 0.5):
-            for sx in (-0.5, 0.5):
-                rgb, rel = self._query(phi, coords, cells, (sy, sx))
-                preds.append(rgb)
-                areas.append((rel[:, :1] * rel[:, 1:]).abs() + 1e-9)
-        total = sum(areas)
-        return sum(p * a / total for p, a in zip(preds, reversed(areas)))
+    def head_weight_grad(self, head_input, grad_rgb: Tensor) -> Tensor:
+        """Gradient of a loss w.r.t. the output layer's weight, from d loss / d rgb."""
+        hidden, weights = head_input
+        grad = 0
+        for h, wt in zip(hidden, weights):
+            g = (grad_rgb * wt.detach()).permute(0, 2, 3, 1).reshape(-1, grad_rgb.shape[1])
+            grad = grad + g.t() @ h.detach().reshape(-1, h.shape[-1]).to(g.dtype)
+        return grad
 
 
 def build_renderer(cfg: RendererConfig, in_channels: int) -> nn.Module:

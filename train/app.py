@@ -1,0 +1,62 @@
+"""What every training entry point does: parse Hydra config into dataclasses, join the process
+group, prepare the run directory, train, and shut down cleanly."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from infd.config import ConfigError, from_mapping, to_mapping
+from train.dist import init_distributed, on_main, shutdown, strip_local_rank_arg
+from train.logger import Logger, redact
+
+log = logging.getLogger("train")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def hydra_main(config_name: str, cls, run) -> None:
+    """Compose conf/<config_name>.yaml over the dataclass defaults, validate, call run(cfg, raw)."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=to_mapping(cls()))
+    sys.argv = strip_local_rank_arg(sys.argv)
+
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
+    def _main(dcfg) -> int:
+        raw = OmegaConf.to_container(dcfg, resolve=True)
+        try:
+            cfg = from_mapping(cls, raw)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return run(cfg, raw)
+
+    _main()
+
+
+def run_stage(cfg, raw: dict, make_task, make_data) -> int:
+    from train.loop import train
+
+    info = init_distributed()
+    try:
+        run_dir = Path(cfg.run.root) / cfg.run.name
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_mapping(cfg)), sort_keys=False))
+        on_main(info, print, f"run directory: {run_dir.resolve()} ({info.world_size} ranks, {info.device})",
+                flush=True)
+        task = make_task(info)
+        data = make_data(info)
+        logger = Logger(cfg.logger, info, run_dir, cfg.run.name, to_mapping(cfg))
+        try:
+            return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum)
+        finally:
+            logger.finish()
+        on_main(info, print, f"finished at step {return_step}", flush=True)
+    finally:
+        shutdown()
+    return 0

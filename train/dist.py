@@ -1,0 +1,105 @@
+"""Distributed state, built once and passed explicitly (DESIGN.md conventions).
+
+Works under `python` (one process: a gloo/nccl group of size 1), `torchrun` (single or multi
+node) and the `deepspeed` launcher (its --local_rank argument is accepted and dropped).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def strip_local_rank_arg(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N, which Hydra cannot parse; move it to the env."""
+    out, skip_next = [], False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            if "=" in arg:
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            elif i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                skip_next = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create, for a plain `python` run) the process group; pick the device."""
+    if "WORLD_SIZE" not in os.environ:  # plain python: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"[rank{info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    return info
+
+
+def shutdown() -> None:
+    """Barrier then destroy: exits without it crashed intermittently under gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def on_main(info: DistInfo, fn, *args, **kwargs):
+    """Run a side effect (printing, logging, exporting) on rank 0 only."""
+    return fn(*args, **kwargs) if info.is_main else None
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (all ranks must call)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,110 @@
+"""The training loop shared by both stages: steps, logging, images, checkpoints, preemption, resume.
+
+A stage provides a `Task` with: engines (name -> DeepSpeed engine), step(micro_batches, step) ->
+logs, ema (or None), images(batch) -> panels, export(run_dir, step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import TrainerConfig
+from train.dist import DistInfo, any_rank
+from train.logger import Logger, Throughput, grad_norm
+from train.signals import PreemptionFlag
+
+log = logging.getLogger("train")
+
+
+def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    path = Path(cfg.resume)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"trainer.resume={cfg.resume}: no complete checkpoint there (state.json missing)")
+    return path
+
+
+def resume(task, data, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad_accum: int) -> int:
+    path = find_resume(cfg, ckpt_root)
+    if path is None:
+        return 0
+    loaded = load_checkpoint(path, task.engines, info)
+    step = loaded["step"]
+    if loaded["rank_state"] is not None:
+        data.load_state_dict(loaded["rank_state"]["data"])
+    else:
+        data.restart_epoch(loaded["state"].get("data_epoch", 0) + 1)
+        if hasattr(data, "set_global_position"):
+            data.set_global_position(step * grad_accum)
+    if task.ema is not None and (path / "ema.safetensors").exists():
+        task.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
+    log.info("resumed from %s at step %d", path, step)
+    return step
+
+
+class MetricsFile:
+    """metrics.jsonl in the run directory (rank 0): one line per step, trimmed on resume."""
+
+    def __init__(self, path: Path, info: DistInfo, start_step: int):
+        self.path, self.enabled = path, info.is_main
+        if self.enabled and path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, step: int, values: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int) -> int:
+    """Run until trainer.max_steps or preemption. Returns the last completed step."""
+    ckpt_root = run_dir / "checkpoints"
+    if info.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    step = resume(task, data, cfg, info, ckpt_root, grad_accum)
+    metrics = MetricsFile(run_dir / "metrics.jsonl", info, step)
+    preempt = PreemptionFlag()
+    batches, meter = iter(data), Throughput()
+    while step < cfg.max_steps:
+        start = time.perf_counter()
+        micro = [next(batches) for _ in range(grad_accum)]
+        meter.data_wait(time.perf_counter() - start, sum(len(b["keys"]) for b in micro))
+        logs = task.step(micro, step)
+        step += 1
+        metrics.write(step, logs)
+        if step % cfg.log_every == 0:
+            logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
+                               {f"data/skipped/{k}": v for k, v in data.skip_counts().items()}, step)
+        if step % cfg.image_every == 0 and info.is_main:
+            logger.log_images(task.images(micro[0]), step)
+        stop = any_rank(preempt.raised, info.device)
+        if stop or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            rank_state = {"data": data.state_dict()}
+            epoch = rank_state["data"].get("epoch", 0)
+            save_checkpoint(ckpt_root, step, task.engines, rank_state, info, cfg.keep_last,
+                            ema=task.ema.state_dict() if task.ema else None, meta={"data_epoch": epoch})
+        if stop:
+            log.warning("stopped by signal at step %d (checkpoint saved)", step)
+            return step
+    if info.is_main:
+        task.export(run_dir, step)
+    return step
+
+
+def _engine_scalars(engines: dict) -> dict:
+    out = {}
+    for name, engine in engines.items():
+        out[f"lr/{name}"] = engine.get_lr()[0]
+        norm = grad_norm(engine)
+        if norm is not None:
+            out[f"grad_norm/{name}"] = norm
+    return out
