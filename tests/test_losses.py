@@ -35,26 +35,53 @@ def test_adaptive_weight_is_clamped():
     assert adaptive_gan_weight(y.sum(), 0 * y.sum(), layer.weight, 100.0) == 100.0
 
 
-def test_stage1_loss_generator_and_discriminator(lpips_randinit):
-    from infd.models.renderers import CLIF, RendererConfig
+@pytest.mark.parametrize("kind", ["clif", "liif"])
+def test_generator_objective_matches_direct_autograd(lpips_randinit, kind):
+    # lambda from d loss / d rgb and the output layer's input must equal the paper's definition
+    # (gradients w.r.t. the last layer's weight by a second backward), and backpropagating the
+    # surrogate must give exactly the gradient of the loss.
     from infd.geometry import crop_queries
+    from infd.models.renderers import RendererConfig, build_renderer
 
     loss = Stage1Loss(Stage1LossConfig(lpips_backbone="random", disc_start=5), lpips_randinit)
     assert loss.lpips_name == "lpips_randinit"  # never reported as a real LPIPS
-    renderer = CLIF(8, RendererConfig(hidden=32))
-    disc = PatchDiscriminator(DiscriminatorConfig(ndf=8, n_layers=2))
+    renderer = build_renderer(RendererConfig(kind=kind, hidden=32, mlp_hidden=(16, 16)), 8)
+    disc = PatchDiscriminator(DiscriminatorConfig(ndf=8, n_layers=2, norm="group"))
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    phi = torch.randn(2, 8, 16, 16, requires_grad=True)
     coords, cells = crop_queries((64, 64), (0, 0, 64, 64), batch=2)
-    pred = renderer(torch.randn(2, 8, 16, 16), coords, cells)
     target = torch.rand(2, 3, 64, 64) * 2 - 1
-    before, logs = loss.generator_loss(pred, target, torch.tensor(0.1), disc(pred), renderer.last_layer, step=0)
-    assert "adaptive_weight" not in logs  # GAN term off before disc_start
-    total, logs = loss.generator_loss(pred, target, torch.tensor(0.1), disc(pred), renderer.last_layer, step=5)
-    assert logs["adaptive_weight"] > 0
-    assert torch.isclose(total, before + 0.75 * logs["adaptive_weight"] * logs["gan_g"])
-    total.backward()
-    assert renderer.last_layer.grad is not None
-    d_loss, d_logs = loss.discriminator_loss(disc(target), disc(pred.detach()))
-    assert d_loss > 0 and "loss_d" in d_logs
+    bott = phi.pow(2).mean()
+
+    rgb, head = renderer.forward_with_head_input(phi, coords, cells)
+    value, grad_rgb, logs = loss.generator_objective(rgb, target, bott, step=5, disc=disc,
+                                                     head_weight_grad=lambda g: renderer.head_weight_grad(head, g))
+    ((rgb * grad_rgb).sum() + bott).backward()
+    surrogate_grads = [p.grad.clone() for p in [phi, *renderer.parameters()]]
+
+    for p in [phi, *renderer.parameters()]:
+        p.grad = None
+    rgb2, bott = renderer(phi, coords, cells), phi.pow(2).mean()
+    rec, _ = loss.reconstruction_loss(rgb2, target)
+    gan = -disc(rgb2).mean()
+    direct_weight = adaptive_gan_weight(rec, gan, renderer.last_layer, 1e4)
+    assert torch.allclose(logs["adaptive_weight"], direct_weight, rtol=1e-4)
+    direct = rec + bott + 0.75 * direct_weight * gan
+    assert torch.allclose(value, direct.detach(), rtol=1e-5)
+    direct.backward()
+    for a, b in zip(surrogate_grads, [p.grad for p in [phi, *renderer.parameters()]]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+    before, _, logs = loss.generator_objective(rgb.detach(), target, bott.detach(), step=0, disc=disc,
+                                               head_weight_grad=lambda g: renderer.head_weight_grad(head, g))
+    assert "adaptive_weight" not in logs  # no GAN term before disc_start
+
+
+def test_discriminator_hinge_loss_logs():
+    loss = Stage1Loss(Stage1LossConfig(lpips_backbone="random"), torch.nn.Identity())
+    d_loss, logs = loss.discriminator_loss(torch.tensor([0.5, 2.0]), torch.tensor([-0.5, 0.0]))
+    assert torch.isclose(d_loss, torch.tensor(0.5 * (0.25 + 0.75))) and "loss_d" in logs
 
 
 def test_lpips_loads_vgg_weights_from_a_path(tmp_path):

@@ -69,23 +69,35 @@ def _maybe_crash(step: int, point: str) -> None:
         os._exit(13)
 
 
+def _base_optimizer(engine):
+    """The torch optimizer under DeepSpeed's wrapper (ZeRO 1/2) or the engine's own (ZeRO 0)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _is_partitioned(param) -> bool:
+    # Every rank must take the same branch: the gathers below are collectives. `_hp_mapping` exists
+    # on all ranks under ZeRO 1/2 (None where a rank holds no fragment of the parameter).
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
+
+
 def portable_state(engine) -> tuple[dict, dict]:
     """Full fp32 weights and Adam moments of an engine, by parameter name (collective: all ranks call)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     weights, moments = {}, {}
+    base = _base_optimizer(engine)
     for name, param in engine.module.named_parameters():
-        weights[name] = safe_get_full_fp32_param(param).detach().cpu().clone()
+        partitioned = _is_partitioned(param)
+        weights[name] = (safe_get_full_fp32_param(param) if partitioned else param).detach().float().cpu().clone()
         for key in ("exp_avg", "exp_avg_sq"):
-            value = safe_get_full_optimizer_state(param, key)
+            value = safe_get_full_optimizer_state(param, key) if partitioned else base.state.get(param, {}).get(key)
             if value is not None:
                 moments[f"{name}::{key}"] = value.detach().cpu().clone()
     return weights, moments
 
 
 def optimizer_step_count(engine) -> int:
-    for state in engine.optimizer.optimizer.state.values() if hasattr(engine.optimizer, "optimizer") else \
-            engine.optimizer.state.values():
+    for state in _base_optimizer(engine).state.values():
         if "step" in state:
             return int(state["step"])
     return 0
@@ -153,18 +165,39 @@ def load_checkpoint(path: Path, engines: dict, info: DistInfo) -> dict:
 
 
 def load_portable(engine, directory: Path, name: str, optimizer_steps: int) -> None:
+    """Set weights and Adam moments from full tensors; each rank keeps its own partition."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     weights = load_file(str(directory / f"{name}.safetensors"))
     moments = load_file(str(directory / f"{name}.optim.safetensors"))
+    _materialize_adam_state(engine, optimizer_steps)
+    base = _base_optimizer(engine)
     with torch.no_grad():
         for pname, param in engine.module.named_parameters():
             param.data.copy_(weights[pname].to(param.device, param.dtype))  # the module's own copy
-            safe_set_full_fp32_param(param, weights[pname].to(param.device))  # ZeRO's fp32 master
+            partitioned = _is_partitioned(param)
+            if partitioned:
+                safe_set_full_fp32_param(param, weights[pname].to(param.device))  # ZeRO's fp32 master
             for key in ("exp_avg", "exp_avg_sq"):
-                if f"{pname}::{key}" in moments:
-                    safe_set_full_optimizer_state(param, moments[f"{pname}::{key}"].to(param.device), key)
-    base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    for st in base.state.values():
-        if "step" in st:
-            st["step"] = torch.tensor(float(optimizer_steps)) if torch.is_tensor(st["step"]) else optimizer_steps
+                value = moments.get(f"{pname}::{key}")
+                if value is None:
+                    continue
+                if partitioned:
+                    safe_set_full_optimizer_state(param, value.to(param.device), key)
+                else:
+                    base.state[param][key].copy_(value)
+
+
+def _materialize_adam_state(engine, steps: int) -> None:
+    """torch Adam creates its state at the first step; create it now (zeros) so that it can be
+    filled in, and let ZeRO re-link its parameter fragments to it."""
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for p in group["params"]:
+            state = base.state[p]
+            state["step"] = torch.tensor(float(steps))
+            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()

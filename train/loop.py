@@ -82,8 +82,10 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
         step += 1
         metrics.write(step, logs)
         if step % cfg.log_every == 0:
+            skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
             logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
-                               {f"data/skipped/{k}": v for k, v in data.skip_counts().items()}, step)
+                               {f"data/skipped/{k}": v for k, v in skips.items()} |
+                               {"data/skipped_total": sum(skips.values())}, step)
         if step % cfg.image_every == 0 and info.is_main:
             logger.log_images(task.images(micro[0]), step)
         stop = any_rank(preempt.raised, info.device)

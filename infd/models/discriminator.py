@@ -6,6 +6,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from infd.models.blocks import group_norm
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -16,7 +18,7 @@ class DiscriminatorConfig:
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(32, channels)
+    return nn.BatchNorm2d(channels) if kind == "batch" else group_norm(channels)
 
 
 class PatchDiscriminator(nn.Module):
