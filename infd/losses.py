@@ -102,7 +102,9 @@ class Stage1Loss(nn.Module):
     def __init__(self, cfg: Stage1LossConfig, lpips_net: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.lpips = lpips_net if lpips_net is not None else build_lpips(cfg.lpips_backbone)
+        self.lpips = None
+        if cfg.lpips_weight > 0:  # weight 0 (e.g. a CPU demo): VGG is neither built nor run
+            self.lpips = lpips_net if lpips_net is not None else build_lpips(cfg.lpips_backbone)
         self.lpips_name = "lpips_randinit" if getattr(self.lpips, "is_random_init", False) else "lpips"
 
     def gan_active(self, step: int) -> bool:
@@ -111,6 +113,8 @@ class Stage1Loss(nn.Module):
     def reconstruction_loss(self, pred: Tensor, target: Tensor):
         """pred, target (B, 3, H, W) in [-1, 1] -> (scalar, logs)."""
         l1 = (pred - target).abs().mean()
+        if self.lpips is None:
+            return self.cfg.l1_weight * l1, {"l1": l1.detach()}
         perceptual = self.lpips(pred.float(), target.float()).mean()
         loss = self.cfg.l1_weight * l1 + self.cfg.lpips_weight * perceptual
         return loss, {"l1": l1.detach(), self.lpips_name: perceptual.detach()}

@@ -1,11 +1,9 @@
 """Stage-1 training in real processes: distributed equivalence, exact resume, crash safety, W&B."""
-import json
 import shutil
 import signal
 import subprocess
 import time
 
-import pytest
 
 from tests.training import ROOT, assert_close, env, metrics, run, train_cmd
 from tests.wandb_reader import history_and_config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from infd.config import ConfigError, from_mapping, to_mapping
+from infd.config import ConfigError
 from infd.ema import EMA
 from infd.export import save_model
 from infd.losses import Stage1Loss, Stage1LossConfig
@@ -39,6 +39,11 @@ class AutoencoderTrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self, prefix: str = "") -> None:
+        if self.data.loader.patch.encoder_size != self.model.net.resolution:
+            raise ConfigError(
+                f"config key 'data.loader.patch.encoder_size' = {self.data.loader.patch.encoder_size} differs from "
+                f"'model.net.resolution' = {self.model.net.resolution}: the encoder is built for, and exported "
+                "with, its input size; set both to the same value")
         if self.deepspeed.zero_stage == 3:
             raise ConfigError(
                 "config key 'deepspeed.zero_stage' = 3 is not supported for the autoencoder: the adaptive GAN "

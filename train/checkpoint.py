@@ -86,6 +86,8 @@ def portable_state(engine) -> tuple[dict, dict]:
 
     weights, moments = {}, {}
     base = _base_optimizer(engine)
+    if not base.state:  # never stepped (e.g. the discriminator before disc_start): zero moments
+        _materialize_adam_state(engine, 0)
     for name, param in engine.module.named_parameters():
         partitioned = _is_partitioned(param)
         weights[name] = (safe_get_full_fp32_param(param) if partitioned else param).detach().float().cpu().clone()

@@ -31,7 +31,7 @@ from infd.data.decode import SkipSample
 from infd.data.index import INDEX_NAME, ShardIndex, load_index
 from infd.data.tar_samples import TruncatedShard, iterate_tar
 from infd.data.transforms import PatchConfig, make_patch_sample
-from infd.data.urls import ShardReadError, dirname_url, expand_urls, join_url, open_stream, read_range
+from infd.data.urls import dirname_url, expand_urls, join_url, open_stream, read_range
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 HISTORY = 8  # recent raw samples a bad one may be replaced by

@@ -1,7 +1,6 @@
 """Convolutional building blocks of the LDM-style encoder and decoder."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

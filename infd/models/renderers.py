@@ -7,7 +7,7 @@ value; tiled rendering pads tiles by at least that much.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

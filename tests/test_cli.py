@@ -1,0 +1,53 @@
+"""infd upsample and infd eval-ae on a small exported autoencoder."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from infd.export import save_model
+from infd.models import NeuralFieldAutoencoder
+from tests.images import build, noise_image, write_folder
+from tests.test_models import tiny_cfg
+
+
+def infd(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "infd.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_upsample_by_scale_size_and_region(tmp_path):
+    model = NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}))
+    save_model(model, tmp_path / "ae")
+    noise_image(120, 80, 0).save(tmp_path / "in.png")
+    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--scale", "2.5",
+               "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "x.png").size == (300, 200)
+    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--size", "700x500",
+               "--out", str(tmp_path / "full.png"))
+    assert res.returncode == 0, res.stderr
+    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--size", "700x500",
+               "--region", "100,50,400,300", "--out", str(tmp_path / "crop.png"))
+    assert res.returncode == 0, res.stderr
+    full, crop = np.asarray(Image.open(tmp_path / "full.png")), np.asarray(Image.open(tmp_path / "crop.png"))
+    assert crop.shape == (250, 300, 3)
+    assert np.array_equal(crop, full[50:300, 100:400])  # strictly local renderer: a region is a crop
+    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--size", "7x",
+               "--out", str(tmp_path / "bad.png"))
+    assert res.returncode == 2 and "WIDTHxHEIGHT" in res.stderr
+
+
+def test_eval_ae_reports_scales_lpips_label_and_skips(tmp_path):
+    model = NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}))
+    save_model(model, tmp_path / "ae")
+    write_folder(tmp_path / "src", [(300, 260), (140, 150), (100, 90)])
+    build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64")
+    res = infd("eval-ae", "--ckpt", str(tmp_path / "ae"), "--data", str(tmp_path / "shards"), "--lpips", "random")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["images"] == 3
+    assert {"psnr_1x", "psnr_2x", "psnr_4x", "lpips_1x_randinit", "scale_consistency_psnr_1x"} <= set(out)
+    assert "lpips_1x" not in out  # a random-init LPIPS is never reported under the real name
+    assert out["skipped_4x_too_small"] == 2  # 256 px needed: only the 300x260 image has it
+    assert 0 < out["psnr_1x"] < 60
