@@ -124,3 +124,31 @@ def test_bad_override_names_the_key(tmp_path):
     assert res.returncode != 0 and "max_stepz" in res.stderr
     res = run(AE, tmp_path, "bad", *TINY, "model.renderer.kind=clf", check=False)
     assert res.returncode == 2 and "model.renderer.kind" in res.stderr
+
+
+def test_deepspeed_launcher_runs_the_same_module(tmp_path):
+    # Without --no_local_rank: the launcher appends --local_rank=N, which the entry point moves
+    # to the environment before Hydra parses the overrides.
+    import sys
+    from pathlib import Path
+
+    from tests.s3_server import free_port
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", AE, *TINY,
+           "trainer.max_steps=2", "trainer.ckpt_every=100", "data.loader.batch_size=2", f"run.root={tmp_path}",
+           "run.name=ds", "trainer.log_every=1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "(2 ranks" in res.stdout and sorted(metrics(tmp_path, "ds")) == [1, 2]
+
+
+def test_local_rank_argument_is_moved_to_the_environment(monkeypatch):
+    from train.dist import strip_local_rank_arg
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank_arg(["prog", "--local_rank=3", "a=1"]) == ["prog", "a=1"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "3"
+    assert strip_local_rank_arg(["prog", "--local-rank", "5", "b=2"]) == ["prog", "b=2"]
