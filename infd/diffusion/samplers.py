@@ -1,0 +1,150 @@
+"""Samplers: DDPM ancestral, DDIM (eta), DPM-Solver++ (2M) for VP schedules; Euler and Heun for
+rectified flow. Classifier-free guidance wraps the model function; a torch.Generator makes a run
+reproducible.
+
+model_fn(x, t) -> network output in the schedule's parameterisation; t is a (B,) tensor of
+integer steps (VP) or of floats in [0, 1] (flow).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from infd.diffusion.schedule import FlowSchedule, VPSchedule
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun")
+
+
+def guided(model_fn: Callable, cond, uncond, scale: float) -> Callable:
+    """Classifier-free guidance: u + scale * (c - u), one batched call for both branches."""
+    if scale == 1.0 or uncond is None:
+        return lambda x, t: model_fn(x, t, cond)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        both = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond))
+        c, u = both.chunk(2)
+        return u + scale * (c - u)
+
+    return fn
+
+
+def _cat_cond(cond, uncond):
+    if isinstance(cond, dict):
+        return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    return torch.cat([cond, uncond])
+
+
+def vp_timesteps(schedule: VPSchedule, steps: int) -> list[int]:
+    """`steps` integer timesteps from T-1 down to 0, evenly spaced."""
+    return [int(round(v)) for v in torch.linspace(schedule.timesteps - 1, 0, steps).tolist()]
+
+
+def logsnr_timesteps(schedule: VPSchedule, steps: int) -> list[int]:
+    """Integer timesteps whose log(alpha/sigma) are closest to an even grid from noise to data:
+    few-step solvers need small steps where the log-SNR moves fast (near the data)."""
+    abar = schedule.alphas_cumprod
+    lam = 0.5 * torch.log(abar / (1 - abar))
+    grid = torch.linspace(float(lam[-1]), float(lam[0]), steps)
+    ts = [int((lam - g).abs().argmin()) for g in grid]
+    return sorted(set(ts), reverse=True)
+
+
+def _abar(schedule: VPSchedule, t: int) -> float:
+    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
+
+
+def _progress(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="step", leave=False)
+
+
+@torch.no_grad()
+def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float = 0.0,
+         generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """DDIM (Song et al. 2021). eta = 1 is DDPM's ancestral sampler on the same timesteps."""
+    x = noise
+    ts = vp_timesteps(schedule, steps)
+    for i in _progress(range(len(ts)), progress, "ddim" if eta == 0 else "ddpm"):
+        t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        x0, eps = schedule.to_x0_eps(model_fn(x, torch.full((x.shape[0],), t, device=x.device)), x,
+                                     torch.full((x.shape[0],), t, device=x.device))
+        a_t, a_prev = _abar(schedule, t), _abar(schedule, t_prev)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+def ddpm(model_fn, schedule: VPSchedule, noise: Tensor, steps: int | None = None,
+         generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020), on all T steps by default."""
+    return ddim(model_fn, schedule, noise, steps or schedule.timesteps, eta=1.0, generator=generator,
+                progress=progress)
+
+
+@torch.no_grad()
+def dpmpp_2m(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, progress: bool = False) -> Tensor:
+    """DPM-Solver++ (2M), data prediction, multistep second order (Lu et al. 2022); the final
+    step to the clean data is first order."""
+    x = noise
+    ts = logsnr_timesteps(schedule, steps)
+    lam = lambda t: 0.5 * math.log(_abar(schedule, t) / (1 - _abar(schedule, t)))  # noqa: E731  log(alpha/sigma)
+    prev_x0, prev_h = None, None
+    for i in _progress(range(len(ts)), progress, "dpm-solver++"):
+        t = ts[i]
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        x0, _ = schedule.to_x0_eps(model_fn(x, tt), x, tt)
+        if i + 1 == len(ts):
+            return x0  # to sigma = 0: x = the data prediction
+        t_next = ts[i + 1]
+        h = lam(t_next) - lam(t)
+        d = x0
+        if prev_x0 is not None:
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        sigma, sigma_next = math.sqrt(1 - _abar(schedule, t)), math.sqrt(1 - _abar(schedule, t_next))
+        alpha_next = math.sqrt(_abar(schedule, t_next))
+        x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
+        prev_x0, prev_h = x0, h
+    return x
+
+
+@torch.no_grad()
+def euler(model_fn, noise: Tensor, steps: int, heun: bool = False, progress: bool = False) -> Tensor:
+    """Rectified flow from t = 1 (noise) to t = 0 (data): Euler, or Heun's second order."""
+    x = noise
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    for i in _progress(range(steps), progress, "heun" if heun else "euler"):
+        t, t_next = ts[i], ts[i + 1]
+        v = model_fn(x, torch.full((x.shape[0],), t, device=x.device))
+        x_next = x + (t_next - t) * v
+        if heun:
+            v_next = model_fn(x_next, torch.full((x.shape[0],), t_next, device=x.device))
+            x_next = x + (t_next - t) * 0.5 * (v + v_next)
+        x = x_next
+    return x
+
+
+def sample(model_fn, schedule, shape, sampler: str, steps: int, generator: torch.Generator | None = None,
+           device=None, eta: float = 0.0, progress: bool = False) -> Tensor:
+    """Draw samples of `shape` from noise with the named sampler (see SAMPLERS)."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    flow = isinstance(schedule, FlowSchedule)
+    if flow != (sampler in ("euler", "heun")):
+        kind = "rectified flow" if flow else "a VP (epsilon/v) objective"
+        raise ValueError(f"sampler {sampler!r} does not fit {kind}; choose from "
+                         f"{['euler', 'heun'] if flow else ['ddpm', 'ddim', 'dpmpp']}")
+    if sampler == "ddpm":
+        return ddpm(model_fn, schedule, noise, steps, generator, progress)
+    if sampler == "ddim":
+        return ddim(model_fn, schedule, noise, steps, eta, generator, progress)
+    if sampler == "dpmpp":
+        return dpmpp_2m(model_fn, schedule, noise, steps, progress)
+    return euler(model_fn, noise, steps, heun=sampler == "heun", progress=progress)

@@ -1,0 +1,100 @@
+"""Noise schedules and the objectives stage 2 trains with.
+
+Variance preserving (DDPM): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t = 0..T-1, with the
+paper's schedule: T = 1000, beta linear from 0.0015 to 0.0195. The network predicts eps
+(`epsilon`, the paper) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (`v`).
+Rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1], the network predicts the velocity eps - x0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from infd.config import ConfigError
+
+
+@dataclass
+class DiffusionConfig:
+    objective: Literal["epsilon", "v", "rectified_flow"] = "epsilon"
+    timesteps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+
+    def validate(self, prefix: str = "") -> None:
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"config keys '{prefix}beta_start' < '{prefix}beta_end' must lie in (0, 1)")
+
+
+class VPSchedule:
+    """Discrete variance-preserving schedule; tensors indexed by integer t in [0, T)."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    @property
+    def timesteps(self) -> int:
+        return self.cfg.timesteps
+
+    def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) shaped to broadcast against `like` (B, ...)."""
+        abar = self.alphas_cumprod.to(like.device)[t].to(like.dtype)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        if self.cfg.objective == "epsilon":
+            return noise
+        a, s = self.coefficients(t, x0)
+        return a * noise - s * x0
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Network output at (x, t) -> predicted (x0, eps)."""
+        a, s = self.coefficients(t, x)
+        if self.cfg.objective == "epsilon":
+            eps = out
+            return (x - s * eps) / a, eps
+        x0 = a * x - s * out  # v-prediction
+        return x0, s * x + a * out
+
+
+class FlowSchedule:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1] (continuous); model predicts eps - x0."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        t = t.view((-1,) + (1,) * (x0.ndim - 1)).to(x0.dtype)
+        return (1 - t) * x0 + t * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return noise - x0
+
+
+def build_schedule(cfg: DiffusionConfig):
+    return FlowSchedule(cfg) if cfg.objective == "rectified_flow" else VPSchedule(cfg)
+
+
+def training_loss(model_fn, schedule, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Mean squared error of the network's prediction at a random noise level.
+
+    model_fn(x_t, t) -> prediction; t is an integer step (VP) or a float in [0, 1] (flow), which
+    the network's time embedding receives as it is (flow: scaled to [0, 1000) by the caller).
+    """
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if isinstance(schedule, FlowSchedule):
+        t = torch.rand(b, generator=generator, device=x0.device)
+    else:
+        t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=x0.device)
+    pred = model_fn(schedule.add_noise(x0, noise, t), t)
+    return (pred.float() - schedule.target(x0, noise, t).float()).pow(2).mean()
