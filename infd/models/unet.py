@@ -1,0 +1,178 @@
+"""ADM-style UNet for latent diffusion (Dhariwal & Nichol 2021; LDM), with optional class labels
+and cross-attention to text tokens. Paper configuration: 224 channels, mult (1, 2, 3, 4), 2 res
+blocks per level, self-attention at downsample factors 2, 4, 8 with 32 channels per head.
+
+forward(x (B, C, h, w), t (B,), context (B, L, D) or None, labels (B,) or None) -> (B, C, h, w)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from infd.config import ConfigError
+from infd.models.blocks import Downsample, Upsample, group_norm
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3
+    ch: int = 224
+    ch_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attn_ds: tuple[int, ...] = (2, 4, 8)  # downsample factors with attention
+    head_channels: int = 32
+    dropout: float = 0.0
+    context_dim: int = 0  # text token width for cross-attention; 0 = none
+    num_classes: int = 0  # class labels (index num_classes = "no label" for guidance); 0 = none
+    grad_checkpointing: bool = False
+
+    def validate(self, prefix: str = "") -> None:
+        for mult in self.ch_mult:
+            if (self.ch * mult) % self.head_channels:
+                raise ConfigError(f"config key '{prefix}head_channels' = {self.head_channels} must divide every "
+                                  f"level width (ch * ch_mult: {self.ch * mult})")
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeResBlock(nn.Module):
+    """ResBlock whose second norm is scaled and shifted by the time embedding (ADM)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2, self.dropout = group_norm(out_ch), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[..., None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x (B, N, C) over keys/values from `source` (B, M, Cs)."""
+
+    def __init__(self, channels: int, heads: int, source_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(channels, channels, bias=False)
+        self.kv = nn.Linear(source_dim or channels, 2 * channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, source: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = (t.view(b, source.shape[1], self.heads, -1).transpose(1, 2) for t in self.kv(source).chunk(2, -1))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class SpatialAttention(nn.Module):
+    """Self-attention over positions, then cross-attention to text tokens when given. (B, C, h, w)."""
+
+    def __init__(self, channels: int, head_channels: int, context_dim: int):
+        super().__init__()
+        heads = channels // head_channels
+        self.norm1, self.self_attn = nn.LayerNorm(channels), Attention(channels, heads)
+        self.cross = None
+        if context_dim:
+            self.norm2, self.cross = nn.LayerNorm(channels), Attention(channels, heads, context_dim)
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        normed = self.norm1(tokens)
+        tokens = tokens + self.self_attn(normed, normed)
+        if self.cross is not None and context is not None:
+            tokens = tokens + self.cross(self.norm2(tokens), context)
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        emb_dim = 4 * cfg.ch
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down, skips, ch, ds = nn.ModuleList(), [cfg.ch], cfg.ch, 1
+        for level, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(self._stage(ch, cfg.ch * mult, ds, emb_dim))
+                ch = cfg.ch * mult
+                skips.append(ch)
+            if level != len(cfg.ch_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                ds *= 2
+        self.mid = nn.ModuleList([TimeResBlock(ch, ch, emb_dim, cfg.dropout),
+                                  SpatialAttention(ch, cfg.head_channels, cfg.context_dim),
+                                  TimeResBlock(ch, ch, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                self.up.append(self._stage(ch + skips.pop(), cfg.ch * mult, ds, emb_dim))
+                ch = cfg.ch * mult
+                if level and i == cfg.num_res_blocks:
+                    self.up.append(Upsample(ch))
+                    ds //= 2
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _stage(self, in_ch: int, out_ch: int, ds: int, emb_dim: int) -> nn.ModuleList:
+        layers = [TimeResBlock(in_ch, out_ch, emb_dim, self.cfg.dropout)]
+        if ds in self.cfg.attn_ds:
+            layers.append(SpatialAttention(out_ch, self.cfg.head_channels, self.cfg.context_dim))
+        return nn.ModuleList(layers)
+
+    def _run(self, layer: nn.Module, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        if isinstance(layer, nn.ModuleList):
+            for sub in layer:
+                h = self._run(sub, h, emb, context)
+            return h
+        if isinstance(layer, (Downsample, Upsample)):
+            return layer(h)
+        args = (h, emb) if isinstance(layer, TimeResBlock) else (h, context)
+        if self.cfg.grad_checkpointing and self.training:
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.ch))
+        if self.label_emb is not None:
+            labels = labels if labels is not None else torch.full_like(t, self.cfg.num_classes, dtype=torch.long)
+            emb = emb + self.label_emb(labels)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = self._run(layer, h, emb, context)
+            skips.append(h)
+        for layer in self.mid:
+            h = self._run(layer, h, emb, context)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+                continue
+            h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.conv_out(F.silu(self.norm_out(h)))
