@@ -24,6 +24,7 @@ setup(
         "deepspeed",
         "hydra-core",
         "wandb",
+        "open_clip_torch",
     ],
     extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},

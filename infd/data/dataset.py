@@ -80,8 +80,11 @@ def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
 class MixedResolutionDataset(IterableDataset):
     """Yields collated batches (see `collate`); use with DataLoader(batch_size=None)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None):
+        """sample_fn(raw, cfg, rng) -> sample dict (default: the multi-scale image patch);
+        collate_fn(samples, worker, skips) -> batch. Module-level functions (workers pickle them)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.sample_fn, self.collate_fn = sample_fn or image_patch_sample, collate_fn or collate
         self.urls = expand_urls(cfg.shards)
         if not self.urls:
             raise ConfigError(f"config key 'shards' (data) = {cfg.shards!r} matches no shard: give shard patterns, "
@@ -177,7 +180,7 @@ class MixedResolutionDataset(IterableDataset):
 
     # ----- decoding -------------------------------------------------------------------------
     def _decode(self, raw: dict, rng: np.random.Generator) -> dict:
-        sample = make_patch_sample(image_bytes(raw), self.cfg.patch, rng)
+        sample = self.sample_fn(raw, self.cfg, rng)
         sample["key"] = raw["__key__"]
         return sample
 
@@ -256,8 +259,12 @@ class MixedResolutionDataset(IterableDataset):
                 sample["is_hr"] = is_hr
                 batch.append(sample)
             if b >= skip:
-                yield collate(batch, worker, self.counter.as_dict())
+                yield self.collate_fn(batch, worker, self.counter.as_dict())
             b += 1
+
+
+def image_patch_sample(raw: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
+    return make_patch_sample(image_bytes(raw), cfg.patch, rng)
 
 
 def collate(samples: list[dict], worker: int, skips: dict) -> dict:
@@ -277,9 +284,9 @@ def collate(samples: list[dict], worker: int, skips: dict) -> dict:
     }
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None) -> DataLoader:
     """DataLoader over MixedResolutionDataset; batching happens in the workers."""
-    dataset = MixedResolutionDataset(cfg, rank, world_size)
+    dataset = MixedResolutionDataset(cfg, rank, world_size, sample_fn, collate_fn)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if cfg.num_workers > 0 else None)

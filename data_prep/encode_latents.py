@@ -1,0 +1,152 @@
+"""Encode image shards into a latent cache for stage 2.
+
+    python -m data_prep.encode_latents --ae EXPORT --shards SPEC --output DST [--flip]
+        [--batch-size 16] [--text-model ViT-B-32 --text-pretrained TAG|PATH|none]
+    torchrun --nproc_per_node 8 -m data_prep.encode_latents ...     # each rank its own shards
+
+Output shard i holds input shard i: per sample KEY.latent.npy (fp16 pre-quantisation latent of the
+image's centre square at the autoencoder's input size), KEY.latent_flip.npy (--flip),
+KEY.text.npy (with a text model) and KEY.json (caption, size). A shard is finished once its
+stats file latents-XXXXXX.json exists (written after the tar is renamed into place), so a rerun
+keeps finished shards and redoes partial ones; index.json is written last by rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from infd.data.dataset import image_bytes
+from infd.data.decode import SkipSample, decode_rgb, open_image
+from infd.data.latents import npy_bytes
+from infd.data.tar_samples import TruncatedShard, iterate_tar
+from infd.data.urls import expand_urls, open_stream
+from infd.evaluate import centre_square
+from infd.export import load_model
+from infd.image import pil_to_tensor, resize_antialiased
+
+
+def shard_name(i: int) -> str:
+    return f"latents-{i:06d}"
+
+
+def read_images(url: str, size: int, skipped: dict):
+    stream = open_stream(url)
+    try:
+        for raw in iterate_tar(stream):
+            try:
+                img = centre_square(decode_rgb(open_image(image_bytes(raw))))
+            except SkipSample as err:
+                skipped[err.reason] = skipped.get(err.reason, 0) + 1
+                continue
+            meta = json.loads(raw["json"]) if "json" in raw else {}
+            yield raw["__key__"], pil_to_tensor(resize_antialiased(img, (size, size))), meta
+    except TruncatedShard:
+        skipped["truncated_shard"] = skipped.get("truncated_shard", 0) + 1
+    finally:
+        stream.close()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+@torch.no_grad()
+def encode_shard(i: int, url: str, out: Path, ae, text, args, device) -> dict:
+    size, skipped, count = ae.cfg.net.resolution, {}, 0
+    tmp = out / f"{shard_name(i)}.tar.tmp"
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        batch: list = []
+        for item in list(read_images(url, size, skipped)) + [None]:
+            if item is not None:
+                batch.append(item)
+            if batch and (item is None or len(batch) == args.batch_size):
+                count += write_batch(tar, batch, ae, text, args.flip, device)
+                batch = []
+    os.replace(tmp, out / f"{shard_name(i)}.tar")
+    stats = {"name": f"{shard_name(i)}.tar", "samples": count, "hr": 0, "bytes": (out / f"{shard_name(i)}.tar").stat().st_size,
+             "source": url, "skipped": skipped}
+    (out / f"{shard_name(i)}.json").write_text(json.dumps(stats))
+    return stats
+
+
+def write_batch(tar, batch, ae, text, flip: bool, device) -> int:
+    x = torch.stack([b[1] for b in batch]).to(device)
+    z = ae.encode(x).half().cpu().numpy()
+    z_flip = ae.encode(x.flip(-1)).half().cpu().numpy() if flip else None
+    captions = [b[2].get("caption") or "" for b in batch]
+    emb = text(captions).half().cpu().numpy() if text is not None else None
+    for j, (key, _, meta) in enumerate(batch):
+        add_member(tar, f"{key}.latent.npy", npy_bytes(z[j]))
+        if z_flip is not None:
+            add_member(tar, f"{key}.latent_flip.npy", npy_bytes(z_flip[j]))
+        if emb is not None:
+            add_member(tar, f"{key}.text.npy", npy_bytes(emb[j]))
+        record = {"key": key, "caption": captions[j], "width": meta.get("width"), "height": meta.get("height")}
+        add_member(tar, f"{key}.json", json.dumps(record).encode())
+    return len(batch)
+
+
+def write_index(out: Path, n: int, ae_path: str) -> dict:
+    shards = [json.loads((out / f"{shard_name(i)}.json").read_text()) for i in range(n)]
+    index = {"version": 1, "kind": "latents", "autoencoder": ae_path, "total_samples": sum(s["samples"] for s in shards),
+             "total_hr": 0, "shards": [{k: s[k] for k in ("name", "samples", "hr", "bytes")} for s in shards],
+             "hr_manifest": None}
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ae", required=True, help="autoencoder export directory")
+    p.add_argument("--shards", required=True, nargs="+", help="image shards (patterns, directories, s3://)")
+    p.add_argument("--output", required=True, help="local directory")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--flip", action="store_true", help="also store the latent of the mirrored image")
+    p.add_argument("--text-model", help="OpenCLIP model for cached text embeddings (e.g. ViT-B-32)")
+    p.add_argument("--text-pretrained", default="laion2b_s34b_b79k", help="tag, file, or none (random init: tests)")
+    p.add_argument("--device")
+    args = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    ae = load_model(args.ae, device)
+    text = None
+    if args.text_model:
+        from infd.text import TextEncoderConfig, build_text_encoder
+
+        pretrained = None if args.text_pretrained == "none" else args.text_pretrained
+        text = build_text_encoder(TextEncoderConfig(kind="openclip", model=args.text_model, pretrained=pretrained))
+        text = text.to(device)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    urls = expand_urls(args.shards)
+    mine = [(i, u) for i, u in enumerate(urls) if i % world == rank and not (out / f"{shard_name(i)}.json").exists()]
+    for i, url in tqdm(mine, desc=f"encode latents (rank {rank})", unit="shard"):
+        encode_shard(i, url, out, ae, text, args, device)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        index = write_index(out, len(urls), str(args.ae))
+        print(f"latent cache: {index['total_samples']} samples in {len(urls)} shards -> {out}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

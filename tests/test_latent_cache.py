@@ -1,0 +1,92 @@
+"""The latent cache: encode_latents resumes without duplicates or gaps, and the latents come back
+through the epoch-planned loader."""
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infd.config import from_mapping
+from infd.data.dataset import DataConfig, build_loader
+from infd.data.latents import collate_latents, latent_sample, load_npy
+from infd.export import save_model
+from infd.models import NeuralFieldAutoencoder
+from tests.images import build, write_folder
+from tests.test_models import tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_cache_inputs(tmp_path, n=24, per_shard=4):
+    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    write_folder(tmp_path / "src", [(80 + 3 * i, 70) for i in range(n)])
+    build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", str(per_shard))
+
+
+def encode_cmd(tmp_path, out):
+    return [sys.executable, "-m", "data_prep.encode_latents", "--ae", str(tmp_path / "ae"), "--shards",
+            str(tmp_path / "shards"), "--output", str(out), "--flip", "--batch-size", "3"]
+
+
+def cache_contents(out: Path) -> dict:
+    latents = {}
+    for tar_path in sorted(out.glob("latents-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                if m.name.endswith(".latent.npy"):
+                    key = m.name.split(".")[0]
+                    assert key not in latents, f"duplicate {key}"
+                    latents[key] = load_npy(tar.extractfile(m).read())
+    return latents
+
+
+def test_killed_and_restarted_encoding_has_no_duplicate_and_no_gap(tmp_path):
+    setup_cache_inputs(tmp_path)
+    clean = tmp_path / "clean"
+    subprocess.run(encode_cmd(tmp_path, clean), check=True, capture_output=True, cwd=ROOT)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(encode_cmd(tmp_path, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "latents-000001.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "index.json").exists()  # it really was interrupted
+    subprocess.run(encode_cmd(tmp_path, killed), check=True, capture_output=True, cwd=ROOT)
+    a, b = cache_contents(clean), cache_contents(killed)
+    assert sorted(a) == sorted(b) == [f"{i:09d}" for i in range(24)]
+    for key in a:
+        assert np.array_equal(a[key], b[key]) and a[key].dtype == np.float16 and a[key].shape == (3, 16, 16)
+    assert not list(killed.glob("*.tmp"))
+    assert json.loads((killed / "index.json").read_text())["total_samples"] == 24
+
+
+def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
+    setup_cache_inputs(tmp_path, n=16)
+    subprocess.run(encode_cmd(tmp_path, tmp_path / "lat"), check=True, capture_output=True, cwd=ROOT)
+    cfg = from_mapping(DataConfig, {"shards": str(tmp_path / "lat"), "batch_size": 2, "num_workers": 2,
+                                    "shuffle_buffer": 4})
+    seen = Counter()
+    for rank in (0, 1):
+        for batch in build_loader(cfg, rank, 2, latent_sample, collate_latents):
+            assert batch["z"].shape == (2, 3, 16, 16) and batch["z"].dtype == torch.float32
+            assert all(c.startswith("caption ") for c in batch["captions"])
+            seen.update(batch["keys"])
+    assert len(seen) == 16 and max(seen.values()) == 1
+
+
+def test_random_init_text_encoder_embeds_captions():
+    from infd.text import TextEncoderConfig, build_text_encoder
+
+    enc = build_text_encoder(TextEncoderConfig(kind="openclip", pretrained=None))
+    assert enc.is_random_init
+    out = enc(["a photo of a cat", ""])
+    assert out.shape == (2, 77, enc.width) and not torch.allclose(out[0], out[1])
+    assert build_text_encoder(TextEncoderConfig(kind="none")) is None
