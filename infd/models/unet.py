@@ -7,7 +7,7 @@ forward(x (B, C, h, w), t (B,), context (B, L, D) or None, labels (B,) or None) 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
