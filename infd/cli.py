@@ -3,6 +3,8 @@
     infd describe MODEL_CONFIG [--json] [--input-size 256]
     infd upsample IMAGE --ckpt EXPORT (--scale S | --size WxH) --out OUT [--region x0,y0,x1,y1]
     infd eval-ae --ckpt EXPORT --data SHARDS [--limit N] [--lpips pretrained|random|PATH]
+    infd sample --ae EXPORT --unet EXPORT [--prompt TEXT | --prompts FILE] --size WxH [--region x0,y0,x1,y1]
+                [--steps N] [--sampler ddim|ddpm|dpmpp|euler|heun] [--cfg S] [--seed K] --out FILE
 """
 from __future__ import annotations
 
@@ -105,6 +107,43 @@ def cmd_eval_ae(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from infd.config import from_mapping
+    from infd.diffusion.schedule import DiffusionConfig
+    from infd.export import load_model
+    from infd.image import save_image
+    from infd.render import render_tiles
+    from infd.sampling import generate_latents
+    from infd.text import TextEncoderConfig, build_text_encoder
+
+    device = _device(args.device)
+    ae, unet = load_model(args.ae, device), load_model(args.unet, device)
+    extra = unet.export_extra
+    text = build_text_encoder(from_mapping(TextEncoderConfig, extra.get("text", {})))
+    text = text.to(device) if text is not None else None
+    prompts = [args.prompt or ""]
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    size = parse_size(args.size)
+    region = parse_region(args.region) if args.region else None
+    latent = ae.cfg.net.resolution // ae.cfg.net.downsample_factor
+    out = Path(args.out)
+    for i, prompt in enumerate(prompts):
+        z = generate_latents(unet, from_mapping(DiffusionConfig, extra.get("diffusion", {})), extra["latent_scale"],
+                             (1, unet.cfg.in_channels, latent, latent), [prompt] if text is not None else None, text,
+                             args.cfg, args.sampler, args.steps, seed=args.seed + i, device=device, progress=True)
+        with torch.no_grad():
+            image = render_tiles(ae.renderer, ae.decode(z), size, region=region, progress=True)
+        path = out if len(prompts) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
+        save_image(image, path)
+        print(f"{prompt!r} -> {path} ({image.shape[-1]}x{image.shape[-2]}, seed {args.seed + i})", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infd", description="Image neural field diffusion tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", default="pretrained", help="pretrained | random (labelled randinit) | PATH | none")
     p.add_argument("--device")
     p.set_defaults(func=cmd_eval_ae)
+
+    p = sub.add_parser("sample", help="generate images at any resolution (or a region) from a trained UNet")
+    p.add_argument("--ae", required=True, help="autoencoder export")
+    p.add_argument("--unet", required=True, help="UNet export (carries its latent scale, objective, text encoder)")
+    p.add_argument("--prompt")
+    p.add_argument("--prompts", help="file with one prompt per line (one image each)")
+    p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of the output")
+    p.add_argument("--region", help="x0,y0,x1,y1: render only this box of the output")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpmpp", "euler", "heun"])
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

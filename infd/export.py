@@ -13,10 +13,11 @@ from torch import nn
 
 from infd.config import from_mapping, to_mapping
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
+from infd.models.unet import UNet, UNetConfig
 
 FORMAT_VERSION = 1
 # The model kinds an export can hold: name -> (config class, model class).
-MODEL_KINDS = {"autoencoder": (AutoencoderConfig, NeuralFieldAutoencoder)}
+MODEL_KINDS = {"autoencoder": (AutoencoderConfig, NeuralFieldAutoencoder), "unet": (UNetConfig, UNet)}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 

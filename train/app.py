@@ -16,16 +16,21 @@ log = logging.getLogger("train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def hydra_main(config_name: str, cls, run) -> None:
-    """Compose conf/<config_name>.yaml over the dataclass defaults, validate, call run(cfg, raw)."""
+def hydra_main(config_name: str, cls, run, config_dir_name: str | None = None) -> None:
+    """Compose conf/[config_dir_name/]<config_name>.yaml over the dataclass defaults, validate,
+    call run(cfg, raw)."""
     import hydra
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name=f"{config_name}_schema", node=to_mapping(cls()))
     sys.argv = strip_local_rank_arg(sys.argv)
+    config_dir = CONF_DIR
+    if config_dir_name is not None:  # a stage with its own groups, sharing conf/'s (deepspeed, logger)
+        config_dir = str(Path(CONF_DIR) / config_dir_name)
+        sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR}]")
 
-    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
+    @hydra.main(config_path=config_dir, config_name=config_name, version_base=None)
     def _main(dcfg) -> int:
         raw = OmegaConf.to_container(dcfg, resolve=True)
         try:

@@ -71,7 +71,9 @@ class Stage1Task:
     def images(self, batch: dict) -> dict:
         return image_panels(self.gen.module, batch, self.info.device)
 
-    def export(self, run_dir: Path, step: int) -> Path:
+    def export(self, run_dir: Path, step: int) -> Path | None:
+        if not self.info.is_main:
+            return None
         model = self.gen.module
         if self.ema is not None:
             model = NeuralFieldAutoencoder(model.cfg).to(self.info.device)

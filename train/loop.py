@@ -86,8 +86,8 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
             logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
                                {f"data/skipped/{k}": v for k, v in skips.items()} |
                                {"data/skipped_total": sum(skips.values())}, step)
-        if step % cfg.image_every == 0 and info.is_main:
-            logger.log_images(task.images(micro[0]), step)
+        if step % cfg.image_every == 0:
+            logger.log_images(task.images(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
         stop = any_rank(preempt.raised, info.device)
         if stop or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             rank_state = {"data": data.state_dict()}
@@ -97,8 +97,7 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
         if stop:
             log.warning("stopped by signal at step %d (checkpoint saved)", step)
             return step
-    if info.is_main:
-        task.export(run_dir, step)
+    task.export(run_dir, step)  # collective; the task writes on rank 0
     return step
 
 

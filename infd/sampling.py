@@ -1,0 +1,41 @@
+"""Generate latents with a trained UNet and render them at any resolution.
+
+generate_latents: prompts -> z (B, C, h, w) in the autoencoder's latent units (the scale factor
+the UNet was trained with is undone). Rendering is the autoencoder's: phi = D(z) once, then
+render_tiles at any size or region.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from infd.diffusion.samplers import guided, sample
+from infd.diffusion.schedule import FlowSchedule, build_schedule
+
+
+def unet_fn(unet, schedule):
+    """The UNet as model_fn(x, t, context): flow times in [0, 1] are embedded as t * 1000."""
+    flow = isinstance(schedule, FlowSchedule)
+
+    def fn(x: Tensor, t: Tensor, context) -> Tensor:
+        return unet(x, t * 1000 if flow else t, context)
+
+    return fn
+
+
+@torch.no_grad()
+def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, prompts: list[str] | None = None,
+                     text_encoder=None, cfg_scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
+                     seed: int = 0, device=None, progress: bool = False) -> Tensor:
+    """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet and
+    cfg_scale > 1 guides away from the empty prompt."""
+    schedule = build_schedule(diffusion_cfg)
+    cond = uncond = None
+    if text_encoder is not None:
+        prompts = prompts or [""] * shape[0]
+        cond = text_encoder(prompts)
+        uncond = text_encoder([""] * len(prompts)) if cfg_scale != 1.0 else None
+    fn = guided(unet_fn(unet, schedule), cond, uncond, cfg_scale)
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+    z = sample(fn, schedule, shape, sampler, steps, generator=generator, device=device, progress=progress)
+    return z / latent_scale
