@@ -287,6 +287,9 @@ def collate(samples: list[dict], worker: int, skips: dict) -> dict:
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None) -> DataLoader:
     """DataLoader over MixedResolutionDataset; batching happens in the workers."""
     dataset = MixedResolutionDataset(cfg, rank, world_size, sample_fn, collate_fn)
+    # Its own generator: creating an iterator draws a base seed, which must not consume the global
+    # RNG (a resumed run creates one more iterator than the run it continues).
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if cfg.num_workers > 0 else None)
+                      prefetch_factor=2 if cfg.num_workers > 0 else None, generator=generator)
