@@ -55,7 +55,8 @@ def test_wandb_sample_panels_and_sampling_the_export(tmp_path, cache):
     history, config = history_and_config(next((tmp_path / "wb" / "wandb").glob("offline-run-*/*.wandb")))
     last = history[-1]
     assert isinstance(last["loss"], float) and last["samples/64/width"] == 64 and last["samples/128/width"] == 128
-    assert last["samples/64/count"] == 2  # one image per prompt
+    assert last["samples/64/count"] == 2  # one image per prompt, captioned with it
+    assert last["samples/64/captions"] == ["a photograph", "a painting"]
     assert config["unet"]["context_dim"] == 512
     unet = tmp_path / "wb" / "export" / "unet"
     cmd = [sys.executable, "-m", "infd.cli", "sample", "--ae", str(cache / "ae"), "--unet", str(unet), "--prompt",

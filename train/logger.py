@@ -44,14 +44,15 @@ class Logger:
         log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(clean.items())))
 
     def log_images(self, images: dict, step: int) -> None:
-        """images: name -> (B, 3, H, W) in [-1, 1]; logged as one panel each."""
+        """images: name -> (B, 3, H, W) in [-1, 1], or (that, B captions); one panel each."""
         if self.run is None:
             return
         from infd.image import tensor_to_pil
 
         panels = {}
-        for name, batch in images.items():
-            panels[name] = [self.wandb.Image(tensor_to_pil(x)) for x in batch]
+        for name, value in images.items():
+            batch, captions = value if isinstance(value, tuple) else (value, [None] * len(value))
+            panels[name] = [self.wandb.Image(tensor_to_pil(x), caption=c) for x, c in zip(batch, captions)]
         self.run.log(panels, step=step)
 
     def finish(self) -> None:

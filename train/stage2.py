@@ -144,7 +144,7 @@ class Stage2Task:
                              self.cfg.samples.sampler, self.cfg.samples.steps, seed=0, device=self.info.device)
         phi = self.ae.decode(z)
         base = self.ae.cfg.net.resolution
-        return {f"samples/{s}": render_tiles(self.ae.renderer, phi, (s, s)) for s in (base, 2 * base)}
+        return {f"samples/{s}": (render_tiles(self.ae.renderer, phi, (s, s)), prompts) for s in (base, 2 * base)}
 
     def export(self, run_dir: Path, step: int) -> Path | None:
         """Collective (ZeRO-3 gathers the weights); rank 0 writes."""
