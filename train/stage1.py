@@ -61,9 +61,11 @@ class Stage1Step:
             self.disc.step()
             logs.update(dlogs)
         logs.update({f"bottleneck/{k.split('/')[-1]}": v for k, v in out.bottleneck.stats.items()})
-        # Every rank saw its own shard of the batch: report global means (equal to a 1-process run).
-        return {k: all_reduce_mean(torch.as_tensor(v, device=self.info.device, dtype=torch.float32)).item()
-                for k, v in sorted(logs.items())}
+        # Every rank saw its own shard of the batch: report global means (equal to a 1-process run),
+        # in one all-reduce rather than one per scalar.
+        keys = sorted(logs)
+        values = torch.stack([torch.as_tensor(logs[k], device=self.info.device, dtype=torch.float32) for k in keys])
+        return dict(zip(keys, all_reduce_mean(values).tolist()))
 
 
 @torch.no_grad()

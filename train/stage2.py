@@ -96,6 +96,7 @@ class Stage2Task:
             self.ema = EMAGathered(self.unet.module, cfg.trainer.ema_decay)
         self.schedule = build_schedule(cfg.diffusion)
         self.text = build_text_encoder(cfg.text)
+        self._empty_text = None  # embedding of "" (dropped captions), computed once
         if self.text is not None:
             self.text = self.text.to(info.device)
         self.ae = load_model(cfg.data.autoencoder, info.device) if cfg.data.autoencoder else None
@@ -107,7 +108,9 @@ class Stage2Task:
             return None
         drop = (torch.rand(len(captions)) < self.cfg.text.caption_dropout).tolist()
         if cached is not None:
-            empty = self.text([""]).to(cached.dtype)
+            if self._empty_text is None:
+                self._empty_text = self.text([""])
+            empty = self._empty_text.to(cached.dtype)
             cached = cached.to(self.info.device)
             return torch.where(torch.tensor(drop, device=cached.device)[:, None, None], empty, cached)
         return self.text(["" if d else c for c, d in zip(captions, drop)])
