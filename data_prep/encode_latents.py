@@ -91,7 +91,10 @@ def write_batch(tar, batch, ae, text, flip: bool, device) -> int:
             add_member(tar, f"{key}.latent_flip.npy", npy_bytes(z_flip[j]))
         if emb is not None:
             add_member(tar, f"{key}.text.npy", npy_bytes(emb[j]))
-        record = {"key": key, "caption": captions[j], "width": meta.get("width"), "height": meta.get("height")}
+        source = meta.get("meta") or {}  # the source's own metadata, as build_shards stored it
+        label = meta.get("label", source.get("label"))
+        record = {"key": key, "caption": captions[j], "label": label, "width": meta.get("width"),
+                  "height": meta.get("height")}
         add_member(tar, f"{key}.json", json.dumps(record).encode())
     return len(batch)
 

@@ -113,7 +113,8 @@ class ShardWriter:
         if max(width, height) >= self.cfg.hr_threshold:
             self.stats["hr"] += 1
             self.stats["hr_manifest"].append({"shard": self.path.name, "key": key, "ext": ext, "offset": offset,
-                                              "size": len(data), "width": width, "height": height})
+                                              "size": len(data), "width": width, "height": height,
+                                              "caption": item.get("caption")})
 
     def _write(self, name: str, data: bytes) -> int:
         """Add a member; return the byte offset of its data in the tar."""

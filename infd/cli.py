@@ -3,8 +3,9 @@
     infd describe MODEL_CONFIG [--json] [--input-size 256]
     infd upsample IMAGE --ckpt EXPORT (--scale S | --size WxH) --out OUT [--region x0,y0,x1,y1]
     infd eval-ae --ckpt EXPORT --data SHARDS [--limit N] [--lpips pretrained|random|PATH]
-    infd sample --ae EXPORT --unet EXPORT [--prompt TEXT | --prompts FILE] --size WxH [--region x0,y0,x1,y1]
-                [--steps N] [--sampler ddim|ddpm|dpmpp|euler|heun] [--cfg S] [--seed K] --out FILE
+    infd sample --ae EXPORT --unet EXPORT [--prompt TEXT | --prompts FILE] [--label K] --size WxH
+                [--region x0,y0,x1,y1] [--steps N] [--sampler ddim|ddpm|dpmpp|euler|heun] [--cfg S] [--seed K]
+                --out FILE
 """
 from __future__ import annotations
 
@@ -133,9 +134,13 @@ def cmd_sample(args) -> int:
     latent = ae.cfg.net.resolution // ae.cfg.net.downsample_factor
     out = Path(args.out)
     for i, prompt in enumerate(prompts):
+        labels = torch.tensor([args.label], device=device) if args.label is not None else None
+        if labels is not None and not unet.cfg.num_classes:
+            raise ConfigError("--label needs a class-conditional UNet (its num_classes is 0)")
         z = generate_latents(unet, from_mapping(DiffusionConfig, extra.get("diffusion", {})), extra["latent_scale"],
                              (1, unet.cfg.in_channels, latent, latent), [prompt] if text is not None else None, text,
-                             args.cfg, args.sampler, args.steps, seed=args.seed + i, device=device, progress=True)
+                             args.cfg, args.sampler, args.steps, seed=args.seed + i, device=device, progress=True,
+                             labels=labels)
         with torch.no_grad():
             image = render_tiles(ae.renderer, ae.decode(z), size, region=region, progress=True)
         path = out if len(prompts) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
@@ -184,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpmpp", "euler", "heun"])
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--label", type=int, help="class label, for class-conditional UNets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--device")

@@ -17,8 +17,10 @@ def unet_fn(unet, schedule):
     """The UNet as model_fn(x, t, context): flow times in [0, 1] are embedded as t * 1000."""
     flow = isinstance(schedule, FlowSchedule)
 
-    def fn(x: Tensor, t: Tensor, context) -> Tensor:
-        return unet(x, t * 1000 if flow else t, context)
+    def fn(x: Tensor, t: Tensor, cond) -> Tensor:
+        """cond: text tokens (B, L, D), or {"context": tokens or None, "labels": (B,) or None}."""
+        cond = cond if isinstance(cond, dict) else {"context": cond}
+        return unet(x, t * 1000 if flow else t, cond.get("context"), cond.get("labels"))
 
     return fn
 
@@ -26,15 +28,20 @@ def unet_fn(unet, schedule):
 @torch.no_grad()
 def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, prompts: list[str] | None = None,
                      text_encoder=None, cfg_scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
-                     seed: int = 0, device=None, progress: bool = False) -> Tensor:
-    """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet and
-    cfg_scale > 1 guides away from the empty prompt."""
+                     seed: int = 0, device=None, progress: bool = False, labels: Tensor | None = None) -> Tensor:
+    """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet; with a
+    class-conditional UNet, labels (B,). cfg_scale > 1 guides away from the empty prompt and the
+    "no label" class."""
     schedule = build_schedule(diffusion_cfg)
     cond = uncond = None
     if text_encoder is not None:
         prompts = prompts or [""] * shape[0]
-        cond = text_encoder(prompts)
-        uncond = text_encoder([""] * len(prompts)) if cfg_scale != 1.0 else None
+        cond = {"context": text_encoder(prompts)}
+        uncond = {"context": text_encoder([""] * len(prompts))}
+    if labels is not None:
+        null = torch.full_like(labels, unet.cfg.num_classes)
+        cond, uncond = (cond or {}) | {"labels": labels}, (uncond or {}) | {"labels": null}
+    uncond = uncond if cfg_scale != 1.0 else None
     fn = guided(unet_fn(unet, schedule), cond, uncond, cfg_scale)
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
     z = sample(fn, schedule, shape, sampler, steps, generator=generator, device=device, progress=progress)

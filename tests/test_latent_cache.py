@@ -90,3 +90,35 @@ def test_random_init_text_encoder_embeds_captions():
     out = enc(["a photo of a cat", ""])
     assert out.shape == (2, 77, enc.width) and not torch.allclose(out[0], out[1])
     assert build_text_encoder(TextEncoderConfig(kind="none")) is None
+
+
+def test_class_labels_flow_from_sidecars_to_batches_and_guide_sampling(tmp_path):
+    from infd.diffusion.schedule import DiffusionConfig
+    from infd.models.unet import UNet, UNetConfig
+    from infd.sampling import generate_latents
+
+    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    paths = write_folder(tmp_path / "src", [(90, 80)] * 6)
+    for i, path in enumerate(paths):
+        if i != 5:  # the last image has no label
+            path.with_suffix(".json").write_text(json.dumps({"label": i % 3}))
+    build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64")
+    subprocess.run([sys.executable, "-m", "data_prep.encode_latents", "--ae", str(tmp_path / "ae"), "--shards",
+                    str(tmp_path / "shards"), "--output", str(tmp_path / "lat")], check=True, capture_output=True,
+                   cwd=ROOT)
+    cfg = from_mapping(DataConfig, {"shards": str(tmp_path / "lat"), "batch_size": 6, "num_workers": 0})
+    batch = next(iter(build_loader(cfg, 0, 1, latent_sample, collate_latents)))
+    by_source = dict(zip(batch["keys"], batch["labels"].tolist()))
+    order = sorted(paths)  # keys follow the sorted file list
+    for key, label in by_source.items():
+        path = order[int(key)]
+        expected = json.loads(path.with_suffix(".json").read_text())["label"] if path.with_suffix(".json").exists() else -1
+        assert label == expected
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16, num_classes=3))
+    for p in unet.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    shape = (1, 3, 8, 8)
+    z = {k: generate_latents(unet, DiffusionConfig(), 1.0, shape, cfg_scale=3.0, steps=4, labels=torch.tensor([k]))
+         for k in (0, 1)}
+    assert not torch.allclose(z[0], z[1])  # the label (with guidance) changes the sample

@@ -235,3 +235,16 @@ def test_shards_are_readable_by_the_webdataset_library(tmp_path):
                                   nodesplitter=wds.split_by_node))
     assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002"]
     assert all({"jpg", "json"} <= set(s) for s in samples)
+
+
+def test_captions_come_with_the_samples_from_both_streams(tmp_path):
+    from tests.images import write_folder
+
+    paths = write_folder(tmp_path / "src", [(1200, 900) if i % 4 == 0 else (120, 100) for i in range(16)])
+    build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "4")
+    caption_of = {f"{i:09d}": p.with_suffix(".txt").read_text() for i, p in enumerate(sorted(paths))}
+    cfg = data_cfg(tmp_path / "shards", p_hr=0.5, resampled=True, num_workers=0)
+    batches = [b for _, b in zip(range(6), build_loader(cfg))]
+    assert any(b["is_hr"].any() for b in batches) and any((~b["is_hr"]).any() for b in batches)
+    for b in batches:
+        assert b["captions"] == [caption_of[k] for k in b["keys"]]

@@ -115,6 +115,16 @@ class Stage2Task:
             return torch.where(torch.tensor(drop, device=cached.device)[:, None, None], empty, cached)
         return self.text(["" if d else c for c, d in zip(captions, drop)])
 
+    def _labels(self, labels):
+        """Class labels with the "no label" class (num_classes) for missing ones and, with the
+        caption-dropout probability, for guidance."""
+        n = self.cfg.unet.num_classes
+        if not n or labels is None:
+            return None
+        labels = torch.where(labels < 0, n, labels)
+        drop = torch.rand(labels.shape[0]) < self.cfg.text.caption_dropout
+        return torch.where(drop, n, labels).to(self.info.device)
+
     def _latents(self, batch: dict) -> torch.Tensor:
         if "z" in batch:
             return batch["z"].to(self.info.device)
@@ -125,9 +135,10 @@ class Stage2Task:
         total = 0.0
         for batch in micro_batches:
             z = self._latents(batch) * self.latent_scale
-            context = self._context(batch.get("captions") or [""] * z.shape[0], batch.get("text"))
+            cond = {"context": self._context(batch.get("captions") or [""] * z.shape[0], batch.get("text")),
+                    "labels": self._labels(batch.get("labels"))}
             fn = unet_fn(self.unet, self.schedule)
-            loss = training_loss(lambda x, t: fn(x, t, context), self.schedule, z)
+            loss = training_loss(lambda x, t: fn(x, t, cond), self.schedule, z)
             self.unet.backward(loss)
             self.unet.step()
             total += all_reduce_mean(loss.detach().float()).item() / len(micro_batches)

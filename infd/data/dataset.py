@@ -16,6 +16,7 @@ continuation is a fresh draw from the same distribution, not the uninterrupted r
 """
 from __future__ import annotations
 
+import json
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -209,8 +210,9 @@ class MixedResolutionDataset(IterableDataset):
         for _ in range(HISTORY):
             entry = manifest[int(rng.integers(len(manifest)))]
             try:
-                sample = self._decode({"__key__": entry["key"], entry["ext"]: read_range(
-                    entry["url"], entry["offset"], entry["size"])}, rng)
+                raw = {"__key__": entry["key"], entry["ext"]: read_range(entry["url"], entry["offset"], entry["size"]),
+                       "json": json.dumps({"caption": entry.get("caption")}).encode()}
+                sample = self._decode(raw, rng)
                 return sample
             except SkipSample as err:
                 self.counter.add(err.reason, f"high-res {entry['url']}:{entry['key']}: {err}")
@@ -264,12 +266,14 @@ class MixedResolutionDataset(IterableDataset):
 
 
 def image_patch_sample(raw: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
-    return make_patch_sample(image_bytes(raw), cfg.patch, rng)
+    sample = make_patch_sample(image_bytes(raw), cfg.patch, rng)
+    sample["caption"] = (json.loads(raw["json"]).get("caption") if "json" in raw else None) or ""
+    return sample
 
 
 def collate(samples: list[dict], worker: int, skips: dict) -> dict:
     """Stack samples: enc (B, 3, E, E) uint8, gt (B, 3, P, P) uint8, coords/cells (B, P, P, 2),
-    r (B,), is_hr (B,), kept (B,), keys; plus the worker id and its cumulative skip counts."""
+    r (B,), is_hr (B,), kept (B,), keys, captions; plus the worker id and its cumulative skip counts."""
     return {
         "enc": torch.stack([s["enc"] for s in samples]),
         "gt": torch.stack([s["gt"] for s in samples]),
@@ -279,6 +283,7 @@ def collate(samples: list[dict], worker: int, skips: dict) -> dict:
         "is_hr": torch.tensor([s["is_hr"] for s in samples]),
         "kept": torch.tensor([s["kept"] for s in samples]),
         "keys": [s["key"] for s in samples],
+        "captions": [s.get("caption", "") for s in samples],
         "worker": worker,
         "skips": skips,
     }

@@ -9,7 +9,7 @@
   "skipped": {"reason": count}, "converted": {"reason": count}
 }
 hr_manifest.jsonl lines: {"shard": name, "key": k, "ext": "jpg", "offset": o, "size": s,
-"width": w, "height": h}: offset/size of the image member's data inside the tar, so a
+"width": w, "height": h, "caption": c}: offset/size of the image member's data inside the tar, so a
 high-res sample is one range read.
 """
 from __future__ import annotations

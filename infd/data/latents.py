@@ -3,7 +3,7 @@ epoch-planned stream as images (exactly once per epoch, equal batches per rank, 
 
 Per sample: KEY.latent.npy (fp16, (C, h, w), the pre-quantisation latent), optionally
 KEY.latent_flip.npy (of the horizontally flipped image) and KEY.text.npy (text embedding),
-and KEY.json (caption, width, height).
+and KEY.json (caption, label for class-conditional models, width, height).
 """
 from __future__ import annotations
 
@@ -32,15 +32,18 @@ def latent_sample(raw: dict, cfg, rng: np.random.Generator) -> dict:
         raise SkipSample("no_latent_member", raw.get("__key__", ""))
     key = "latent_flip.npy" if "latent_flip.npy" in raw and rng.random() < 0.5 else "latent.npy"
     meta = json.loads(raw["json"]) if "json" in raw else {}
-    sample = {"z": torch.from_numpy(load_npy(raw[key]).astype(np.float32)), "caption": meta.get("caption") or ""}
+    label = meta.get("label")
+    sample = {"z": torch.from_numpy(load_npy(raw[key]).astype(np.float32)), "caption": meta.get("caption") or "",
+              "label": -1 if label is None else int(label)}
     if "text.npy" in raw:
         sample["text"] = torch.from_numpy(load_npy(raw["text.npy"]).astype(np.float32))
     return sample
 
 
 def collate_latents(samples: list[dict], worker: int, skips: dict) -> dict:
-    """z (B, C, h, w), captions, optional text (B, L, D), keys, worker, skips."""
+    """z (B, C, h, w), captions, labels (B,) (-1: none), optional text (B, L, D), keys, worker, skips."""
     batch = {"z": torch.stack([s["z"] for s in samples]), "captions": [s["caption"] for s in samples],
+             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
              "keys": [s["key"] for s in samples], "worker": worker, "skips": skips}
     if all("text" in s for s in samples):
         batch["text"] = torch.stack([s["text"] for s in samples])

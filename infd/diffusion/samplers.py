@@ -33,7 +33,7 @@ def guided(model_fn: Callable, cond, uncond, scale: float) -> Callable:
 
 def _cat_cond(cond, uncond):
     if isinstance(cond, dict):
-        return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+        return {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
     return torch.cat([cond, uncond])
 
 
