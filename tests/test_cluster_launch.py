@@ -1,0 +1,147 @@
+"""SLURM and torchrun launch scripts: lint, command lines rendered from a fake SLURM environment,
+and the requeue path, with stand-in `srun`/`scontrol` executables on PATH."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.launch import LaunchError, expand_nodelist, gpus_per_node, slurm_dist_env, torchrun_command
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("cluster/**/*.sh"), *ROOT.glob("cluster/**/*.sbatch")])
+SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "infd-autoencoder", "SLURM_JOB_NODELIST": "gpu[001-002]",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(ROOT)}
+
+
+def test_scripts_pass_bash_n_and_shellcheck():
+    assert len(SCRIPTS) >= 5
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    res = subprocess.run([str(shellcheck), "--severity=info", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("gpu001", ["gpu001"]),
+    ("gpu[001-003,007]", ["gpu001", "gpu002", "gpu003", "gpu007"]),
+    ("a[8-10],login1", ["a8", "a9", "a10", "login1"]),
+    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+])
+def test_nodelist_expansion(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_gpu_count_from_slurm_forms():
+    assert gpus_per_node({"SLURM_GPUS_ON_NODE": "4"}) == 4
+    assert gpus_per_node({"SLURM_GPUS_PER_NODE": "a100:8"}) == 8
+    assert gpus_per_node({}) == 1
+    with pytest.raises(LaunchError, match="SLURM_GPUS_PER_NODE"):
+        gpus_per_node({"SLURM_GPUS_PER_NODE": "many"})
+
+
+def test_torchrun_command_of_the_second_node():
+    env = {**SLURM_JOB, "SLURM_NODEID": "1", "RUN_ROOT": "/shared/runs"}
+    cmd = torchrun_command(env, "autoencoder", ["experiment=ffhq_paper"], max_restarts=2, python="python")
+    line = shlex.join(cmd)
+    assert line.startswith("python -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --node_rank 1 "
+                           "--rdzv_backend c10d --rdzv_endpoint gpu001:24242 --rdzv_id 4242 --max_restarts 2")
+    assert "SIGUSR1" in cmd[cmd.index("--signals_to_handle") + 1]
+    assert cmd[cmd.index("-m", 2):] == ["-m", "train.autoencoder", "run.root=/shared/runs",
+                                        "run.name=infd-autoencoder-4242", "experiment=ffhq_paper"]
+    # The user's own run.name wins; MASTER_PORT overrides the job-derived port.
+    cmd = torchrun_command({**env, "MASTER_PORT": "29400"}, "diffusion", ["run.name=mine"], python="python")
+    assert "gpu001:29400" in cmd and "train.diffusion" in cmd
+    assert [a for a in cmd if a.startswith("run.name=")] == ["run.name=mine"]
+
+
+def test_distributed_env_of_a_task_srun_started_directly():
+    step = {**SLURM_JOB, "SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    assert slurm_dist_env(step) == {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu001",
+                                    "MASTER_PORT": "24242"}
+    assert slurm_dist_env(SLURM_JOB) is None  # the batch shell is not a training task
+    assert slurm_dist_env({**step, "WORLD_SIZE": "16"}) is None  # torchrun already set it
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stand-in for srun: records its arguments, then runs the task once per node with SLURM_NODEID set.
+echo "$*" > "$FAKE_LOG/srun_args"
+while [[ "$1" == -* ]]; do shift; done
+if [[ -n "${FAKE_SRUN_HOLD:-}" ]]; then
+    trap 'echo USR1 > "$FAKE_LOG/srun_signal"; kill "$sleeper"; exit 0' USR1
+    sleep 60 > /dev/null 2>&1 &
+    sleeper=$!
+    touch "$FAKE_LOG/srun_started"
+    wait
+fi
+for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do
+    SLURM_NODEID=$node "$@" > "$FAKE_LOG/node$node"
+done
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# Stand-in for scontrol: no hostname expansion (cluster.launch parses the list), records requeues.
+[[ "$1" == show ]] && exit 1
+echo "$*" >> "$FAKE_LOG/scontrol"
+"""
+
+
+def _fake_slurm(tmp_path, **extra):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return dict(os.environ, **SLURM_JOB, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+                FAKE_LOG=str(tmp_path), INFD_DRY_RUN="1", RUN_ROOT="/shared/runs", PYTHON=sys.executable, **extra)
+
+
+def _spooled(tmp_path, name: str) -> str:
+    """sbatch runs a copy of the script from its spool directory, away from the checkout."""
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    (spool / name).write_text((ROOT / "cluster" / "slurm" / name).read_text())
+    return str(spool / name)
+
+
+def test_sbatch_script_renders_one_torchrun_per_node(tmp_path):
+    shards = 'data.loader.shards="s3://bucket/ffhq/{00000..00139}.tar"'
+    res = subprocess.run(["bash", _spooled(tmp_path, "autoencoder.sbatch"), "experiment=ffhq_paper", shards],
+                         cwd=tmp_path, env=_fake_slurm(tmp_path), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    srun = (tmp_path / "srun_args").read_text()
+    assert srun.startswith("--kill-on-bad-exit=1 --ntasks-per-node=1")
+    assert "-m cluster.launch torchrun --stage autoencoder -- experiment=ffhq_paper" in srun
+    for node in (0, 1):
+        cmd = shlex.split((tmp_path / f"node{node}").read_text())
+        assert cmd[cmd.index("--node_rank") + 1] == str(node)
+        assert cmd[cmd.index("--rdzv_endpoint") + 1] == "gpu001:24242"
+        assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--nproc_per_node") + 1] == "8"
+        assert cmd[-6:] == ["-m", "train.autoencoder", "run.root=/shared/runs", "run.name=infd-autoencoder-4242",
+                            "experiment=ffhq_paper", shards]
+    assert not (tmp_path / "scontrol").exists()  # no requeue without the time-limit signal
+
+
+def test_time_limit_signal_checkpoints_and_requeues(tmp_path):
+    proc = subprocess.Popen(["bash", _spooled(tmp_path, "diffusion.sbatch"), "experiment=cpu_tiny"], cwd=tmp_path,
+                            env=_fake_slurm(tmp_path, FAKE_SRUN_HOLD="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "srun_started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends the batch shell
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "srun_signal").read_text().strip() == "USR1"  # forwarded to the job step
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+
+
+def test_bad_stage_is_refused_with_the_fix(tmp_path):
+    env = _fake_slurm(tmp_path, STAGE="vae")
+    res = subprocess.run(["bash", "cluster/torchrun/multinode.sh"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+    assert res.returncode == 2 and "STAGE=vae: choose autoencoder or diffusion" in res.stderr
