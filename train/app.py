@@ -28,7 +28,7 @@ def hydra_main(config_name: str, cls, run, config_dir_name: str | None = None) -
     config_dir = CONF_DIR
     if config_dir_name is not None:  # a stage with its own groups, sharing conf/'s (deepspeed, logger)
         config_dir = str(Path(CONF_DIR) / config_dir_name)
-        sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR}]")
+        sys.argv = insert_override(sys.argv, f"hydra.searchpath=[file://{CONF_DIR}]")
 
     @hydra.main(config_path=config_dir, config_name=config_name, version_base=None)
     def _main(dcfg) -> int:
@@ -43,12 +43,39 @@ def hydra_main(config_name: str, cls, run, config_dir_name: str | None = None) -
     _main()
 
 
+def insert_override(argv: list[str], override: str) -> list[str]:
+    """Put an override among the user's (argparse takes positionals as one block: appending after
+    `--cfg job` or before `-m` options would split it)."""
+    args = argv[1:]
+    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
+    return [argv[0], *args[:at], override, *args[at:]]
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_location(cfg) -> tuple[Path, str, str | None]:
+    """(directory, W&B name, W&B group) of this job. A job of a sweep (-m) gets its own directory
+    <root>/<name>/<job number> and the sweep's name as its group; the job number comes from the
+    launcher, so every rank of one job resolves the same directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if in_sweep():
+        job = HydraConfig.get().job
+        return Path(HydraConfig.get().runtime.output_dir), f"{cfg.run.name}/{job.num}", cfg.run.name
+    return Path(cfg.run.root) / cfg.run.name, cfg.run.name, None
+
+
 def run_stage(cfg, raw: dict, make_task, make_data) -> int:
     from train.loop import train
 
     info = init_distributed()
     try:
-        run_dir = Path(cfg.run.root) / cfg.run.name
+        run_dir, run_name, group = run_location(cfg)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_mapping(cfg)), sort_keys=False))
@@ -56,12 +83,12 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
                 flush=True)
         task = make_task(info)
         data = make_data(info)
-        logger = Logger(cfg.logger, info, run_dir, cfg.run.name, to_mapping(cfg))
+        logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group)
         try:
             return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum)
         finally:
             logger.finish()
         on_main(info, print, f"finished at step {return_step}", flush=True)
     finally:
-        shutdown()
+        shutdown(keep_group=in_sweep())
     return 0

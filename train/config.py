@@ -30,6 +30,7 @@ class TrainerConfig:
     seed: int = 0
     ema: bool = False
     ema_decay: float = 0.999
+    sample_log: bool = False  # samples/rank*.jsonl: the keys each rank trained on at each step
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):

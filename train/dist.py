@@ -1,10 +1,12 @@
 """Distributed state, built once and passed explicitly (DESIGN.md conventions).
 
 Works under `python` (one process: a gloo/nccl group of size 1), `torchrun` (single or multi
-node) and the `deepspeed` launcher (its --local_rank argument is accepted and dropped).
+node), the `deepspeed` launcher (its --local_rank argument is accepted and dropped) and `srun`
+starting one task per GPU (the variables come from SLURM's, see cluster/launch.py).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from cluster.launch import slurm_dist_env
 
 log = logging.getLogger("train")
 
@@ -55,6 +59,9 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Join (or create, for a plain `python` run) the process group; pick the device."""
+    slurm_env = slurm_dist_env(os.environ)
+    if slurm_env is not None:  # srun started one task per GPU (e.g. hydra-submitit-launcher), no torchrun
+        os.environ.update(slurm_env)
     if "WORLD_SIZE" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -68,7 +75,8 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        _init_process_group(backend)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # wraps the group made above
     info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"[rank{info.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,11 +85,31 @@ def init_distributed() -> DistInfo:
     return info
 
 
-def shutdown() -> None:
-    """Barrier then destroy: exits without it crashed intermittently under gloo."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def _init_process_group(backend: str) -> None:
+    """env:// rendezvous with this torchrun attempt's own key space. torchrun keeps one TCPStore
+    across restarts; without the prefix, restarted workers read the previous attempt's peer
+    addresses and gloo fails to connect (seen with --max-restarts on torch 2.14)."""
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world_size = next(rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"infd_attempt_{attempt}", store),
+                            rank=rank, world_size=world_size)
+
+
+def shutdown(keep_group: bool = False) -> None:
+    """Barrier then destroy: exits without it crashed intermittently under gloo. keep_group: the
+    jobs of a local sweep run one after another in this process and DeepSpeed caches groups made
+    from the first process group, so it stays until the process exits."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if keep_group:
+        if not getattr(shutdown, "registered", False):
+            atexit.register(shutdown)
+            shutdown.registered = True
+        return
+    dist.destroy_process_group()
 
 
 def on_main(info: DistInfo, fn, *args, **kwargs):

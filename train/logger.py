@@ -25,14 +25,15 @@ def redact(obj):
 class Logger:
     """log_scalars / log_images on rank 0 only; every other rank gets a no-op."""
 
-    def __init__(self, cfg, info: DistInfo, run_dir, run_name: str, config: dict):
+    def __init__(self, cfg, info: DistInfo, run_dir, run_name: str, config: dict, group: str | None = None):
         self.info, self.run = info, None
         if cfg.kind == "wandb" and info.is_main:
             import wandb
 
             self.wandb = wandb
-            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, dir=str(run_dir),
-                                  config=redact(config), mode=cfg.mode, tags=cfg.tags, id=_run_id(run_dir),
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, group=group,
+                                  dir=str(run_dir), config=redact(config), mode=cfg.mode, tags=cfg.tags,
+                                  id=_run_id(run_dir),
                                   resume="allow")
 
     def log_scalars(self, values: dict, step: int) -> None:

@@ -50,19 +50,29 @@ def resume(task, data, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad
     return step
 
 
-class MetricsFile:
-    """metrics.jsonl in the run directory (rank 0): one line per step, trimmed on resume."""
+class StepLog:
+    """A JSON-lines file with one line per step, cut back to the resumed step on restart, so that
+    after any number of restarts it holds each step once. Lines a killed process left half
+    written are dropped."""
 
-    def __init__(self, path: Path, info: DistInfo, start_step: int):
-        self.path, self.enabled = path, info.is_main
-        if self.enabled and path.exists():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+    def __init__(self, path: Path, enabled: bool, start_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            keep = [line for line in path.read_text().splitlines() if _step_of(line, start_step + 1) <= start_step]
             path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, step: int, values: dict) -> None:
         if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _step_of(line: str, default: int) -> int:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return default
 
 
 def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int) -> int:
@@ -71,7 +81,9 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
     step = resume(task, data, cfg, info, ckpt_root, grad_accum)
-    metrics = MetricsFile(run_dir / "metrics.jsonl", info, step)
+    metrics = StepLog(run_dir / "metrics.jsonl", info.is_main, step)
+    # Which samples each rank trained on, per step: audits that restarts lose and repeat nothing.
+    samples = StepLog(run_dir / "samples" / f"rank{info.rank:05d}.jsonl", cfg.sample_log, step)
     preempt = PreemptionFlag()
     batches, meter = iter(data), Throughput()
     while step < cfg.max_steps:
@@ -81,6 +93,7 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
         logs = task.step(micro, step)
         step += 1
         metrics.write(step, logs)
+        samples.write(step, {"keys": [k for b in micro for k in b["keys"]]})
         if step % cfg.log_every == 0:
             skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
             logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |

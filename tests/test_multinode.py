@@ -1,0 +1,126 @@
+"""Multi-node launch, restarts after a killed rank, and local sweeps, all in real processes.
+
+"Nodes" are two torchrun invocations of cluster/torchrun/multinode.sh on this machine, meeting
+through a c10d rendezvous on 127.0.0.1, one process each.
+"""
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.images import build, write_folder
+from tests.s3_server import free_port
+from tests.training import ROOT, assert_close, env, metrics, run, train_cmd
+
+AE = "train.autoencoder"
+TINY = ("experiment=cpu_tiny", "trainer.image_every=1000", "trainer.log_every=1")
+COMPARED = ("loss_g", "l1", "lpips_randinit", "bottleneck", "gan_g", "adaptive_weight", "loss_d")
+
+
+def test_two_nodes_match_one_node_with_two_processes(tmp_path):
+    common = (*TINY, "trainer.max_steps=3", "trainer.ckpt_every=100", "data.loader.batch_size=2")
+    run(AE, tmp_path, "one_node", *common, nproc=2)
+    port, nodes = free_port(), []
+    for node_rank in (0, 1):
+        node_env = env(NNODES="2", NODE_RANK=str(node_rank), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), RDZV_ID="two-nodes", MAX_RESTARTS="0", PYTHON=sys.executable,
+                       RUN_ROOT=str(tmp_path), STAGE="autoencoder")
+        nodes.append(subprocess.Popen(["bash", "cluster/torchrun/multinode.sh", "run.name=two_nodes", *common],
+                                      cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert any("(2 ranks, cpu)" in out for out in outs)
+    one, two = metrics(tmp_path, "one_node"), metrics(tmp_path, "two_nodes")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert_close(one[step], two[step], COMPARED, rtol=1e-5)
+
+
+def _shards(tmp_path):
+    write_folder(tmp_path / "src", [(96 + 8 * (i % 5), 112) for i in range(24)], captions=False)
+    build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "6")
+    return (f"data.loader.shards={tmp_path / 'shards'}", "data.kind=shards", "data.loader.num_workers=1",
+            "data.loader.batch_size=2", "data.loader.shuffle_buffer=4", "data.loader.patch.r_max=96")
+
+
+def _sample_log(root, name) -> dict[int, list[str]]:
+    """step -> keys trained on at that step, over all ranks."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted((root / name / "samples").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            steps.setdefault(entry["step"], []).extend(entry["keys"])
+    return steps
+
+
+def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
+    for child in launcher.children():
+        try:
+            if child.environ().get("RANK") == rank:
+                return child
+        except psutil.Error:
+            pass
+    return None
+
+
+def test_killed_rank_restarts_from_the_latest_checkpoint_without_losing_or_repeating_samples(tmp_path):
+    data = _shards(tmp_path)  # 24 samples: an epoch is 6 steps of 2 ranks x 2
+    common = (*TINY, *data, "trainer.max_steps=9", "trainer.ckpt_every=3", "trainer.sample_log=true")
+    run(AE, tmp_path, "straight", *common, nproc=2)
+
+    # A c10d rendezvous: each restart gets fresh store keys. (The static one of --master_addr/port
+    # keeps its store, and restarted workers read the previous attempt's addresses.)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
+           *train_cmd(AE, tmp_path, "killed", *common)[1:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file, deadline, victim = tmp_path / "killed" / "metrics.jsonl", time.time() + 300, None
+    while time.time() < deadline and victim is None:  # kill rank 1 once rank 0 logged step 4
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 4:
+            victim = _rank_process(psutil.Process(proc.pid), "1")
+        time.sleep(0.05)
+    assert victim is not None
+    victim.send_signal(signal.SIGKILL)
+    killed_at = len(metrics_file.read_text().splitlines())
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-5000:]
+    assert killed_at < 9, "the run ended before the kill; the test needs slower steps"
+    resumed = re.search(r"resumed from \S+/step_(\d+) at step (\d+)", out)
+    assert resumed and int(resumed.group(2)) in (3, 6), out[-3000:]  # a checkpoint before the kill
+
+    straight, killed = metrics(tmp_path, "straight"), metrics(tmp_path, "killed")
+    assert sorted(killed) == list(range(1, 10))  # each step once, none lost
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "step_0000009" / "state.json").read_text())
+    assert state["step"] == 9 and state["optimizer_steps"]["generator"] == 9
+    for step in killed:
+        assert_close(straight[step], killed[step], COMPARED, rtol=1e-6)
+    samples, reference = _sample_log(tmp_path, "killed"), _sample_log(tmp_path, "straight")
+    assert samples == reference
+    first_epoch = [k for step in range(1, 7) for k in samples[step]]
+    assert len(first_epoch) == len(set(first_epoch)) == 24  # every sample exactly once
+    second_epoch = [k for step in range(7, 10) for k in samples[step]]
+    assert len(second_epoch) == len(set(second_epoch)) == 12
+
+
+def test_local_sweep_runs_each_point_in_its_own_directory(tmp_path):
+    res = subprocess.run([sys.executable, "-m", AE, "-m", *TINY, f"run.root={tmp_path}", "run.name=grid",
+                          "trainer.max_steps=2", "optim.lr=1e-4,2e-4", "loss.l1_weight=1.0,0.5"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    grid = {}
+    for job in range(4):
+        cfg = (tmp_path / "grid" / str(job) / "config.yaml").read_text()
+        lr = float(cfg.split("optim:\n  lr: ")[1].split("\n")[0])
+        l1 = float(cfg.split("l1_weight: ")[1].split("\n")[0])
+        grid[(lr, l1)] = job
+        assert sorted(metrics(tmp_path / "grid", str(job))) == [1, 2]
+        assert (tmp_path / "grid" / str(job) / "export" / "autoencoder").is_dir()
+    assert set(grid) == {(1e-4, 1.0), (1e-4, 0.5), (2e-4, 1.0), (2e-4, 0.5)}
+    # Different points trained differently (the sweep values reached the jobs).
+    losses = {job: metrics(tmp_path / "grid", str(job))[2]["loss_g"] for job in range(4)}
+    assert len(set(losses.values())) == 4
