@@ -145,3 +145,31 @@ def test_bad_stage_is_refused_with_the_fix(tmp_path):
     res = subprocess.run(["bash", "cluster/torchrun/multinode.sh"], cwd=ROOT, capture_output=True, text=True,
                          env={**env, "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
     assert res.returncode == 2 and "STAGE=vae: choose autoencoder or diffusion" in res.stderr
+
+
+@pytest.mark.parametrize("stage, config_dir", [("autoencoder", "conf"), ("diffusion", "conf/diffusion")])
+def test_submitit_slurm_launcher_config_composes(stage, config_dir):
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from infd.config import to_mapping
+
+    module = importlib.import_module(f"train.{stage}")
+    cls = module.AutoencoderTrainConfig if stage == "autoencoder" else module.DiffusionTrainConfig
+    ConfigStore.instance().store(name=f"{stage}_schema", node=to_mapping(cls()))
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                 "hydra.launcher.partition=gpu", "experiment=cpu_tiny", "run.root=/shared/runs", "run.name=sweep"]
+    if stage == "diffusion":
+        overrides.append(f"hydra.searchpath=[file://{ROOT / 'conf'}]")
+    with initialize_config_dir(config_dir=str(ROOT / config_dir), version_base=None):
+        cfg = compose(stage, overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the plugin is installed and imports
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)  # a task per GPU
+    assert launcher.partition == "gpu" and launcher.max_num_timeout > 0
+    assert OmegaConf.select(cfg, "hydra.sweep.dir") == "/shared/runs/sweep"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra:job.num}"  # one directory per point

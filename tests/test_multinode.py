@@ -21,24 +21,34 @@ TINY = ("experiment=cpu_tiny", "trainer.image_every=1000", "trainer.log_every=1"
 COMPARED = ("loss_g", "l1", "lpips_randinit", "bottleneck", "gan_g", "adaptive_weight", "loss_d")
 
 
-def test_two_nodes_match_one_node_with_two_processes(tmp_path):
+def _run_together(commands: list[list[str]], envs: list[dict]) -> None:
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, e in zip(commands, envs)]
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), "\n".join(o[-3000:] for o in outs)
+    assert any("(2 ranks, cpu)" in out for out in outs)
+
+
+def test_two_nodes_and_srun_tasks_match_one_node_with_two_processes(tmp_path):
     common = (*TINY, "trainer.max_steps=3", "trainer.ckpt_every=100", "data.loader.batch_size=2")
     run(AE, tmp_path, "one_node", *common, nproc=2)
-    port, nodes = free_port(), []
-    for node_rank in (0, 1):
-        node_env = env(NNODES="2", NODE_RANK=str(node_rank), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), RDZV_ID="two-nodes", MAX_RESTARTS="0", PYTHON=sys.executable,
-                       RUN_ROOT=str(tmp_path), STAGE="autoencoder")
-        nodes.append(subprocess.Popen(["bash", "cluster/torchrun/multinode.sh", "run.name=two_nodes", *common],
-                                      cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    assert any("(2 ranks, cpu)" in out for out in outs)
-    one, two = metrics(tmp_path, "one_node"), metrics(tmp_path, "two_nodes")
-    assert sorted(one) == sorted(two) == [1, 2, 3]
-    for step in one:
-        assert_close(one[step], two[step], COMPARED, rtol=1e-5)
+    # Two nodes: cluster/torchrun/multinode.sh on each, one process per node.
+    port = str(free_port())
+    _run_together([["bash", "cluster/torchrun/multinode.sh", "run.name=two_nodes", *common]] * 2,
+                  [env(NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       RDZV_ID="two-nodes", MAX_RESTARTS="0", PYTHON=sys.executable, RUN_ROOT=str(tmp_path))
+                   for node in (0, 1)])
+    # Two tasks as srun starts them for hydra-submitit-launcher: no torchrun, ranks from SLURM.
+    slurm = dict(SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="7", MASTER_PORT=port)
+    _run_together([train_cmd(AE, tmp_path, "srun_tasks", *common)] * 2,
+                  [env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)) for rank in (0, 1)])
+    one = metrics(tmp_path, "one_node")
+    assert sorted(one) == [1, 2, 3]
+    for name in ("two_nodes", "srun_tasks"):
+        other = metrics(tmp_path, name)
+        assert sorted(other) == [1, 2, 3]
+        for step in one:
+            assert_close(one[step], other[step], COMPARED, rtol=1e-5)
 
 
 def _shards(tmp_path):
