@@ -11,6 +11,7 @@ import yaml
 from infd.config import ConfigError, from_mapping, to_mapping
 from train.dist import init_distributed, on_main, shutdown, strip_local_rank_arg
 from train.logger import Logger, redact
+from train.preflight import PreflightError, run_preflight
 
 log = logging.getLogger("train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -76,6 +77,11 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
     info = init_distributed()
     try:
         run_dir, run_name, group = run_location(cfg)
+        try:
+            run_preflight(cfg, info, run_dir)
+        except PreflightError as err:
+            on_main(info, print, err, file=sys.stderr, flush=True)
+            sys.exit(2)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_mapping(cfg)), sort_keys=False))

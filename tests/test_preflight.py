@@ -1,0 +1,119 @@
+"""Preflight checks: each problem found with the setting to change, and a failing job stops on
+every rank (exit 2) instead of training wrongly or hanging."""
+import json
+import subprocess
+
+import boto3
+import pytest
+import torch
+
+from infd.data.dataset import DataConfig
+from tests.images import build, write_folder
+from tests.s3_server import MotoServer, use_endpoint
+from tests.training import ROOT, env, train_cmd
+from train.config import TrainerConfig
+from train.dist import DistInfo
+from train.preflight import Findings, check_data, check_resume, check_s3, check_shared
+
+CPU = torch.device("cpu")
+
+
+def rank(r: int, world: int) -> DistInfo:
+    return DistInfo(r, r, world, CPU)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preflight")
+    write_folder(root / "src", [(96, 96)] * 24, captions=False)
+    build(root / "src", str(root / "shards"), "--min-side", "64", "--samples-per-shard", "6")
+    return root / "shards"
+
+
+def test_an_epoch_without_a_batch_is_an_error_naming_the_keys(shards):
+    found = Findings()
+    check_data(DataConfig(shards=[str(shards)], batch_size=8, num_workers=2), "data.loader", rank(0, 2), found)
+    assert len(found.errors) == 1
+    assert "24 samples over 2 ranks x 2 workers leave 6 per worker" in found.errors[0]
+    assert "data.loader.batch_size=8" in found.errors[0]
+    ok = Findings()
+    check_data(DataConfig(shards=[str(shards)], batch_size=2, num_workers=1), "data.loader", rank(0, 2), ok)
+    assert ok.errors == [] and ok.warnings == []
+    # Resampled streams have no epochs: nothing to plan, no error.
+    resampled = Findings()
+    check_data(DataConfig(shards=[str(shards)], batch_size=64, resampled=True), "data.loader", rank(0, 2), resampled)
+    assert resampled.errors == []
+
+
+def test_fewer_shards_than_workers_is_a_warning_not_an_error(shards):
+    found = Findings()  # 4 shards, 2 ranks x 4 workers: workers share shards, each sample once per epoch
+    check_data(DataConfig(shards=[str(shards)], batch_size=1, num_workers=4), "data.loader", rank(0, 2), found)
+    assert found.errors == [] and "4 shards for 8 data workers" in found.warnings[0]
+
+
+def test_missing_shards_and_index_are_named(tmp_path, shards):
+    found = Findings()
+    check_data(DataConfig(shards=[str(tmp_path / "none-{0..3}.tar")]), "data.loader", rank(0, 1), found)
+    check_data(DataConfig(shards=[str(shards / "*.tar")], index=str(tmp_path / "x.json")), "data.loader",
+               rank(0, 1), found)
+    assert "cannot read the shard index" in found.errors[-1] and "data.loader.index" in found.errors[-1]
+
+
+def test_s3_reachability(monkeypatch):
+    server = MotoServer()
+    try:
+        use_endpoint(monkeypatch, server.url)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="bucket")
+        s3.put_object(Bucket="bucket", Key="shards/000.tar", Body=b"x")
+        found = Findings()
+        check_s3("s3://bucket/shards/000.tar", "data.loader.shards", found)
+        assert found.errors == []
+        check_s3("s3://bucket/shards/001.tar", "data.loader.shards", found)
+        assert "cannot read s3://bucket/shards/001.tar" in found.errors[0] and server.url in found.errors[0]
+    finally:
+        server.stop()
+
+
+def test_run_directory_not_shared_between_nodes(tmp_path):
+    probes = tmp_path / ".preflight"
+    probes.mkdir()
+    (probes / "rank00000").write_text("node-a")  # rank 1 wrote its probe on another machine's disk
+    found = Findings()
+    check_shared(probes, rank(0, 2), found)
+    assert "is not shared" in found.errors[0] and "ranks [1]" in found.errors[0]
+
+
+def _checkpoint(root, world_size: int, portable: bool):
+    path = root / "step_0000004"
+    (path / "portable").mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"step": 4, "world_size": world_size, "engines": ["generator"]}))
+    if portable:
+        (path / "portable" / "generator.safetensors").write_bytes(b"")
+    (root / "latest").write_text(path.name)
+
+
+def test_checkpoint_world_size(tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "a", world_size=4, portable=False)
+    found = Findings()
+    check_resume(TrainerConfig(), tmp_path / "a", rank(0, 2), found)
+    assert "written by 4 ranks and has no portable weights" in found.errors[0] and "resume it with 4" in found.errors[0]
+    _checkpoint(tmp_path / "b", world_size=4, portable=True)
+    found = Findings()
+    check_resume(TrainerConfig(), tmp_path / "b", rank(0, 2), found)
+    assert found.errors == [] and "re-partitioned" in found.warnings[0]
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    found = Findings()
+    check_resume(TrainerConfig(resume="never"), tmp_path / "b", rank(0, 2), found)
+    assert "trainer.resume=never under torchrun --max-restarts 3" in found.errors[0]
+
+
+def test_failing_preflight_stops_every_rank(tmp_path, shards):
+    cmd = train_cmd("train.autoencoder", tmp_path, "bad", "experiment=cpu_tiny", "data=shards",
+                    f"data.loader.shards={shards}", "data.loader.batch_size=16", "data.loader.num_workers=1", nproc=2)
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert out.count("preflight failed") == 1 and "fewer than data.loader.batch_size=16" in out
+    assert "exitcode  : 2" in out and "step 1" not in out  # both ranks exited 2 before training
+    assert not (tmp_path / "bad" / "checkpoints").exists()

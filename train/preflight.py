@@ -1,0 +1,180 @@
+"""Checks at start, before any model is built, so that a misconfigured job fails in seconds with
+the setting to change rather than hours later (or hangs). Every rank runs them and all ranks
+agree on the outcome (one all-gather): a failure stops the whole job, never one rank alone.
+
+  run directory   writable from every rank, and one shared directory across nodes
+  data            shards exist, S3 answers, an epoch has at least one batch on every rank
+  checkpoint      the world size of the one to resume from, and what resuming at another means
+  config          combinations that train but not as meant (restarts with resume=never, ...)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from train.dist import DistInfo
+
+log = logging.getLogger("train.preflight")
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+@dataclass
+class Findings:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_run_dir(run_dir: Path, info: DistInfo, found: Findings) -> Path | None:
+    """Each rank writes a probe file; returns the probe directory (None if this rank could not)."""
+    probes = run_dir / ".preflight"
+    try:
+        probes.mkdir(parents=True, exist_ok=True)
+        (probes / f"rank{info.rank:05d}").write_text(socket.gethostname())
+        return probes
+    except OSError as err:
+        found.errors.append(f"run directory {run_dir} is not writable from {socket.gethostname()} "
+                            f"(rank {info.rank}): {err}. Set run.root to storage every node can write.")
+        return None
+
+
+def check_shared(probes: Path, info: DistInfo, found: Findings) -> None:
+    """After every rank wrote its probe: rank 0 must see them all, or checkpoints would be split
+    across machines that cannot read each other's parts."""
+    missing = [r for r in range(info.world_size) if not (probes / f"rank{r:05d}").exists()]
+    if missing:
+        found.errors.append(f"run directory {probes.parent} is not shared: rank 0 on {socket.gethostname()} "
+                            f"cannot see the files of ranks {missing[:8]}. Checkpoints need one directory that "
+                            "all nodes share: set run.root to a network filesystem path mounted on every node.")
+
+
+def check_s3(url: str, key: str, found: Findings) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from infd.data.urls import s3_client, split_s3
+
+    bucket, obj = split_s3(url)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=obj)
+    except (BotoCoreError, ClientError) as err:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS default")
+        found.errors.append(f"{key}: cannot read {url} from S3 (endpoint {endpoint}): {err}. Check the bucket "
+                            "and key, the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and AWS_ENDPOINT_URL.")
+
+
+def check_data(loader, key: str, info: DistInfo, found: Findings) -> None:
+    """loader: a DataConfig; key: its dotted name in the config, for the messages."""
+    from infd.data.dataset import INDEX_NAME
+    from infd.data.index import load_index
+    from infd.data.urls import dirname_url, expand_urls, join_url
+
+    try:
+        urls = expand_urls(loader.shards)
+    except Exception as err:  # noqa: BLE001 (a listing error of any kind is reported, not raised)
+        found.errors.append(f"{key}.shards = {loader.shards!r}: cannot list the shards: {err}")
+        return
+    if not urls:
+        found.errors.append(f"{key}.shards = {loader.shards!r} matches no shard: give shard patterns, directories "
+                            "or s3:// prefixes")
+        return
+    if urls[0].startswith("s3://"):
+        errors = len(found.errors)
+        check_s3(urls[0], f"{key}.shards", found)
+        if len(found.errors) > errors:
+            return
+    workers = info.world_size * max(1, loader.num_workers)
+    if loader.resampled:
+        return
+    index_url = loader.index or join_url(dirname_url(urls[0]), INDEX_NAME)
+    try:
+        index = load_index(index_url, urls)
+    except Exception as err:  # noqa: BLE001 (missing, unreadable or malformed: all reported the same way)
+        found.errors.append(f"{key}.index: cannot read the shard index {index_url}: {err}. Build the shards with "
+                            f"data_prep.build_shards, set {key}.index, or use {key}.resampled=true.")
+        return
+    total = sum(s.samples - (s.hr if loader.p_hr > 0 else 0) for s in index.shards)
+    per_rank = total // workers * max(1, loader.num_workers) // loader.batch_size
+    if total // workers < loader.batch_size:
+        found.errors.append(
+            f"an epoch has no batch: {total} samples over {info.world_size} ranks x {max(1, loader.num_workers)} "
+            f"workers leave {total // workers} per worker, fewer than {key}.batch_size={loader.batch_size}. "
+            f"Lower {key}.batch_size or {key}.num_workers, add data, or use {key}.resampled=true.")
+    elif len(urls) < workers:
+        found.warnings.append(
+            f"{len(urls)} shards for {workers} data workers ({info.world_size} ranks x {loader.num_workers}): "
+            "workers share shards, each reading its own range (every sample still appears once per epoch), so "
+            f"some bytes are read by several workers. More, smaller shards read less; {per_rank} batches/epoch.")
+
+
+def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> None:
+    from train.loop import find_resume
+
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and trainer.resume == "never":
+        found.errors.append(f"trainer.resume=never under torchrun --max-restarts {restarts}: each restart would "
+                            "train from step 0 again. Use trainer.resume=auto.")
+    try:
+        path = find_resume(trainer, ckpt_root)
+    except FileNotFoundError as err:
+        found.errors.append(str(err))
+        return
+    if path is None:
+        return
+    state = json.loads((path / "state.json").read_text())
+    if state["world_size"] == info.world_size:
+        return
+    portable = all((path / "portable" / f"{name}.safetensors").exists() for name in state["engines"])
+    if not portable:
+        found.errors.append(f"checkpoint {path} was written by {state['world_size']} ranks and has no portable "
+                            f"weights, and this job has {info.world_size}: resume it with {state['world_size']} "
+                            "ranks, or start a new run (run.name=...).")
+    else:
+        found.warnings.append(f"checkpoint {path} was written by {state['world_size']} ranks, this job has "
+                              f"{info.world_size}: weights and Adam moments are re-partitioned; the data "
+                              "position cannot carry over, so training continues from the start of the next epoch.")
+
+
+def check_config(cfg, found: Findings) -> None:
+    if cfg.trainer.ckpt_every >= cfg.trainer.max_steps:
+        found.warnings.append(f"trainer.ckpt_every={cfg.trainer.ckpt_every} >= trainer.max_steps="
+                              f"{cfg.trainer.max_steps}: no checkpoint before the end, so a failure restarts "
+                              "from step 0.")
+    if cfg.logger.kind == "wandb" and (cfg.logger.mode or os.environ.get("WANDB_MODE", "online")) == "online":
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        if not os.environ.get("WANDB_API_KEY") and not logged_in:
+            found.errors.append("logger=wandb (online) but no W&B credentials: export WANDB_API_KEY on every "
+                                "node, run `wandb login`, or set logger.mode=offline.")
+
+
+def run_preflight(cfg, info: DistInfo, run_dir: Path) -> list[str]:
+    """Collective. Raises PreflightError on every rank if any rank found an error; returns the
+    warnings (rank 0 logs them)."""
+    found = Findings()
+    probes = check_run_dir(run_dir, info, found)
+    if info.is_main:
+        check_config(cfg, found)
+        if getattr(cfg.data, "kind", "") != "synthetic":
+            check_data(cfg.data.loader, "data.loader", info, found)
+    check_resume(cfg.trainer, run_dir / "checkpoints", info, found)
+    dist.barrier()  # every probe is written
+    if info.is_main and probes is not None:
+        check_shared(probes, info, found)
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, (found.errors, found.warnings))
+    errors = sorted({e for errs, _ in gathered for e in errs})
+    warnings = sorted({w for _, warns in gathered for w in warns})
+    if info.is_main:
+        for warning in warnings:
+            log.warning("preflight: %s", warning)
+    if errors:
+        raise PreflightError("preflight failed:\n  - " + "\n  - ".join(errors))
+    return warnings
