@@ -134,3 +134,27 @@ def test_local_sweep_runs_each_point_in_its_own_directory(tmp_path):
     # Different points trained differently (the sweep values reached the jobs).
     losses = {job: metrics(tmp_path / "grid", str(job))[2]["loss_g"] for job in range(4)}
     assert len(set(losses.values())) == 4
+
+
+def test_time_limit_signal_through_the_slurm_torchrun_line_checkpoints_and_exits(tmp_path):
+    """What a SLURM job does near its time limit, minus SLURM: the torchrun line cluster.launch
+    renders gets SIGUSR1, hands it to the workers, and they checkpoint at the next step."""
+    from cluster.launch import torchrun_command
+
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1",
+             "SLURM_NODEID": "0", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
+    cmd = torchrun_command(slurm, "autoencoder", [f"run.root={tmp_path}", "run.name=limited", *TINY,
+                                                  "trainer.max_steps=200", "trainer.ckpt_every=100"],
+                           max_restarts=1, shutdown_timeout=120)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file, deadline = tmp_path / "limited" / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    stopped_at = max(metrics(tmp_path, "limited"))
+    assert 3 <= stopped_at < 100, out[-3000:]
+    latest = (tmp_path / "limited" / "checkpoints" / "latest").read_text()
+    assert latest == f"step_{stopped_at:07d}", out[-3000:]  # saved at the step it stopped, not at 100
+    assert "received SIGUSR1" in out and "stopped by signal" in out
+    assert "resumed from" not in out  # torchrun shut the group down; it did not restart it
