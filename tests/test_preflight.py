@@ -78,10 +78,18 @@ def test_s3_reachability(monkeypatch):
 def test_run_directory_not_shared_between_nodes(tmp_path):
     probes = tmp_path / ".preflight"
     probes.mkdir()
-    (probes / "rank00000").write_text("node-a")  # rank 1 wrote its probe on another machine's disk
+    (probes / "rank00000").write_text("job2 node-a")  # rank 1 wrote its probe on another machine's disk
     found = Findings()
-    check_shared(probes, rank(0, 2), found)
+    check_shared(probes, rank(0, 2), "job2", found)
     assert "is not shared" in found.errors[0] and "ranks [1]" in found.errors[0]
+    (probes / "rank00001").write_text("job1 node-a")  # left by an earlier job: does not count
+    found = Findings()
+    check_shared(probes, rank(0, 2), "job2", found)
+    assert "ranks [1]" in found.errors[0]
+    (probes / "rank00001").write_text("job2 node-b")
+    found = Findings()
+    check_shared(probes, rank(0, 2), "job2", found)
+    assert found.errors == []
 
 
 def _checkpoint(root, world_size: int, portable: bool):

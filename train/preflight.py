@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +35,13 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_run_dir(run_dir: Path, info: DistInfo, found: Findings) -> Path | None:
-    """Each rank writes a probe file; returns the probe directory (None if this rank could not)."""
+def check_run_dir(run_dir: Path, info: DistInfo, token: str, found: Findings) -> Path | None:
+    """Each rank writes a probe file holding this job's token (so a probe left by an earlier job
+    cannot pass for this one); returns the probe directory (None if this rank could not)."""
     probes = run_dir / ".preflight"
     try:
         probes.mkdir(parents=True, exist_ok=True)
-        (probes / f"rank{info.rank:05d}").write_text(socket.gethostname())
+        (probes / f"rank{info.rank:05d}").write_text(f"{token} {socket.gethostname()}")
         return probes
     except OSError as err:
         found.errors.append(f"run directory {run_dir} is not writable from {socket.gethostname()} "
@@ -46,10 +49,17 @@ def check_run_dir(run_dir: Path, info: DistInfo, found: Findings) -> Path | None
         return None
 
 
-def check_shared(probes: Path, info: DistInfo, found: Findings) -> None:
+def _probe_token(path: Path) -> str:
+    try:
+        return path.read_text().split(" ", 1)[0]
+    except OSError:
+        return ""
+
+
+def check_shared(probes: Path, info: DistInfo, token: str, found: Findings) -> None:
     """After every rank wrote its probe: rank 0 must see them all, or checkpoints would be split
     across machines that cannot read each other's parts."""
-    missing = [r for r in range(info.world_size) if not (probes / f"rank{r:05d}").exists()]
+    missing = [r for r in range(info.world_size) if _probe_token(probes / f"rank{r:05d}") != token]
     if missing:
         found.errors.append(f"run directory {probes.parent} is not shared: rank 0 on {socket.gethostname()} "
                             f"cannot see the files of ranks {missing[:8]}. Checkpoints need one directory that "
@@ -159,7 +169,9 @@ def run_preflight(cfg, info: DistInfo, run_dir: Path) -> list[str]:
     """Collective. Raises PreflightError on every rank if any rank found an error; returns the
     warnings (rank 0 logs them)."""
     found = Findings()
-    probes = check_run_dir(run_dir, info, found)
+    token = [uuid.uuid4().hex]
+    dist.broadcast_object_list(token, src=0)
+    probes = check_run_dir(run_dir, info, token[0], found)
     if info.is_main:
         check_config(cfg, found)
         if getattr(cfg.data, "kind", "") != "synthetic":
@@ -167,14 +179,16 @@ def run_preflight(cfg, info: DistInfo, run_dir: Path) -> list[str]:
     check_resume(cfg.trainer, run_dir / "checkpoints", info, found)
     dist.barrier()  # every probe is written
     if info.is_main and probes is not None:
-        check_shared(probes, info, found)
+        check_shared(probes, info, token[0], found)
     gathered: list = [None] * info.world_size
-    dist.all_gather_object(gathered, (found.errors, found.warnings))
+    dist.all_gather_object(gathered, (found.errors, found.warnings))  # also: every rank is past its probe
+    if info.is_main and probes is not None:
+        shutil.rmtree(probes, ignore_errors=True)
     errors = sorted({e for errs, _ in gathered for e in errs})
     warnings = sorted({w for _, warns in gathered for w in warns})
     if info.is_main:
         for warning in warnings:
-            log.warning("preflight: %s", warning)
+            log.warning("%s", warning)
     if errors:
         raise PreflightError("preflight failed:\n  - " + "\n  - ".join(errors))
     return warnings
