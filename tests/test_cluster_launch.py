@@ -1,5 +1,5 @@
 """SLURM and torchrun launch scripts: lint, command lines rendered from a fake SLURM environment,
-and the requeue path, with stand-in `srun`/`scontrol` executables on PATH."""
+and the requeue path, with the stand-in `srun`/`scontrol` of tests/fake_slurm on PATH."""
 import os
 import shlex
 import signal
@@ -68,35 +68,11 @@ def test_distributed_env_of_a_task_srun_started_directly():
     assert slurm_dist_env({**step, "WORLD_SIZE": "16"}) is None  # torchrun already set it
 
 
-FAKE_SRUN = """#!/usr/bin/env bash
-# Stand-in for srun: records its arguments, then runs the task once per node with SLURM_NODEID set.
-echo "$*" > "$FAKE_LOG/srun_args"
-while [[ "$1" == -* ]]; do shift; done
-if [[ -n "${FAKE_SRUN_HOLD:-}" ]]; then
-    trap 'echo USR1 > "$FAKE_LOG/srun_signal"; kill "$sleeper"; exit 0' USR1
-    sleep 60 > /dev/null 2>&1 &
-    sleeper=$!
-    touch "$FAKE_LOG/srun_started"
-    wait
-fi
-for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do
-    SLURM_NODEID=$node "$@" > "$FAKE_LOG/node$node"
-done
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-# Stand-in for scontrol: no hostname expansion (cluster.launch parses the list), records requeues.
-[[ "$1" == show ]] && exit 1
-echo "$*" >> "$FAKE_LOG/scontrol"
-"""
+FAKES = ROOT / "tests" / "fake_slurm"  # stand-in srun, sbatch, sacct and scontrol
 
 
 def _fake_slurm(tmp_path, **extra):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    return dict(os.environ, **SLURM_JOB, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+    return dict(os.environ, **SLURM_JOB, PATH=f"{FAKES}:{Path(sys.executable).parent}:{os.environ['PATH']}",
                 FAKE_LOG=str(tmp_path), INFD_DRY_RUN="1", RUN_ROOT="/shared/runs", PYTHON=sys.executable, **extra)
 
 
@@ -117,7 +93,7 @@ def test_sbatch_script_renders_one_torchrun_per_node(tmp_path):
     assert srun.startswith("--kill-on-bad-exit=1 --ntasks-per-node=1")
     assert "-m cluster.launch torchrun --stage autoencoder -- experiment=ffhq_paper" in srun
     for node in (0, 1):
-        cmd = shlex.split((tmp_path / f"node{node}").read_text())
+        cmd = shlex.split((tmp_path / f"task{node}").read_text())
         assert cmd[cmd.index("--node_rank") + 1] == str(node)
         assert cmd[cmd.index("--rdzv_endpoint") + 1] == "gpu001:24242"
         assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--nproc_per_node") + 1] == "8"

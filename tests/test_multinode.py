@@ -4,6 +4,7 @@
 through a c10d rendezvous on 127.0.0.1, one process each.
 """
 import json
+import os
 import re
 import signal
 import subprocess
@@ -29,7 +30,7 @@ def _run_together(commands: list[list[str]], envs: list[dict]) -> None:
     assert any("(2 ranks, cpu)" in out for out in outs)
 
 
-def test_two_nodes_and_srun_tasks_match_one_node_with_two_processes(tmp_path):
+def test_two_nodes_match_one_node_with_two_processes(tmp_path):
     common = (*TINY, "trainer.max_steps=3", "trainer.ckpt_every=100", "data.loader.batch_size=2")
     run(AE, tmp_path, "one_node", *common, nproc=2)
     # Two nodes: cluster/torchrun/multinode.sh on each, one process per node.
@@ -38,17 +39,26 @@ def test_two_nodes_and_srun_tasks_match_one_node_with_two_processes(tmp_path):
                   [env(NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                        RDZV_ID="two-nodes", MAX_RESTARTS="0", PYTHON=sys.executable, RUN_ROOT=str(tmp_path))
                    for node in (0, 1)])
-    # Two tasks as srun starts them for hydra-submitit-launcher: no torchrun, ranks from SLURM.
-    slurm = dict(SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="7", MASTER_PORT=port)
-    _run_together([train_cmd(AE, tmp_path, "srun_tasks", *common)] * 2,
-                  [env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)) for rank in (0, 1)])
-    one = metrics(tmp_path, "one_node")
-    assert sorted(one) == [1, 2, 3]
-    for name in ("two_nodes", "srun_tasks"):
-        other = metrics(tmp_path, name)
-        assert sorted(other) == [1, 2, 3]
-        for step in one:
-            assert_close(one[step], other[step], COMPARED, rtol=1e-5)
+    one, two = metrics(tmp_path, "one_node"), metrics(tmp_path, "two_nodes")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert_close(one[step], two[step], COMPARED, rtol=1e-5)
+
+
+def test_slurm_sweep_through_submitit_runs_each_point_as_a_two_rank_job(tmp_path):
+    """hydra/launcher=slurm end to end on this machine: hydra-submitit-launcher submits a job array,
+    the stand-in sbatch and srun of tests/fake_slurm run it here with one task per "GPU", and the
+    tasks take their ranks from SLURM's variables (no torchrun)."""
+    fake_env = env(PATH=f"{ROOT / 'tests' / 'fake_slurm'}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", AE, "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=2",
+                          *TINY, f"run.root={tmp_path}", "run.name=sweep", "trainer.max_steps=1",
+                          "optim.lr=1e-4,2e-4"], cwd=ROOT, env=fake_env, capture_output=True, text=True, timeout=600)
+    tasks = "".join((tmp_path / f"task{t}").read_text() for t in (0, 1) if (tmp_path / f"task{t}").exists())
+    assert res.returncode == 0, res.stderr[-3000:] + tasks[-3000:]
+    for job, lr in ((0, 1e-4), (1, 2e-4)):
+        assert f"run directory: {tmp_path / 'sweep' / str(job)} (2 ranks, cpu)" in tasks
+        assert sorted(metrics(tmp_path / "sweep", str(job))) == [1]
+        assert f"lr: {lr}" in (tmp_path / "sweep" / str(job) / "config.yaml").read_text()
 
 
 def _shards(tmp_path):

@@ -2,6 +2,7 @@
 group, prepare the run directory, train, and shut down cleanly."""
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ def hydra_main(config_name: str, cls, run, config_dir_name: str | None = None) -
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    cls, run = _importable(cls), _importable(run)
     ConfigStore.instance().store(name=f"{config_name}_schema", node=to_mapping(cls()))
     sys.argv = strip_local_rank_arg(sys.argv)
     config_dir = CONF_DIR
@@ -42,6 +44,16 @@ def hydra_main(config_name: str, cls, run, config_dir_name: str | None = None) -
         return run(cfg, raw)
 
     _main()
+
+
+def _importable(obj):
+    """The copy of `obj` in its importable module. Under `python -m train.x` the entry point's
+    objects live in __main__, which a submitit job cannot import: cloudpickle would copy them by
+    value, without the names their type hints use."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if obj.__module__ != "__main__" or spec is None:
+        return obj
+    return getattr(importlib.import_module(spec.name), obj.__qualname__)
 
 
 def insert_override(argv: list[str], override: str) -> list[str]:
