@@ -79,7 +79,7 @@ def rendezvous_port(env: Mapping[str, str]) -> int:
     """MASTER_PORT if set, else derived from the job id: jobs sharing a node get different ports."""
     if env.get("MASTER_PORT"):
         return int(env["MASTER_PORT"])
-    return 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    return 20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000  # below Linux's ephemeral range (32768+)
 
 
 def gpus_per_node(env: Mapping[str, str]) -> int:
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     print(shlex.join(cmd), flush=True)
     if os.environ.get("INFD_DRY_RUN") == "1":
         return 0
+    # Each restart gets a fresh store: torchrun's shared one would hand restarted workers stale keys,
+    # and agents on different nodes can disagree on the attempt number (train/dist.py).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.execv(cmd[0], cmd)
     return 0  # not reached
 

@@ -15,7 +15,8 @@ from cluster.launch import LaunchError, expand_nodelist, gpus_per_node, slurm_di
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("cluster/**/*.sh"), *ROOT.glob("cluster/**/*.sbatch")])
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "infd-autoencoder", "SLURM_JOB_NODELIST": "gpu[001-002]",
-             "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(ROOT)}
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64",
+             "SLURM_SUBMIT_DIR": str(ROOT)}
 
 
 def test_scripts_pass_bash_n_and_shellcheck():
@@ -91,6 +92,7 @@ def test_sbatch_script_renders_one_torchrun_per_node(tmp_path):
     assert res.returncode == 0, res.stderr
     srun = (tmp_path / "srun_args").read_text()
     assert srun.startswith("--kill-on-bad-exit=1 --ntasks-per-node=1")
+    assert "--cpus-per-task=64" in srun  # srun does not inherit it from sbatch
     assert "-m cluster.launch torchrun --stage autoencoder -- experiment=ffhq_paper" in srun
     for node in (0, 1):
         cmd = shlex.split((tmp_path / f"task{node}").read_text())

@@ -168,3 +168,25 @@ def test_time_limit_signal_through_the_slurm_torchrun_line_checkpoints_and_exits
     assert latest == f"step_{stopped_at:07d}", out[-3000:]  # saved at the step it stopped, not at 100
     assert "received SIGUSR1" in out and "stopped by signal" in out
     assert "resumed from" not in out  # torchrun shut the group down; it did not restart it
+
+
+def test_preemption_flag_hands_the_signal_on_after_the_checkpoint():
+    """submitit requeues a sweep job from its own SIGUSR2 handler: the flag takes the signal first
+    (the loop checkpoints), then forward() calls that handler; a second flag in the same process
+    (the next job of a local sweep) still forwards to the original one."""
+    from train.signals import PreemptionFlag
+
+    calls = []
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        first, second = PreemptionFlag(), PreemptionFlag()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert second.raised and not first.raised and calls == []  # nothing handed on before the save
+        second.forward()
+        assert calls == [signal.SIGUSR2]
+        PreemptionFlag().forward()  # not raised: nothing to hand on
+        assert calls == [signal.SIGUSR2]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

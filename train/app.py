@@ -13,6 +13,7 @@ from infd.config import ConfigError, from_mapping, to_mapping
 from train.dist import init_distributed, on_main, shutdown, strip_local_rank_arg
 from train.logger import Logger, redact
 from train.preflight import PreflightError, run_preflight
+from train.signals import PreemptionFlag
 
 log = logging.getLogger("train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -87,12 +88,14 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
     from train.loop import train
 
     info = init_distributed()
+    preempt, clean = PreemptionFlag(), False
     try:
         run_dir, run_name, group = run_location(cfg)
         try:
             run_preflight(cfg, info, run_dir)
-        except PreflightError as err:
+        except PreflightError as err:  # raised on every rank alike: a clean exit
             on_main(info, print, err, file=sys.stderr, flush=True)
+            clean = True
             sys.exit(2)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +106,12 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
         data = make_data(info)
         logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group)
         try:
-            return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum)
+            return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum, preempt)
         finally:
             logger.finish()
         on_main(info, print, f"finished at step {return_step}", flush=True)
+        clean = True
     finally:
-        shutdown(keep_group=in_sweep())
+        shutdown(keep_group=in_sweep(), clean=clean)
+    preempt.forward()  # e.g. submitit's requeue on its time-limit signal, now that the checkpoint is saved
     return 0

@@ -67,7 +67,7 @@ def init_distributed() -> DistInfo:
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())  # also with one GPU per task
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -86,22 +86,37 @@ def init_distributed() -> DistInfo:
 
 
 def _init_process_group(backend: str) -> None:
-    """env:// rendezvous with this torchrun attempt's own key space. torchrun keeps one TCPStore
-    across restarts; without the prefix, restarted workers read the previous attempt's peer
-    addresses and gloo fails to connect (seen with --max-restarts on torch 2.14)."""
+    """env:// rendezvous. torchrun's workers share its agent's TCPStore, which outlives restarts:
+    restarted workers would read the previous attempt's keys (gloo then connects to dead peers;
+    seen with --max-restarts on torch 2.14). With one agent (one node) its restart count names the
+    attempt for every worker, so the keys get that prefix. Across nodes the agents' counts can
+    differ (a node restarted for a peer does not count a retry), so there torchrun must not share
+    its store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (set by cluster/), and a fresh store serves
+    each attempt."""
     from torch.distributed.rendezvous import rendezvous
 
     store, rank, world_size = next(rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"infd_attempt_{attempt}", store),
-                            rank=rank, world_size=world_size)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+            store = dist.PrefixStore(f"infd_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            log.warning("torchrun shares its store across restarts on %s nodes: a restart can hang. Export "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (the cluster/ launchers do).",
+                        os.environ["GROUP_WORLD_SIZE"])
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
-def shutdown(keep_group: bool = False) -> None:
+_FAILED = False  # a rank left on an error: no more collectives in this process
+
+
+def shutdown(keep_group: bool = False, clean: bool = True) -> None:
     """Barrier then destroy: exits without it crashed intermittently under gloo. keep_group: the
     jobs of a local sweep run one after another in this process and DeepSpeed caches groups made
-    from the first process group, so it stays until the process exits."""
-    if not dist.is_initialized():
+    from the first process group, so it stays until the process exits. clean=False (leaving on an
+    error): no barrier, which would wait on peers busy in another collective until the timeout."""
+    global _FAILED
+    _FAILED = _FAILED or not clean
+    if not dist.is_initialized() or _FAILED:
         return
     dist.barrier()
     if keep_group:

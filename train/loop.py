@@ -75,8 +75,9 @@ def _step_of(line: str, default: int) -> int:
         return default
 
 
-def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int) -> int:
-    """Run until trainer.max_steps or preemption. Returns the last completed step."""
+def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
+          preempt: PreemptionFlag) -> int:
+    """Run until trainer.max_steps or until `preempt` is raised. Returns the last completed step."""
     ckpt_root = run_dir / "checkpoints"
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,6 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
     metrics = StepLog(run_dir / "metrics.jsonl", info.is_main, step)
     # Which samples each rank trained on, per step: audits that restarts lose and repeat nothing.
     samples = StepLog(run_dir / "samples" / f"rank{info.rank:05d}.jsonl", cfg.sample_log, step)
-    preempt = PreemptionFlag()
     batches, meter = iter(data), Throughput()
     while step < cfg.max_steps:
         start = time.perf_counter()

@@ -17,6 +17,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch.distributed as dist
 
@@ -158,11 +159,20 @@ def check_config(cfg, found: Findings) -> None:
                               f"{cfg.trainer.max_steps}: no checkpoint before the end, so a failure restarts "
                               "from step 0.")
     if cfg.logger.kind == "wandb" and (cfg.logger.mode or os.environ.get("WANDB_MODE", "online")) == "online":
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
         netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-        logged_in = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        logged_in = netrc.is_file() and host in netrc.read_text(errors="ignore")
         if not os.environ.get("WANDB_API_KEY") and not logged_in:
             found.errors.append("logger=wandb (online) but no W&B credentials: export WANDB_API_KEY on every "
                                 "node, run `wandb login`, or set logger.mode=offline.")
+
+
+def _guarded(check, found: Findings, *args) -> None:
+    """A check that raises becomes an error finding: every rank must reach the all-gather."""
+    try:
+        check(*args)
+    except Exception as err:  # noqa: BLE001
+        found.errors.append(f"{check.__name__} failed: {type(err).__name__}: {err}")
 
 
 def run_preflight(cfg, info: DistInfo, run_dir: Path) -> list[str]:
@@ -173,10 +183,10 @@ def run_preflight(cfg, info: DistInfo, run_dir: Path) -> list[str]:
     dist.broadcast_object_list(token, src=0)
     probes = check_run_dir(run_dir, info, token[0], found)
     if info.is_main:
-        check_config(cfg, found)
+        _guarded(check_config, found, cfg, found)
         if getattr(cfg.data, "kind", "") != "synthetic":
-            check_data(cfg.data.loader, "data.loader", info, found)
-    check_resume(cfg.trainer, run_dir / "checkpoints", info, found)
+            _guarded(check_data, found, cfg.data.loader, "data.loader", info, found)
+    _guarded(check_resume, found, cfg.trainer, run_dir / "checkpoints", info, found)
     dist.barrier()  # every probe is written
     if info.is_main and probes is not None:
         check_shared(probes, info, token[0], found)

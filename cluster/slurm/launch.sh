@@ -37,7 +37,13 @@ on_time_limit() {
 }
 trap on_time_limit USR1
 
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpu-bind=none \
+# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): pass it on, or the node's
+# ranks and their data workers would share one CPU.
+cpus=()
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpu-bind=none "${cpus[@]}" \
     "$PYTHON" -m cluster.launch torchrun --stage "$STAGE" -- "$@" &
 srun_pid=$!
 status=0

@@ -28,8 +28,10 @@ if [[ -n "${RUN_ROOT:-}" ]]; then
     args+=("run.root=$RUN_ROOT")
 fi
 
+# Each restart gets a fresh store (the shared one would hand restarted workers stale keys).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
     --rdzv_id "${RDZV_ID:-infd-$STAGE}" --max_restarts "${MAX_RESTARTS:-3}" \
-    -m "train.$STAGE" "${args[@]}" "$@"
+    -m "train.$STAGE" ${args[@]+"${args[@]}"} "$@"
