@@ -57,13 +57,14 @@ class StepLog:
 
     def __init__(self, path: Path, enabled: bool, start_step: int):
         self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
         if enabled and path.exists():
             keep = [line for line in path.read_text().splitlines() if _step_of(line, start_step + 1) <= start_step]
             path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, step: int, values: dict) -> None:
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
@@ -93,7 +94,8 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
         logs = task.step(micro, step)
         step += 1
         metrics.write(step, logs)
-        samples.write(step, {"keys": [k for b in micro for k in b["keys"]]})
+        if samples.enabled:
+            samples.write(step, {"keys": [k for b in micro for k in b["keys"]]})
         if step % cfg.log_every == 0:
             skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
             logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |

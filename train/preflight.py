@@ -82,47 +82,34 @@ def check_s3(url: str, key: str, found: Findings) -> None:
 
 
 def check_data(loader, key: str, info: DistInfo, found: Findings) -> None:
-    """loader: a DataConfig; key: its dotted name in the config, for the messages."""
-    from infd.data.dataset import INDEX_NAME
-    from infd.data.index import load_index
-    from infd.data.urls import dirname_url, expand_urls, join_url
+    """loader: a DataConfig; key: its dotted name in the config, for the messages. The dataset
+    itself lists the shards, reads the index and plans the epoch, exactly as training will."""
+    from infd.data.dataset import MixedResolutionDataset
 
     try:
-        urls = expand_urls(loader.shards)
-    except Exception as err:  # noqa: BLE001 (a listing error of any kind is reported, not raised)
-        found.errors.append(f"{key}.shards = {loader.shards!r}: cannot list the shards: {err}")
+        dataset = MixedResolutionDataset(loader, 0, info.world_size)
+    except Exception as err:  # noqa: BLE001 (missing, unreachable or malformed: all reported the same way)
+        where = " (S3: check the credentials and AWS_ENDPOINT_URL)" if "s3://" in str(loader.shards) else ""
+        found.errors.append(f"{key}.shards / {key}.index: cannot read the shard index or list the shards{where}: "
+                            f"{err}")
         return
-    if not urls:
-        found.errors.append(f"{key}.shards = {loader.shards!r} matches no shard: give shard patterns, directories "
-                            "or s3:// prefixes")
-        return
-    if urls[0].startswith("s3://"):
-        errors = len(found.errors)
-        check_s3(urls[0], f"{key}.shards", found)
-        if len(found.errors) > errors:
-            return
-    workers = info.world_size * max(1, loader.num_workers)
+    if dataset.urls[0].startswith("s3://"):
+        check_s3(dataset.urls[0], f"{key}.shards", found)
     if loader.resampled:
         return
-    index_url = loader.index or join_url(dirname_url(urls[0]), INDEX_NAME)
-    try:
-        index = load_index(index_url, urls)
-    except Exception as err:  # noqa: BLE001 (missing, unreadable or malformed: all reported the same way)
-        found.errors.append(f"{key}.index: cannot read the shard index {index_url}: {err}. Build the shards with "
-                            f"data_prep.build_shards, set {key}.index, or use {key}.resampled=true.")
-        return
-    total = sum(s.samples - (s.hr if loader.p_hr > 0 else 0) for s in index.shards)
-    per_rank = total // workers * max(1, loader.num_workers) // loader.batch_size
-    if total // workers < loader.batch_size:
+    workers = max(1, loader.num_workers)
+    per_worker = dataset.samples_per_worker()
+    if per_worker < loader.batch_size:
         found.errors.append(
-            f"an epoch has no batch: {total} samples over {info.world_size} ranks x {max(1, loader.num_workers)} "
-            f"workers leave {total // workers} per worker, fewer than {key}.batch_size={loader.batch_size}. "
+            f"an epoch has no batch: {dataset.samples_per_epoch()} samples over {info.world_size} ranks "
+            f"x {workers} workers leave {per_worker} per worker, fewer than {key}.batch_size={loader.batch_size}. "
             f"Lower {key}.batch_size or {key}.num_workers, add data, or use {key}.resampled=true.")
-    elif len(urls) < workers:
+    elif len(dataset.urls) < info.world_size * workers:
         found.warnings.append(
-            f"{len(urls)} shards for {workers} data workers ({info.world_size} ranks x {loader.num_workers}): "
-            "workers share shards, each reading its own range (every sample still appears once per epoch), so "
-            f"some bytes are read by several workers. More, smaller shards read less; {per_rank} batches/epoch.")
+            f"{len(dataset.urls)} shards for {info.world_size * workers} data workers ({info.world_size} ranks x "
+            f"{workers}): workers share shards, each reading its own range (every sample still appears once per "
+            f"epoch), so some bytes are read by several workers. More, smaller shards read less; "
+            f"{dataset.batches_per_epoch} batches/epoch.")
 
 
 def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> None:

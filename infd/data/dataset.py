@@ -113,12 +113,15 @@ class MixedResolutionDataset(IterableDataset):
         """Batches one rank yields per epoch (the same on every rank)."""
         if self.cfg.resampled:
             raise ValueError("a resampled stream has no epochs: set trainer.max_steps")
-        per_worker = self._samples_per_worker()
+        per_worker = self.samples_per_worker()
         return (per_worker // self.cfg.batch_size) * max(1, self.cfg.num_workers)
 
-    def _samples_per_worker(self) -> int:
-        total = sum(self._main_count(s) for s in self.index.shards)
-        return total // self.world_size // max(1, self.cfg.num_workers)
+    def samples_per_epoch(self) -> int:
+        """Samples of the main stream (all ranks together) that an epoch is planned over."""
+        return sum(self._main_count(s) for s in self.index.shards)
+
+    def samples_per_worker(self) -> int:
+        return self.samples_per_epoch() // self.world_size // max(1, self.cfg.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,7 +139,7 @@ class MixedResolutionDataset(IterableDataset):
         return shards
 
     def _worker_range(self, worker: int, n_workers: int) -> tuple[int, int]:
-        per_worker = self._samples_per_worker()
+        per_worker = self.samples_per_worker()
         start = (self.rank * max(1, n_workers) + worker) * per_worker
         return start, start + per_worker
 
