@@ -1,4 +1,9 @@
-"""PatchGAN discriminator (pix2pix NLayerDiscriminator): one logit per overlapping patch."""
+"""PatchGAN discriminator (pix2pix NLayerDiscriminator): one logit per overlapping patch.
+
+Norm layers: "sync_batch" (default, as the official run: BatchNorm statistics over the global
+batch, via `synchronise_batchnorm`), "batch" (statistics per rank) or "group" (GroupNorm, no
+batch statistics). Both batch kinds have the same module structure and state_dict keys.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +12,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from infd.models.blocks import group_norm
+from infd.models.sync_batchnorm import synchronise_batchnorm
 
 
 @dataclass
@@ -14,11 +20,14 @@ class DiscriminatorConfig:
     in_channels: int = 3
     ndf: int = 64
     n_layers: int = 3
-    norm: Literal["batch", "group"] = "batch"  # batch = paper; group avoids cross-rank BN statistics
+    # sync_batch = paper (BN over the global batch); batch = BN per rank; group = GroupNorm
+    norm: Literal["sync_batch", "batch", "group"] = "sync_batch"
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    return nn.BatchNorm2d(channels) if kind == "batch" else group_norm(channels)
+    if kind not in ("sync_batch", "batch", "group"):
+        raise ValueError(f"unknown discriminator norm {kind!r}")
+    return group_norm(channels) if kind == "group" else nn.BatchNorm2d(channels)
 
 
 class PatchDiscriminator(nn.Module):
@@ -36,6 +45,8 @@ class PatchDiscriminator(nn.Module):
         layers.append(nn.Conv2d(cfg.ndf * mult, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
         self.apply(_init_weights)
+        if cfg.norm == "sync_batch":
+            synchronise_batchnorm(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
