@@ -4,8 +4,8 @@
     infd upsample IMAGE --ckpt EXPORT (--scale S | --size WxH) --out OUT [--region x0,y0,x1,y1]
     infd eval-ae --ckpt EXPORT --data SHARDS [--limit N] [--lpips pretrained|random|PATH]
     infd sample --ae EXPORT --unet EXPORT [--prompt TEXT | --prompts FILE] [--label K] --size WxH
-                [--region x0,y0,x1,y1] [--steps N] [--sampler ddim|ddpm|dpmpp|euler|heun] [--cfg S] [--seed K]
-                --out FILE
+                [--region x0,y0,x1,y1] [--steps N] [--sampler ddim|ddpm|dpmpp|euler|heun] [--eta E]
+                [--spacing linspace|leading|trailing] [--cfg S] [--seed K] --out FILE
 """
 from __future__ import annotations
 
@@ -108,6 +108,40 @@ def cmd_eval_ae(args) -> int:
     return 0
 
 
+# `infd sample` without --sampler/--steps/--eta/--spacing and without recorded defaults in the export.
+SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "linspace"}
+
+
+def resolve_sampling(args, recorded: dict) -> tuple[dict, str]:
+    """The sampling options {"sampler", "steps", "eta", "spacing"} and where the unset ones came
+    from. The export's recorded options (`extra["sampling"]`) are one bundle: they fill in unset
+    flags unless --sampler picks another sampler (an eta or spacing recorded for ddim would not fit
+    dpmpp), in which case the built-in defaults do."""
+    recorded = {**SAMPLING_DEFAULTS, **recorded} if recorded else {}
+    base, source = SAMPLING_DEFAULTS, "built-in defaults"
+    if recorded and args.sampler in (None, recorded["sampler"]):
+        base, source = recorded, "the UNet export's defaults"
+    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
+    return {k: base[k] if given[k] is None else given[k] for k in SAMPLING_DEFAULTS}, source
+
+
+def check_sampling(options: dict, diffusion_cfg) -> None:
+    """ConfigError (exit 2, no traceback) for options the sampler does not take, a bad spacing or
+    step count: checked before any sampling starts."""
+    from infd.diffusion.samplers import check_options, vp_timesteps
+    from infd.diffusion.schedule import build_schedule
+
+    schedule = build_schedule(diffusion_cfg)
+    try:
+        check_options(schedule, options["sampler"], options["eta"], options["spacing"])
+        if options["sampler"] in ("ddim", "ddpm"):
+            vp_timesteps(schedule, options["steps"], options["spacing"])
+        elif options["steps"] < 1:
+            raise ValueError(f"--steps {options['steps']}: expected at least 1")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def cmd_sample(args) -> int:
     from pathlib import Path
 
@@ -124,6 +158,11 @@ def cmd_sample(args) -> int:
     device = _device(args.device)
     ae, unet = load_model(args.ae, device), load_model(args.unet, device)
     extra = unet.export_extra
+    diffusion_cfg = from_mapping(DiffusionConfig, extra.get("diffusion", {}))
+    options, source = resolve_sampling(args, extra.get("sampling", {}))
+    check_sampling(options, diffusion_cfg)
+    print(f"sampler {options['sampler']}, {options['steps']} steps, eta {options['eta']}, spacing "
+          f"{options['spacing']} (unset options: {source})", flush=True)
     text = build_text_encoder(from_mapping(TextEncoderConfig, extra.get("text", {})))
     text = text.to(device) if text is not None else None
     prompts = [args.prompt or ""]
@@ -137,10 +176,10 @@ def cmd_sample(args) -> int:
         labels = torch.tensor([args.label], device=device) if args.label is not None else None
         if labels is not None and not unet.cfg.num_classes:
             raise ConfigError("--label needs a class-conditional UNet (its num_classes is 0)")
-        z = generate_latents(unet, from_mapping(DiffusionConfig, extra.get("diffusion", {})), extra["latent_scale"],
-                             (1, unet.cfg.in_channels, latent, latent), [prompt] if text is not None else None, text,
-                             args.cfg, args.sampler, args.steps, seed=args.seed + i, device=device, progress=True,
-                             labels=labels)
+        z = generate_latents(unet, diffusion_cfg, extra["latent_scale"], (1, unet.cfg.in_channels, latent, latent),
+                             [prompt] if text is not None else None, text, args.cfg, options["sampler"],
+                             options["steps"], seed=args.seed + i, device=device, progress=True, labels=labels,
+                             eta=options["eta"], spacing=options["spacing"])
         with torch.no_grad():
             image = render_tiles(ae.renderer, ae.decode(z), size, region=region, progress=True)
         path = out if len(prompts) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
@@ -186,8 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="file with one prompt per line (one image each)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of the output")
     p.add_argument("--region", help="x0,y0,x1,y1: render only this box of the output")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpmpp", "euler", "heun"])
+    # Sampling options default to None: unset ones come from the export, else SAMPLING_DEFAULTS.
+    recorded = "default: the UNet export's recorded choice, else"
+    p.add_argument("--steps", type=int, help=f"sampling steps ({recorded} 50)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp", "euler", "heun"], help=f"{recorded} ddim")
+    p.add_argument("--eta", type=float, help=f"DDIM noise, 0 deterministic .. 1 ancestral; ddim only ({recorded} 0.0)")
+    p.add_argument("--spacing", choices=["linspace", "leading", "trailing"],
+                   help=f"timesteps of ddim/ddpm: leading is the official LDM/INFD stride ({recorded} linspace)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--label", type=int, help="class label, for class-conditional UNets")
     p.add_argument("--seed", type=int, default=0)

@@ -28,10 +28,11 @@ def unet_fn(unet, schedule):
 @torch.no_grad()
 def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, prompts: list[str] | None = None,
                      text_encoder=None, cfg_scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
-                     seed: int = 0, device=None, progress: bool = False, labels: Tensor | None = None) -> Tensor:
+                     seed: int = 0, device=None, progress: bool = False, labels: Tensor | None = None,
+                     eta: float = 0.0, spacing: str = "linspace") -> Tensor:
     """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet; with a
     class-conditional UNet, labels (B,). cfg_scale > 1 guides away from the empty prompt and the
-    "no label" class."""
+    "no label" class. eta and spacing are ddim's (spacing also ddpm's), see samplers.sample."""
     schedule = build_schedule(diffusion_cfg)
     cond = uncond = None
     if text_encoder is not None:
@@ -44,5 +45,6 @@ def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, pro
     uncond = uncond if cfg_scale != 1.0 else None
     fn = guided(unet_fn(unet, schedule), cond, uncond, cfg_scale)
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-    z = sample(fn, schedule, shape, sampler, steps, generator=generator, device=device, progress=progress)
+    z = sample(fn, schedule, shape, sampler, steps, generator=generator, device=device, eta=eta, progress=progress,
+               spacing=spacing)
     return z / latent_scale

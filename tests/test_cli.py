@@ -1,4 +1,4 @@
-"""infd upsample and infd eval-ae on a small exported autoencoder."""
+"""infd upsample, infd eval-ae and infd sample on small exported models."""
 import json
 import subprocess
 import sys
@@ -51,3 +51,23 @@ def test_eval_ae_reports_scales_lpips_label_and_skips(tmp_path):
     assert "lpips_1x" not in out  # a random-init LPIPS is never reported under the real name
     assert out["skipped_4x_too_small"] == 2  # 256 px needed: only the 300x260 image has it
     assert 0 < out["psnr_1x"] < 60
+
+
+def test_sample_uses_the_exports_sampling_defaults_and_refuses_bad_options(tmp_path):
+    from infd.models.unet import UNet, UNetConfig
+
+    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    recorded = {"sampler": "ddim", "steps": 4, "eta": 1.0, "spacing": "leading"}  # leading: t = 751, 501, 251, 1
+    save_model(UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)), tmp_path / "unet", kind="unet",
+               extra={"latent_scale": 1.0, "diffusion": {}, "sampling": recorded})
+    common = ["sample", "--ae", str(tmp_path / "ae"), "--unet", str(tmp_path / "unet"), "--size", "48x32"]
+    res = infd(*common, "--out", str(tmp_path / "s.png"))
+    assert res.returncode == 0, res.stderr
+    assert "sampler ddim, 4 steps, eta 1.0, spacing leading (unset options: the UNet export's defaults)" in res.stdout
+    assert Image.open(tmp_path / "s.png").size == (48, 32)
+    # Another sampler drops the recorded bundle; options it does not have end as one-line usage errors.
+    res = infd(*common, "--sampler", "dpmpp", "--spacing", "leading", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith("infd sample: error: timestep spacing 'leading' applies to ddim and ddpm only")
+    res = infd(*common, "--spacing", "bogus", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and "invalid choice: 'bogus'" in res.stderr

@@ -1,6 +1,6 @@
-"""Samplers: DDPM ancestral, DDIM (eta), DPM-Solver++ (2M) for VP schedules; Euler and Heun for
-rectified flow. Classifier-free guidance wraps the model function; a torch.Generator makes a run
-reproducible.
+"""Samplers: DDPM ancestral, DDIM (eta; timestep spacing linspace, leading or trailing),
+DPM-Solver++ (2M, log-SNR spaced steps) for VP schedules; Euler and Heun for rectified flow.
+Classifier-free guidance wraps the model function; a torch.Generator makes a run reproducible.
 
 model_fn(x, t) -> network output in the schedule's parameterisation; t is a (B,) tensor of
 integer steps (VP) or of floats in [0, 1] (flow).
@@ -16,6 +16,7 @@ from torch import Tensor
 from infd.diffusion.schedule import FlowSchedule, VPSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun")
+SPACINGS = ("linspace", "leading", "trailing")  # timestep spacings of ddim / ddpm on a subset
 
 
 def guided(model_fn: Callable, cond, uncond, scale: float) -> Callable:
@@ -37,9 +38,37 @@ def _cat_cond(cond, uncond):
     return torch.cat([cond, uncond])
 
 
-def vp_timesteps(schedule: VPSchedule, steps: int) -> list[int]:
-    """`steps` integer timesteps from T-1 down to 0, evenly spaced."""
-    return [int(round(v)) for v in torch.linspace(schedule.timesteps - 1, 0, steps).tolist()]
+def vp_timesteps(schedule: VPSchedule, steps: int, spacing: str = "linspace") -> list[int]:
+    """Descending integer timesteps in [0, T) for DDIM / DDPM on a subset of the T training steps
+    (the names of diffusers' `timestep_spacing`):
+
+    linspace  round(linspace(T-1, 0, steps)): both ends, T-1 and 0.
+    leading   the official LDM / INFD DDIM stride (CompVis latent-diffusion `make_ddim_timesteps`,
+              ddim_discr_method="uniform"): c = T // steps, t = 0, c, 2c, ... < T, plus 1; for T = 1000
+              and 200 steps 996, 991, ..., 1. The list has ceil(T / c) entries, which is `steps`
+              when steps divides T (more otherwise, as in the official code); a list that would
+              reach t = T (e.g. 300 or 1000 of 1000 steps: the official code fails there) is refused.
+    trailing  round(T - i T / steps) - 1, i = 0..steps-1: starts at T-1 (diffusers' "trailing").
+    """
+    T = schedule.timesteps
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep spacing {spacing!r} is not one of {list(SPACINGS)}")
+    if not 1 <= steps <= T:
+        raise ValueError(f"{steps} sampling steps: expected 1 to {T} (the training steps)")
+    if spacing == "linspace":
+        return [int(round(v)) for v in torch.linspace(T - 1, 0, steps).tolist()]
+    if spacing == "trailing":
+        # i * T / steps rather than diffusers' arange(T, 0, -T / steps): same values, and always
+        # exactly `steps` of them (a float stop can add one more).
+        return [int(round(T - i * (T / steps))) - 1 for i in range(steps)]
+    ts = [t + 1 for t in range(0, T, T // steps)]  # the official +1: it never samples at t = 0
+    if ts[-1] >= T:
+        fits = [d for d in range(min(steps, T - 1), 0, -1) if T % d == 0][:1]  # a divisor below T always fits
+        raise ValueError(f"spacing 'leading' with {steps} of {T} steps would need t = {ts[-1]} "
+                         f"(stride {T} // {steps} = {T // steps}, then the official offset of 1); use a step "
+                         f"count below {T} that divides it{f' (e.g. {fits[0]})' if fits else ''} or spacing "
+                         "'linspace' / 'trailing'")
+    return ts[::-1]
 
 
 def logsnr_timesteps(schedule: VPSchedule, steps: int) -> list[int]:
@@ -66,10 +95,16 @@ def _progress(items, progress: bool, desc: str):
 
 @torch.no_grad()
 def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float = 0.0,
-         generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """DDIM (Song et al. 2021). eta = 1 is DDPM's ancestral sampler on the same timesteps."""
+         generator: torch.Generator | None = None, progress: bool = False,
+         spacing: str = "linspace") -> Tensor:
+    """DDIM (Song et al. 2021) from noise (B, ...) to data (B, ...) on vp_timesteps(schedule,
+    steps, spacing). eta = 1 is DDPM's ancestral sampler on the same timesteps.
+
+    The last step goes to the clean data (abar = 1), also after 'leading' timesteps, whose last
+    is t = 1; the official LDM sampler stops at abar_0 there instead (a difference of sqrt(abar_0)
+    = 0.9992 in scale and beta_0 in variance for the paper's schedule)."""
     x = noise
-    ts = vp_timesteps(schedule, steps)
+    ts = vp_timesteps(schedule, steps, spacing)
     for i in _progress(range(len(ts)), progress, "ddim" if eta == 0 else "ddpm"):
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
         x0, eps = schedule.to_x0_eps(model_fn(x, torch.full((x.shape[0],), t, device=x.device)), x,
@@ -83,10 +118,12 @@ def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float =
 
 
 def ddpm(model_fn, schedule: VPSchedule, noise: Tensor, steps: int | None = None,
-         generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """Ancestral sampling (Ho et al. 2020), on all T steps by default."""
+         generator: torch.Generator | None = None, progress: bool = False,
+         spacing: str = "linspace") -> Tensor:
+    """Ancestral sampling (Ho et al. 2020), on all T steps by default, else on
+    vp_timesteps(schedule, steps, spacing)."""
     return ddim(model_fn, schedule, noise, steps or schedule.timesteps, eta=1.0, generator=generator,
-                progress=progress)
+                progress=progress, spacing=spacing)
 
 
 @torch.no_grad()
@@ -133,18 +170,40 @@ def euler(model_fn, noise: Tensor, steps: int, heun: bool = False, progress: boo
 
 
 def sample(model_fn, schedule, shape, sampler: str, steps: int, generator: torch.Generator | None = None,
-           device=None, eta: float = 0.0, progress: bool = False) -> Tensor:
-    """Draw samples of `shape` from noise with the named sampler (see SAMPLERS)."""
+           device=None, eta: float = 0.0, progress: bool = False, spacing: str = "linspace") -> Tensor:
+    """Draw samples of `shape` (B, ...) from noise with the named sampler (see SAMPLERS).
+
+    eta (DDIM's noise, 0 deterministic .. 1 ancestral) and spacing (see vp_timesteps) belong to
+    ddim; ddpm takes spacing and is eta = 1 itself. Samplers without them (dpmpp, which spaces
+    its steps in log-SNR; euler; heun) refuse a non-default eta or spacing rather than ignore it.
+    """
+    check_options(schedule, sampler, eta, spacing)
     noise = torch.randn(shape, generator=generator, device=device)
+    if sampler == "ddpm":
+        return ddpm(model_fn, schedule, noise, steps, generator, progress, spacing)
+    if sampler == "ddim":
+        return ddim(model_fn, schedule, noise, steps, eta, generator, progress, spacing)
+    if sampler == "dpmpp":
+        return dpmpp_2m(model_fn, schedule, noise, steps, progress)
+    return euler(model_fn, noise, steps, heun=sampler == "heun", progress=progress)
+
+
+def check_options(schedule, sampler: str, eta: float, spacing: str) -> None:
+    """ValueError, naming the choices, for a sampler that does not fit the schedule or options
+    that the sampler does not have (so nobody believes they applied)."""
     flow = isinstance(schedule, FlowSchedule)
     if flow != (sampler in ("euler", "heun")):
         kind = "rectified flow" if flow else "a VP (epsilon/v) objective"
         raise ValueError(f"sampler {sampler!r} does not fit {kind}; choose from "
                          f"{['euler', 'heun'] if flow else ['ddpm', 'ddim', 'dpmpp']}")
-    if sampler == "ddpm":
-        return ddpm(model_fn, schedule, noise, steps, generator, progress)
-    if sampler == "ddim":
-        return ddim(model_fn, schedule, noise, steps, eta, generator, progress)
-    if sampler == "dpmpp":
-        return dpmpp_2m(model_fn, schedule, noise, steps, progress)
-    return euler(model_fn, noise, steps, heun=sampler == "heun", progress=progress)
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep spacing {spacing!r} is not one of {list(SPACINGS)}")
+    if spacing != "linspace" and sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"timestep spacing {spacing!r} applies to ddim and ddpm only; sampler "
+                         f"{sampler!r} has its own steps (dpmpp: log-SNR spaced; euler/heun: uniform in t)")
+    allowed = {"ddim": None, "ddpm": (0.0, 1.0)}.get(sampler, (0.0,))  # 0.0 = not set; ddpm is eta 1
+    if allowed is not None and eta not in allowed:
+        raise ValueError(f"eta={eta} applies to ddim only; sampler {sampler!r} "
+                         + ("is eta = 1 itself: use ddim for another eta" if sampler == "ddpm" else "has no eta"))
+    if sampler == "ddim" and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta}: expected a value in [0, 1] (0 deterministic DDIM, 1 ancestral)")
