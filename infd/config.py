@@ -48,8 +48,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):  # the first alternative that fits
+            try:
+                return _convert(inner, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(" or ".join(errors))
     if origin in (tuple, list):
         if isinstance(value, str):  # a single string where a list is expected: one item
             value = [value]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from infd.config import ConfigError
+from infd.keyed_random import KeyedRandom
 
 
 @dataclass
@@ -22,8 +23,14 @@ class DiffusionConfig:
     timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0195
+    # z is multiplied by this before diffusion: "auto" = 1 / std of the first latents (LDM's scale
+    # factor, unit-variance inputs); the paper trains on raw z (1.0).
+    latent_scale: Literal["auto"] | float = "auto"
+    latent_scale_samples: int = 256  # latents the "auto" scale is estimated from, at start
 
     def validate(self, prefix: str = "") -> None:
+        if self.latent_scale != "auto" and not self.latent_scale > 0:
+            raise ConfigError(f"config key '{prefix}latent_scale' = {self.latent_scale}: use auto or a number > 0")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(f"config keys '{prefix}beta_start' < '{prefix}beta_end' must lie in (0, 1)")
 
@@ -84,17 +91,18 @@ def build_schedule(cfg: DiffusionConfig):
     return FlowSchedule(cfg) if cfg.objective == "rectified_flow" else VPSchedule(cfg)
 
 
-def training_loss(model_fn, schedule, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Mean squared error of the network's prediction at a random noise level.
+def training_loss(model_fn, schedule, x0: Tensor, rand: KeyedRandom) -> tuple[Tensor, Tensor]:
+    """(mean squared error of the network's prediction at a random noise level, t (B,)).
 
+    x0 (B, C, h, w); rand draws each sample's noise and t from its own key (seed, step, global
+    index), so the loss of a global batch does not depend on how it is split over ranks.
     model_fn(x_t, t) -> prediction; t is an integer step (VP) or a float in [0, 1] (flow), which
     the network's time embedding receives as it is (flow: scaled to [0, 1000) by the caller).
     """
-    b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = rand.randn(x0.shape[1:], "noise").to(x0.dtype)
     if isinstance(schedule, FlowSchedule):
-        t = torch.rand(b, generator=generator, device=x0.device)
+        t = rand.rand("t")
     else:
-        t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=x0.device)
+        t = rand.randint(schedule.timesteps, "t")
     pred = model_fn(schedule.add_noise(x0, noise, t), t)
-    return (pred.float() - schedule.target(x0, noise, t).float()).pow(2).mean()
+    return (pred.float() - schedule.target(x0, noise, t).float()).pow(2).mean(), t

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from infd.keyed_random import KeyedRandom
 from infd.models.autoencoder_nets import ConvNetConfig, Decoder, Encoder
 from infd.models.bottleneck import Bottleneck, BottleneckConfig, BottleneckOutput
 from infd.models.renderers import RendererConfig, build_renderer
@@ -48,9 +49,10 @@ class NeuralFieldAutoencoder(nn.Module):
         """phi (B, C, h, w); coords, cells (B, H, W, 2) -> rgb (B, 3, H, W)."""
         return self.renderer(phi, coords, cells)
 
-    def forward(self, x: Tensor, coords: Tensor, cells: Tensor) -> AutoencoderOutput:
-        """Training path: encode, bottleneck (with its loss), decode, render the queries."""
-        bott = self.bottleneck(self.encoder(x))
+    def forward(self, x: Tensor, coords: Tensor, cells: Tensor, rand: KeyedRandom | None = None) -> AutoencoderOutput:
+        """Training path: encode, bottleneck (with its loss), decode, render the queries.
+        rand: per-sample keys for the bottleneck's random draws (the KL sample)."""
+        bott = self.bottleneck(self.encoder(x), rand)
         phi = self.decoder(bott.z)
         rgb, head_input = self.renderer.forward_with_head_input(phi, coords, cells)
         return AutoencoderOutput(rgb, phi, bott, head_input)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infd.config import ConfigError
+from infd.keyed_random import KeyedRandom
 
 
 @dataclass
@@ -23,7 +24,11 @@ class BottleneckConfig:
     kind: Literal["vq", "kl", "none"] = "vq"
     embed_dim: int = 3  # latent channels z
     n_codes: int = 8192  # vq only
-    beta: float = 0.25  # vq commitment weight
+    beta: float = 0.25  # vq: weight of the second term of the VQ loss (see `legacy`)
+    # vq loss form. legacy (taming-transformers' legacy=True, which the paper's code uses):
+    # mean((sg(zq) - z)^2) + beta * mean((zq - sg(z))^2), the encoder pulled to its code with weight 1.
+    # Otherwise the VQ-VAE paper's form: codebook term weight 1, commitment (encoder) term beta.
+    legacy: bool = False
 
     def validate(self, prefix: str = "") -> None:
         if self.kind == "vq" and self.n_codes < 2:
@@ -40,9 +45,9 @@ class BottleneckOutput:
 class VectorQuantizer(nn.Module):
     """Codebook lookup with straight-through gradients. z (B, D, h, w) -> same shape."""
 
-    def __init__(self, n_codes: int, dim: int, beta: float):
+    def __init__(self, n_codes: int, dim: int, beta: float, legacy: bool = False):
         super().__init__()
-        self.beta = beta
+        self.beta, self.legacy = beta, legacy
         self.codebook = nn.Embedding(n_codes, dim)
         self.codebook.weight.data.uniform_(-1.0 / n_codes, 1.0 / n_codes)
 
@@ -62,7 +67,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: Tensor):
         idx = self.codes(z)
         zq = self.lookup(idx).to(z.dtype)
-        loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
+        codebook, commitment = F.mse_loss(zq, z.detach()), F.mse_loss(z, zq.detach())
+        loss = commitment + self.beta * codebook if self.legacy else codebook + self.beta * commitment
         return z + (zq - z).detach(), loss, self.usage(idx)
 
     def usage(self, idx: Tensor) -> dict:
@@ -79,7 +85,7 @@ class Bottleneck(nn.Module):
         moments = 2 if cfg.kind == "kl" else 1
         self.quant_conv = nn.Conv2d(moments * z_channels, moments * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, z_channels, 1)
-        self.quantizer = VectorQuantizer(cfg.n_codes, cfg.embed_dim, cfg.beta) if cfg.kind == "vq" else None
+        self.quantizer = VectorQuantizer(cfg.n_codes, cfg.embed_dim, cfg.beta, cfg.legacy) if cfg.kind == "vq" else None
 
     @property
     def encoder_channels_factor(self) -> int:
@@ -97,21 +103,26 @@ class Bottleneck(nn.Module):
             z = self.quantizer.lookup(self.quantizer.codes(z)).to(z.dtype)
         return self.post_quant_conv(z)
 
-    def forward(self, h: Tensor) -> BottleneckOutput:
+    def forward(self, h: Tensor, rand: KeyedRandom | None = None) -> BottleneckOutput:
+        """h (B, z_channels, h, w). rand: per-sample keys for the KL sample (training); without
+        it the sample comes from the global RNG."""
         moments = self.quant_conv(h)
         if self.kind == "vq":
             z, loss, stats = self.quantizer(moments)
         elif self.kind == "kl":
-            z, loss, stats = _gaussian_sample(moments, self.training)
+            z, loss, stats = _gaussian_sample(moments, self.training, rand)
         else:
             z, loss, stats = moments, moments.new_zeros(()), {}
         return BottleneckOutput(self.post_quant_conv(z), loss, stats)
 
 
-def _gaussian_sample(moments: Tensor, sample: bool):
+def _gaussian_sample(moments: Tensor, sample: bool, rand: KeyedRandom | None):
     """Diagonal Gaussian posterior: sample (or mean) and KL to N(0, I), summed per sample, averaged over batch."""
     mean, logvar = moments.chunk(2, dim=1)
     logvar = logvar.clamp(-30.0, 20.0)
-    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+    z = mean
+    if sample:
+        eps = torch.randn_like(mean) if rand is None else rand.randn(mean.shape[1:], "kl").to(mean.dtype)
+        z = mean + eps * (0.5 * logvar).exp()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
     return z, kl, {"kl": kl.detach()}
