@@ -1,11 +1,15 @@
 """Samples/s of one data worker: our decode path vs a naive one, side by side on 2K-4K JPEGs.
 
-ours:  JPEG decoded at the smallest DCT scale that still covers the random size r (and the
-       encoder's 256), then only the crop window is resampled (infd.data.transforms).
-naive: full-size decode, resize the whole square to r x r, crop P x P, resize the square to 256.
-Both use the same random plans (r, square, crop) and produce the same tensors' shapes.
+ours:  one JPEG decode at the smallest DCT scale that keeps DECODE_OVERSAMPLE x 256 pixels across
+       the square for the encoder input and patch.gt_decode_oversample x r for the GT, then only
+       the crop window is resampled, and the encoder input through the reducing gap
+       (infd.data.transforms, infd.image.resize_antialiased).
+naive: full-size decode, cut the square, resize it whole to r x r with the exact Lanczos, crop
+       P x P, and resize it to 256 with the exact Lanczos. Same random plans (r, square, crop),
+       same tensors' shapes.
 
     python benchmarks/loader_throughput.py [--photos ../shared/data/photos] [--images 24] [--rounds 2]
+        [--oversample F] [--gt-oversample F]   # DECODE_OVERSAMPLE, patch.gt_decode_oversample
 
 Without --photos (or if the folder is missing) the images are synthetic. Last line: JSON.
 """
@@ -24,7 +28,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from infd.data.transforms import PatchConfig, _to_uint8_tensor, make_patch_sample, plan_patch  # noqa: E402
+from infd.data import transforms  # noqa: E402
+from infd.data.transforms import (DECODE_OVERSAMPLE, PatchConfig, _to_uint8_tensor,  # noqa: E402
+                                  make_patch_sample, plan_patch)
+from infd.image import resize_antialiased  # noqa: E402
 
 
 def large_jpegs(photos: Path | None, count: int, seed: int = 0) -> list[bytes]:
@@ -52,10 +59,10 @@ def naive_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -> dic
     plan = plan_patch(img.width, img.height, cfg, rng)
     top, left, side = plan.square
     square = img.crop((left, top, left + side, top + side))
-    full = square.resize((plan.r, plan.r), Image.BICUBIC)
+    full = resize_antialiased(square, (plan.r, plan.r), reducing_gap=None)  # the exact filter
     ct, cl = plan.crop
     gt = full.crop((cl, ct, cl + cfg.patch_size, ct + cfg.patch_size))
-    enc = square.resize((cfg.encoder_size, cfg.encoder_size), Image.BICUBIC)
+    enc = resize_antialiased(square, (cfg.encoder_size, cfg.encoder_size), reducing_gap=None)
     return {"gt": _to_uint8_tensor(gt), "enc": _to_uint8_tensor(enc), "r": plan.r}
 
 
@@ -73,12 +80,16 @@ def main() -> None:
     p.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--oversample", type=float, default=DECODE_OVERSAMPLE)
+    p.add_argument("--gt-oversample", type=float, default=PatchConfig.gt_decode_oversample,
+                   help="patch.gt_decode_oversample")
     args = p.parse_args()
+    transforms.DECODE_OVERSAMPLE = args.oversample
     import torch
 
     torch.set_num_threads(1)  # one worker = one core
     images = large_jpegs(Path(args.photos), args.images)
-    cfg = PatchConfig()
+    cfg = PatchConfig(gt_decode_oversample=args.gt_oversample)
     sizes = [Image.open(io.BytesIO(d)).size for d in images]
     print(f"{len(images)} JPEGs, long side {min(max(s) for s in sizes)}-{max(max(s) for s in sizes)} px, "
           f"patch {cfg.patch_size}, r_max {cfg.r_max}", flush=True)
@@ -91,7 +102,9 @@ def main() -> None:
     print(json.dumps({"samples_per_s": round(ours, 2), "samples_per_s_naive": round(naive, 2),
                       "speedup": round(ours / naive, 2), "images": len(images),
                       "source": "photos upscaled" if Path(args.photos).is_dir() else "synthetic",
-                      "patch_size": cfg.patch_size, "r_max": cfg.r_max}))
+                      "patch_size": cfg.patch_size, "r_max": cfg.r_max, "decode_oversample": args.oversample,
+                      "gt_decode_oversample": args.gt_oversample,
+                      "filter": "lanczos"}))
 
 
 if __name__ == "__main__":

@@ -248,3 +248,71 @@ def test_captions_come_with_the_samples_from_both_streams(tmp_path):
     assert any(b["is_hr"].any() for b in batches) and any((~b["is_hr"]).any() for b in batches)
     for b in batches:
         assert b["captions"] == [caption_of[k] for k in b["keys"]]
+
+
+# ----- high-res fine-tuning: p_keep switches to p_keep_late at a trainer step ----------------------
+LATE_PATCH = {"patch_size": 64, "r_max": 128, "encoder_size": 64, "p_keep": 0.0, "p_keep_late": 1.0}
+
+
+@pytest.fixture(scope="module")
+def late_shards(tmp_path_factory):
+    # 28 images -> 2 workers x 7 batches of 2 = 14 batches per epoch.
+    return small_shards(tmp_path_factory.mktemp("late"), [(300 + 13 * i % 100, 330 + 7 * i % 70) for i in range(28)],
+                        per_shard=10)
+
+
+def late_batches(shards, switch_step: int, clock: tuple[int, int], state: dict | None = None, epoch: int = 0,
+                 limit: int | None = None, **kw) -> list[dict]:
+    loader = build_loader(data_cfg(shards, batch_size=2, patch=LATE_PATCH | {"p_keep_late_step": switch_step}, **kw))
+    loader.dataset.set_epoch(epoch)
+    if state is not None:
+        loader.dataset.load_state_dict(state)
+    loader.dataset.set_step_clock(*clock)  # before the iterator: the workers get a copy then
+    return [b for _, b in zip(range(limit or 10**9), loader)]
+
+
+def kept_pattern(batches: list[dict]) -> list[bool]:
+    """Per batch: all samples kept (True) or none (False); a mixed batch fails."""
+    out = []
+    for b in batches:
+        assert b["kept"].all() or not b["kept"].any(), b["kept"]
+        assert (b["r"] <= 128).all() != b["kept"].all()  # kept: r = the image's short side (>= 300)
+        out.append(bool(b["kept"].all()))
+    return out
+
+
+@pytest.mark.parametrize("clock,switch_batch", [((0, 1), 6), ((0, 2), 12), ((5, 1), 1)])
+def test_p_keep_late_switches_at_the_batch_of_its_trainer_step(late_shards, clock, switch_batch):
+    kept = kept_pattern(late_batches(late_shards, 6, clock))
+    assert kept == [e >= switch_batch for e in range(14)]
+
+
+def test_p_keep_late_switch_counts_resampled_batches_from_the_resume(late_shards):
+    # After resuming at batch 3, the first batch is the stream's batch 3: step 6 is its 4th batch.
+    kept = kept_pattern(late_batches(late_shards, 6, (0, 1), {"epoch": 0, "batches": 3}, limit=8, resampled=True))
+    assert kept == [e >= 6 for e in range(3, 11)]
+
+
+def test_resume_across_the_p_keep_late_switch_reproduces_the_uninterrupted_batches(late_shards):
+    # Switch at epoch batch 5, odd: it falls inside logical worker 1's batches, which physical
+    # worker 0 plays after resuming at an odd batch.
+    reference = late_batches(late_shards, 6, (1, 1), epoch=1)
+    assert kept_pattern(reference) == [e >= 5 for e in range(14)]
+    for j in (3, 8):
+        rest = late_batches(late_shards, 6, (1, 1), {"epoch": 1, "batches": j}, epoch=1)
+        assert len(rest) == len(reference) - j
+        for a, b in zip(reference[j:], rest):
+            assert a["keys"] == b["keys"] and torch.equal(a["kept"], b["kept"]) and torch.equal(a["r"], b["r"])
+            for key in ("gt", "enc", "coords"):
+                assert torch.equal(a[key], b[key]), key
+
+
+def test_p_keep_late_config_values_name_the_key():
+    from infd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"patch\.p_keep_late'"):
+        from_mapping(DataConfig, {"shards": "x", "patch": {"p_keep_late": 1.5}})
+    with pytest.raises(ConfigError, match=r"patch\.p_keep_late_step'"):
+        from_mapping(DataConfig, {"shards": "x", "patch": {"p_keep_late": 0.5, "p_keep_late_step": -1}})
+    late = from_mapping(PatchConfig, {"p_keep": 0.1, "p_keep_late": 0.5, "p_keep_late_step": 400_000}).late()
+    assert late.p_keep == 0.5 and late.p_keep_late_step == 400_000

@@ -13,13 +13,17 @@ most recent decodable raw sample before it (counted), so positions never shift. 
 batch k therefore replays the raw stream without decoding and continues exactly.
 With resampled=True the stream is infinite; resuming reseeds from the batch count, so the
 continuation is a fresh draw from the same distribution, not the uninterrupted run's samples.
+
+Step clock (`set_step_clock`): each batch knows the trainer step it will feed, so settings that
+change with the step (patch.p_keep_late from patch.p_keep_late_step on) switch inside the
+running workers, at the same batch in a resumed run as in an uninterrupted one.
 """
 from __future__ import annotations
 
 import json
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -92,6 +96,9 @@ class MixedResolutionDataset(IterableDataset):
                               "directories or s3:// prefixes")
         self.index = self._load_index()
         self.epoch, self.start_batch = 0, 0
+        self.epoch_first_batch, self.batches_per_step = 0, 1
+        # The config of batches from patch.p_keep_late_step on, built once (None: no switch).
+        self.late_cfg = replace(cfg, patch=cfg.patch.late()) if cfg.patch.p_keep_late is not None else None
         self.counter = SkipCounter()
 
     def _load_index(self) -> ShardIndex | None:
@@ -125,6 +132,28 @@ class MixedResolutionDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_step_clock(self, epoch_first_batch: int, batches_per_step: int = 1) -> None:
+        """Where this epoch sits in the trainer's steps: batch e of the epoch (counted from its
+        batch 0, also after a resume) feeds step (epoch_first_batch + e) // batches_per_step.
+
+        epoch_first_batch: batches this rank consumed, over all epochs, before this epoch's batch 0
+        (trainer steps x grad_accum at the epoch start); batches_per_step: grad_accum.
+        Default (never called): 0 and 1. Call it before creating the DataLoader iterator
+        (`iter(loader)`, `for batch in loader`): the workers receive a pickled copy of the dataset
+        then, and a later call does not reach them.
+        """
+        if epoch_first_batch < 0 or batches_per_step < 1:
+            raise ValueError(f"set_step_clock({epoch_first_batch}, {batches_per_step}): need epoch_first_batch >= 0 "
+                             "and batches_per_step >= 1")
+        self.epoch_first_batch, self.batches_per_step = int(epoch_first_batch), int(batches_per_step)
+
+    def batch_cfg(self, epoch_batch: int) -> DataConfig:
+        """The config that batch `epoch_batch` of this epoch is made with (see set_step_clock)."""
+        if self.late_cfg is None:
+            return self.cfg
+        step = (self.epoch_first_batch + epoch_batch) // self.batches_per_step
+        return self.late_cfg if step >= self.cfg.patch.p_keep_late_step else self.cfg
 
     def state_dict(self, batches_done: int) -> dict:
         """Loader position after the trainer consumed `batches_done` batches of this epoch."""
@@ -183,15 +212,15 @@ class MixedResolutionDataset(IterableDataset):
             yield from self._shard_samples(urls[int(rng.integers(len(urls)))], hr_keys)
 
     # ----- decoding -------------------------------------------------------------------------
-    def _decode(self, raw: dict, rng: np.random.Generator) -> dict:
-        sample = self.sample_fn(raw, self.cfg, rng)
+    def _decode(self, raw: dict, rng: np.random.Generator, cfg: DataConfig) -> dict:
+        sample = self.sample_fn(raw, cfg, rng)
         sample["key"] = raw["__key__"]
         return sample
 
-    def _main_sample(self, raw: dict | None, history: deque, rng: np.random.Generator) -> dict:
+    def _main_sample(self, raw: dict | None, history: deque, rng: np.random.Generator, cfg: DataConfig) -> dict:
         if raw is not None:
             try:
-                return self._decode(raw, rng)
+                return self._decode(raw, rng, cfg)
             except SkipSample as err:
                 self.counter.add(err.reason, f"{raw.get('__url__')}:{raw['__key__']}: {err}")
         else:
@@ -200,7 +229,7 @@ class MixedResolutionDataset(IterableDataset):
             if candidate is raw:
                 continue
             try:
-                sample = self._decode(candidate, rng)
+                sample = self._decode(candidate, rng, cfg)
                 self.counter.add("replaced_by_duplicate", f"by {candidate['__key__']}")
                 return sample
             except SkipSample:
@@ -208,15 +237,14 @@ class MixedResolutionDataset(IterableDataset):
         raise RuntimeError(f"no decodable sample among the last {HISTORY}: check the shards "
                            f"(skips so far: {self.counter.as_dict()})")
 
-    def _hr_sample(self, rng: np.random.Generator) -> dict:
+    def _hr_sample(self, rng: np.random.Generator, cfg: DataConfig) -> dict:
         manifest = self.index.hr_manifest
         for _ in range(HISTORY):
             entry = manifest[int(rng.integers(len(manifest)))]
             try:
                 raw = {"__key__": entry["key"], entry["ext"]: read_range(entry["url"], entry["offset"], entry["size"]),
                        "json": json.dumps({"caption": entry.get("caption")}).encode()}
-                sample = self._decode(raw, rng)
-                return sample
+                return self._decode(raw, rng, cfg)
             except SkipSample as err:
                 self.counter.add(err.reason, f"high-res {entry['url']}:{entry['key']}: {err}")
         raise RuntimeError(f"{HISTORY} high-res draws in a row failed: check the shards")
@@ -224,10 +252,10 @@ class MixedResolutionDataset(IterableDataset):
     # ----- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
         # A new DataLoader asks worker 0 first; after k batches the next batch belongs to
         # logical worker k % n, so physical worker i plays logical worker (i + k) % n.
-        worker = (worker + self.start_batch) % n_workers
+        worker = (physical + self.start_batch) % n_workers
         if self.index is not None and self.cfg.p_hr > 0 and not self.index.hr_manifest:
             raise ConfigError("data.p_hr > 0 but the index lists no high-res sample; lower data.p_hr")
         # Batches this worker already delivered: the DataLoader takes batches round-robin.
@@ -237,20 +265,24 @@ class MixedResolutionDataset(IterableDataset):
             seed_epoch, skip_raw = 1_000_000 + self.start_batch, 0  # reseed; see module docstring
             n_batches = None
             raw_stream = self._resampled_stream(np.random.default_rng([self.cfg.seed, seed_epoch, self.rank, worker, 1]))
+            first = self.start_batch + physical  # epoch batch of local batch 0 (counted from the resume)
         else:
             start, stop = self._worker_range(worker, n_workers)
             n_batches = (stop - start) // self.cfg.batch_size
             raw_stream = self._range_stream(start, stop)
             skip_raw = skip
+            first = worker  # local batch b (skipped ones included) is epoch batch b * n + worker
         buffer_rng = np.random.default_rng([self.cfg.seed, seed_epoch, self.rank, worker, 2])
         raws = shuffled(raw_stream, self.cfg.shuffle_buffer, buffer_rng)
-        yield from self._batches(raws, worker, seed_epoch, n_batches, skip_raw)
+        yield from self._batches(raws, worker, seed_epoch, n_batches, skip_raw, (first, n_workers))
 
-    def _batches(self, raws: Iterator, worker: int, seed_epoch: int, n_batches: int | None, skip: int):
+    def _batches(self, raws: Iterator, worker: int, seed_epoch: int, n_batches: int | None, skip: int,
+                 epoch_batch: tuple[int, int]):
+        """epoch_batch (first, stride): local batch b is batch first + b * stride of the epoch."""
         history: deque = deque(maxlen=HISTORY)
         b = 0
         while n_batches is None or b < n_batches:
-            batch = []
+            batch, cfg = [], self.batch_cfg(epoch_batch[0] + b * epoch_batch[1])
             for i in range(self.cfg.batch_size):
                 p = b * self.cfg.batch_size + i
                 rng = np.random.default_rng([self.cfg.seed, seed_epoch, self.rank, worker, p, 0])
@@ -260,7 +292,7 @@ class MixedResolutionDataset(IterableDataset):
                     history.append(raw)
                 if b < skip:
                     continue  # fast-forward after resume: replay the raw stream, no decode
-                sample = self._hr_sample(rng) if is_hr else self._main_sample(raw, history, rng)
+                sample = self._hr_sample(rng, cfg) if is_hr else self._main_sample(raw, history, rng, cfg)
                 sample["is_hr"] = is_hr
                 batch.append(sample)
             if b >= skip:

@@ -4,12 +4,13 @@ Per image (DESIGN.md): take a square of side S = min(W, H) (the neural field is 
 resize it to the encoder size (256) with antialiasing; draw r uniform in [P, min(S, r_max)]
 (or keep r = S with probability p_keep), conceptually downsample the square to r x r and cut
 one P x P crop at a random position. Only the crop window is resampled, from a JPEG decoded
-at the smallest DCT scale that still covers r: that is what makes the pipeline fast.
+at a reduced DCT scale (see DECODE_OVERSAMPLE): that is what makes the pipeline fast.
+Both resamplings go through `infd.image.resize_antialiased` (Lanczos), like every other
+encoder input in the project (latent cache, evaluation, CLI).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -18,8 +19,25 @@ from PIL import Image
 from torch import Tensor
 
 from infd.config import ConfigError
-from infd.data.decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb, open_image, oriented_size
+from infd.data.decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb, open_image, orientation, oriented_size
 from infd.geometry import crop_queries
+from infd.image import resize_antialiased
+
+# Reduced-size JPEG decoding (DCT scaling 1/2, 1/4, 1/8) is the loader's speed, but libjpeg's
+# scaled IDCT is a crude block-wise low-pass: resampling its output with Lanczos matches Lanczos
+# on the full decode only when the Lanczos step itself still downscales by a good factor. The
+# encoder input (the square to encoder_size) is therefore resampled from the smallest DCT scale
+# that keeps DECODE_OVERSAMPLE x encoder_size pixels across the square; the GT from the one that
+# keeps patch.gt_decode_oversample x r. Measured on 2-3K photos with fine texture (q90; 0-255
+# levels, worst mean / max abs difference to a full decode + the exact Lanczos): oversampling 1
+# (the smallest scale covering the target) 2.8 / 40, 2: 0.5 / 7, 3: 0.3 / 4, 4: 0.2 / 3. The
+# encoder input at 3 stays within 0.2 / 3 (tests/test_resampling.py) and keeps the loader over 4x
+# a full decode + exact Lanczos (benchmarks/loader_throughput.py).
+DECODE_OVERSAMPLE = 3.0
+# EXIF orientation -> whether the upright x / y axes run against the stored ones (the decoded
+# image's partial last pixel then sits at the upright start of that axis).
+_REVERSED = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
+             8: (False, True)}
 
 
 @dataclass
@@ -32,12 +50,33 @@ class PatchConfig:
     square: Literal["random", "center"] = "random"
     max_pixels: int = DEFAULT_MAX_PIXELS
     fast_decode: bool = True  # reduced-size JPEG decode
+    # High-res fine-tuning (paper H.2): from trainer step p_keep_late_step on, p_keep becomes
+    # p_keep_late (None: never). The dataset switches per batch from its step clock.
+    p_keep_late: float | None = None
+    p_keep_late_step: int = 0
+    # The GT's reduced decode keeps this many x r pixels across the square (see DECODE_OVERSAMPLE):
+    # 1 is the fastest loader (libjpeg's DCT scaling then does most of the downsampling, up to
+    # tens of levels from Lanczos on fine texture); 4 is within 3 levels of the full decode, at
+    # about half the loader's speed on 2-4K images (the paper configs: its GT is Lanczos).
+    gt_decode_oversample: float = 1.0
 
     def validate(self, prefix: str = "") -> None:
         if self.r_max < self.patch_size:
             raise ConfigError(f"config key '{prefix}r_max' = {self.r_max} must be >= patch_size = {self.patch_size}")
         if not 0.0 <= self.p_keep <= 1.0:
             raise ConfigError(f"config key '{prefix}p_keep' = {self.p_keep} must be a probability in [0, 1]")
+        late = self.p_keep_late
+        if late is not None and not (isinstance(late, (int, float)) and not isinstance(late, bool) and 0 <= late <= 1):
+            raise ConfigError(f"config key '{prefix}p_keep_late' = {self.p_keep_late} must be null or a "
+                              "probability in [0, 1]")
+        if self.gt_decode_oversample < 1:
+            raise ConfigError(f"config key '{prefix}gt_decode_oversample' = {self.gt_decode_oversample} must be >= 1")
+        if self.p_keep_late_step < 0:
+            raise ConfigError(f"config key '{prefix}p_keep_late_step' = {self.p_keep_late_step} must be >= 0")
+
+    def late(self) -> PatchConfig:
+        """This config as it applies from step p_keep_late_step on (itself when p_keep_late is None)."""
+        return self if self.p_keep_late is None else replace(self, p_keep=self.p_keep_late)
 
 
 @dataclass
@@ -70,13 +109,47 @@ def plan_patch(width: int, height: int, cfg: PatchConfig, rng: np.random.Generat
     return PatchPlan((top, left, side), r, crop, kept)
 
 
-def _source_box(plan: PatchPlan, box_in_r: tuple[float, float, float, float], scale: tuple[float, float]):
-    """A box (top, left, bottom, right) of the r x r image -> PIL box (x0, y0, x1, y1) in the decoded image."""
-    top, left, side = plan.square
-    k = side / plan.r
-    sx, sy = scale
-    t, l, b, r = box_in_r
-    return ((left + l * k) * sx, (top + t * k) * sy, (left + r * k) * sx, (top + b * k) * sy)
+def _dct_scale(img: Image.Image, side: int, target: int, cfg: PatchConfig, oversample: float) -> int:
+    """Denominator d of the reduced JPEG decode for resampling the square to `target` pixels."""
+    if not cfg.fast_decode or img.format != "JPEG":
+        return 1
+    return next((d for d in (8, 4, 2) if side / d >= oversample * target), 1)
+
+
+@dataclass
+class _Decoded:
+    """An upright RGB decode at 1/d: original point x (upright) is at (x + pad_x) / d in it."""
+
+    rgb: Image.Image
+    d: int
+    pad: tuple[int, int]  # (pad_x, pad_y)
+
+    def box(self, plan: PatchPlan, window: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+        """window (top, left, bottom, right) of the r x r image -> PIL box (x0, y0, x1, y1) in rgb."""
+        top, left, side = plan.square
+        t, l, b, r = window
+        # side * l / plan.r rather than a precomputed ratio: exact at the square's far edge, which
+        # may coincide with the image border where PIL rejects a box even 1e-13 too large.
+        x = [(left + side * v / plan.r + self.pad[0]) / self.d for v in (l, r)]
+        y = [(top + side * v / plan.r + self.pad[1]) / self.d for v in (t, b)]
+        return (x[0], y[0], x[1], y[1])
+
+
+def _decode(data: bytes, size: tuple[int, int], d: int, cfg: PatchConfig, img: Image.Image | None = None) -> _Decoded:
+    """Encoded bytes (or their parsed header `img`, not yet loaded) -> decode at 1/d, upright."""
+    width, height = size
+    img = img if img is not None else open_image(data, cfg.max_pixels)
+    # Floor sizes: PIL's draft then picks exactly 1/d (the largest scale not below the request).
+    rgb = decode_rgb(img, (width // d, height // d) if d > 1 else None)
+    if rgb.size == (width, height):
+        return _Decoded(rgb, 1, (0, 0))
+    if rgb.size != (-(-width // d), -(-height // d)):  # libjpeg's output is ceil(original / d)
+        return _decode(data, size, 1, cfg)  # an unexpected scale: positions unknown, decode in full
+    # The last decoded pixel of an axis covers fewer than d originals: where EXIF orientation
+    # reverses the axis it comes first, and every position shifts by the missing part.
+    rev = _REVERSED.get(orientation(img), (False, False))
+    pad = tuple(n * d - full if r else 0 for n, full, r in zip(rgb.size, size, rev))
+    return _Decoded(rgb, d, pad)
 
 
 def _to_uint8_tensor(img: Image.Image) -> Tensor:
@@ -86,23 +159,26 @@ def _to_uint8_tensor(img: Image.Image) -> Tensor:
 def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -> dict:
     """Encoded image bytes -> training sample.
 
-    Returns enc (3, E, E) uint8, gt (3, P, P) uint8, coords and cells (P, P, 2) of the crop in
-    the r x r image, r, kept, the upright original size (W, H) and the square (top, left, side)
-    it was cut from. Raises SkipSample.
+    Returns enc (3, E, E) uint8 (the square, Lanczos-resized), gt (3, P, P) uint8 (a crop of the
+    square Lanczos-resized to r x r), coords and cells (P, P, 2) of the crop in the r x r image,
+    r, kept, the upright original size (W, H) and the square (top, left, side) it was cut from.
+    Both are `resize_antialiased` of a window of the whole image (the filter sees the pixels
+    around the window, also beyond the square, like resizing the whole image and cropping).
+    Raises SkipSample.
     """
     img = open_image(data, cfg.max_pixels)
-    width, height = oriented_size(img)
-    plan = plan_patch(width, height, cfg, rng)
-    side, need = plan.square[2], max(plan.r, cfg.encoder_size)
-    min_size = (math.ceil(width * need / side), math.ceil(height * need / side)) if cfg.fast_decode else None
-    rgb = decode_rgb(img, min_size)
-    scale = (rgb.width / width, rgb.height / height)
-    p, (ct, cl) = cfg.patch_size, plan.crop
-    gt = rgb.resize((p, p), Image.BICUBIC, box=_source_box(plan, (ct, cl, ct + p, cl + p), scale))
-    enc = rgb.resize((cfg.encoder_size,) * 2, Image.BICUBIC, box=_source_box(plan, (0, 0, plan.r, plan.r), scale))
+    size = oriented_size(img)
+    plan = plan_patch(*size, cfg, rng)
+    p, (ct, cl), e, side = cfg.patch_size, plan.crop, cfg.encoder_size, plan.square[2]
+    # One decode serves both; the encoder input's larger downscale box-averages first (REDUCING_GAP).
+    d = min(_dct_scale(img, side, plan.r, cfg, cfg.gt_decode_oversample),
+            _dct_scale(img, side, e, cfg, DECODE_OVERSAMPLE))
+    dec = _decode(data, size, d, cfg, img)
+    gt = resize_antialiased(dec.rgb, (p, p), box=dec.box(plan, (ct, cl, ct + p, cl + p)))
+    enc = resize_antialiased(dec.rgb, (e, e), box=dec.box(plan, (0, 0, plan.r, plan.r)))
     coords, cells = crop_queries((plan.r, plan.r), (ct, cl, ct + p, cl + p))
     return {"enc": _to_uint8_tensor(enc), "gt": _to_uint8_tensor(gt), "coords": coords[0], "cells": cells[0],
-            "r": plan.r, "kept": plan.kept, "size": (width, height), "square": plan.square}
+            "r": plan.r, "kept": plan.kept, "size": size, "square": plan.square}
 
 
 def to_unit_range(x: Tensor) -> Tensor:
