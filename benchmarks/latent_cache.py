@@ -30,6 +30,7 @@ from infd.data.dataset import DataConfig, build_loader  # noqa: E402
 from infd.data.latents import collate_latents, latent_sample  # noqa: E402
 from infd.data.transforms import to_unit_range  # noqa: E402
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss  # noqa: E402
+from infd.keyed_random import KeyedRandom  # noqa: E402
 from infd.export import save_model  # noqa: E402
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder  # noqa: E402
 from infd.models.unet import UNet, UNetConfig  # noqa: E402
@@ -60,8 +61,11 @@ def main() -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01)
     schedule = build_schedule(DiffusionConfig())
 
+    steps = [0]
+
     def unet_step(z):
-        loss = training_loss(unet, schedule, z)
+        loss, _ = training_loss(unet, schedule, z, KeyedRandom(0, steps[0], range(z.shape[0])))
+        steps[0] += 1
         opt.zero_grad()
         loss.backward()
         opt.step()

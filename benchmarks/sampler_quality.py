@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infd.diffusion.samplers import sample  # noqa: E402
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss  # noqa: E402
+from infd.keyed_random import KeyedRandom  # noqa: E402
 from infd.models.unet import timestep_embedding  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.train_steps)
     start = time.time()
     for step in range(args.train_steps):
-        loss = training_loss(model, schedule, ring_mixture(512, g), g)
+        loss, _ = training_loss(model, schedule, ring_mixture(512, g), KeyedRandom(0, step, range(512)))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.launch import LaunchError, expand_nodelist, gpus_per_node, slurm_dist_env, torchrun_command
+from cluster.launch import torchrun_command
+from train.slurm_env import SlurmEnvError, expand_nodelist, gpus_per_node, slurm_dist_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("cluster/**/*.sh"), *ROOT.glob("cluster/**/*.sbatch")])
@@ -42,19 +43,19 @@ def test_gpu_count_from_slurm_forms():
     assert gpus_per_node({"SLURM_GPUS_ON_NODE": "4"}) == 4
     assert gpus_per_node({"SLURM_GPUS_PER_NODE": "a100:8"}) == 8
     assert gpus_per_node({}) == 1
-    with pytest.raises(LaunchError, match="SLURM_GPUS_PER_NODE"):
+    with pytest.raises(SlurmEnvError, match="SLURM_GPUS_PER_NODE"):
         gpus_per_node({"SLURM_GPUS_PER_NODE": "many"})
 
 
 def test_torchrun_command_of_the_second_node():
     env = {**SLURM_JOB, "SLURM_NODEID": "1", "RUN_ROOT": "/shared/runs"}
-    cmd = torchrun_command(env, "autoencoder", ["experiment=ffhq_paper"], max_restarts=2, python="python")
+    cmd = torchrun_command(env, "autoencoder", ["experiment=ae_ffhq_paper"], max_restarts=2, python="python")
     line = shlex.join(cmd)
     assert line.startswith("python -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --node_rank 1 "
                            "--rdzv_backend c10d --rdzv_endpoint gpu001:24242 --rdzv_id 4242 --max_restarts 2")
     assert "SIGUSR1" in cmd[cmd.index("--signals_to_handle") + 1]
     assert cmd[cmd.index("-m", 2):] == ["-m", "train.autoencoder", "run.root=/shared/runs",
-                                        "run.name=infd-autoencoder-4242", "experiment=ffhq_paper"]
+                                        "run.name=infd-autoencoder-4242", "experiment=ae_ffhq_paper"]
     # The user's own run.name wins; MASTER_PORT overrides the job-derived port.
     cmd = torchrun_command({**env, "MASTER_PORT": "29400"}, "diffusion", ["run.name=mine"], python="python")
     assert "gpu001:29400" in cmd and "train.diffusion" in cmd
@@ -87,25 +88,25 @@ def _spooled(tmp_path, name: str) -> str:
 
 def test_sbatch_script_renders_one_torchrun_per_node(tmp_path):
     shards = 'data.loader.shards="s3://bucket/ffhq/{00000..00139}.tar"'
-    res = subprocess.run(["bash", _spooled(tmp_path, "autoencoder.sbatch"), "experiment=ffhq_paper", shards],
+    res = subprocess.run(["bash", _spooled(tmp_path, "autoencoder.sbatch"), "experiment=ae_ffhq_paper", shards],
                          cwd=tmp_path, env=_fake_slurm(tmp_path), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     srun = (tmp_path / "srun_args").read_text()
     assert srun.startswith("--kill-on-bad-exit=1 --ntasks-per-node=1")
     assert "--cpus-per-task=64" in srun  # srun does not inherit it from sbatch
-    assert "-m cluster.launch torchrun --stage autoencoder -- experiment=ffhq_paper" in srun
+    assert "-m cluster.launch torchrun --stage autoencoder -- experiment=ae_ffhq_paper" in srun
     for node in (0, 1):
         cmd = shlex.split((tmp_path / f"task{node}").read_text())
         assert cmd[cmd.index("--node_rank") + 1] == str(node)
         assert cmd[cmd.index("--rdzv_endpoint") + 1] == "gpu001:24242"
         assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--nproc_per_node") + 1] == "8"
         assert cmd[-6:] == ["-m", "train.autoencoder", "run.root=/shared/runs", "run.name=infd-autoencoder-4242",
-                            "experiment=ffhq_paper", shards]
+                            "experiment=ae_ffhq_paper", shards]
     assert not (tmp_path / "scontrol").exists()  # no requeue without the time-limit signal
 
 
 def test_time_limit_signal_checkpoints_and_requeues(tmp_path):
-    proc = subprocess.Popen(["bash", _spooled(tmp_path, "diffusion.sbatch"), "experiment=cpu_tiny"], cwd=tmp_path,
+    proc = subprocess.Popen(["bash", _spooled(tmp_path, "diffusion.sbatch"), "experiment=diffusion_cpu_tiny"], cwd=tmp_path,
                             env=_fake_slurm(tmp_path, FAKE_SRUN_HOLD="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 30
@@ -125,8 +126,8 @@ def test_bad_stage_is_refused_with_the_fix(tmp_path):
     assert res.returncode == 2 and "STAGE=vae: choose autoencoder or diffusion" in res.stderr
 
 
-@pytest.mark.parametrize("stage, config_dir", [("autoencoder", "conf"), ("diffusion", "conf/diffusion")])
-def test_submitit_slurm_launcher_config_composes(stage, config_dir):
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+def test_submitit_slurm_launcher_config_composes(stage):
     import importlib
 
     from hydra import compose, initialize_config_dir
@@ -140,10 +141,9 @@ def test_submitit_slurm_launcher_config_composes(stage, config_dir):
     cls = module.AutoencoderTrainConfig if stage == "autoencoder" else module.DiffusionTrainConfig
     ConfigStore.instance().store(name=f"{stage}_schema", node=to_mapping(cls()))
     overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
-                 "hydra.launcher.partition=gpu", "experiment=cpu_tiny", "run.root=/shared/runs", "run.name=sweep"]
-    if stage == "diffusion":
-        overrides.append(f"hydra.searchpath=[file://{ROOT / 'conf'}]")
-    with initialize_config_dir(config_dir=str(ROOT / config_dir), version_base=None):
+                 "hydra.launcher.partition=gpu", f"experiment={'ae' if stage == 'autoencoder' else stage}_cpu_tiny",
+                 "run.root=/shared/runs", "run.name=sweep"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(stage, overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the plugin is installed and imports

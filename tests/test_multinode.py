@@ -18,7 +18,7 @@ from tests.s3_server import free_port
 from tests.training import ROOT, assert_close, env, metrics, run, train_cmd
 
 AE = "train.autoencoder"
-TINY = ("experiment=cpu_tiny", "trainer.image_every=1000", "trainer.log_every=1")
+TINY = ("experiment=ae_cpu_tiny", "trainer.image_every=1000", "trainer.log_every=1")
 COMPARED = ("loss_g", "l1", "lpips_randinit", "bottleneck", "gan_g", "adaptive_weight", "loss_d")
 
 
@@ -90,7 +90,10 @@ def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
 
 def test_killed_rank_restarts_from_the_latest_checkpoint_without_losing_or_repeating_samples(tmp_path):
     data = _shards(tmp_path)  # 24 samples: an epoch is 6 steps of 2 ranks x 2
-    common = (*TINY, *data, "trainer.max_steps=9", "trainer.ckpt_every=3", "trainer.sample_log=true")
+    # The high-res fine-tuning switch (GT kept at its original size from the 6th step on) happens in
+    # the workers, across the restart.
+    switch = ("data.loader.patch.p_keep_late=1.0", "data.loader.patch.p_keep_late_step=5")
+    common = (*TINY, *data, *switch, "trainer.max_steps=9", "trainer.ckpt_every=3", "trainer.sample_log=true")
     run(AE, tmp_path, "straight", *common, nproc=2)
 
     # A c10d rendezvous: each restart gets fresh store keys. (The static one of --master_addr/port
@@ -119,6 +122,7 @@ def test_killed_rank_restarts_from_the_latest_checkpoint_without_losing_or_repea
     assert state["step"] == 9 and state["optimizer_steps"]["generator"] == 9
     for step in killed:
         assert_close(straight[step], killed[step], COMPARED, rtol=1e-6)
+        assert killed[step]["data/kept_frac"] == (1.0 if step >= 6 else 0.0)
     samples, reference = _sample_log(tmp_path, "killed"), _sample_log(tmp_path, "straight")
     assert samples == reference
     first_epoch = [k for step in range(1, 7) for k in samples[step]]

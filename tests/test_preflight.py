@@ -117,7 +117,7 @@ def test_checkpoint_world_size(tmp_path, monkeypatch):
 
 
 def test_failing_preflight_stops_every_rank(tmp_path, shards):
-    cmd = train_cmd("train.autoencoder", tmp_path, "bad", "experiment=cpu_tiny", "data=shards",
+    cmd = train_cmd("train.autoencoder", tmp_path, "bad", "experiment=ae_cpu_tiny", "data=shards",
                     f"data.loader.shards={shards}", "data.loader.batch_size=16", "data.loader.num_workers=1", nproc=2)
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr

@@ -9,7 +9,7 @@ from tests.training import ROOT, assert_close, env, metrics, run, train_cmd
 from tests.wandb_reader import history_and_config
 
 AE = "train.autoencoder"
-TINY = ("experiment=cpu_tiny", "trainer.image_every=1000")
+TINY = ("experiment=ae_cpu_tiny", "trainer.image_every=1000")
 COMPARED = ("loss_g", "l1", "lpips_randinit", "bottleneck", "gan_g", "adaptive_weight", "loss_d")
 
 
@@ -97,7 +97,7 @@ def test_wandb_offline_run_holds_scalars_and_image_panels(tmp_path):
 
     write_folder(tmp_path / "src", [(200 + 13 * i, 180) for i in range(12)])
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64")
-    run(AE, tmp_path, "wb", "experiment=cpu_tiny", "logger=wandb", "data=shards",
+    run(AE, tmp_path, "wb", "experiment=ae_cpu_tiny", "logger=wandb", "data=shards",
         f"data.loader.shards={tmp_path / 'shards'}", "data.loader.num_workers=1", "data.loader.batch_size=2",
         "trainer.max_steps=2", "trainer.image_every=2", "trainer.ckpt_every=100", "data.loader.patch.r_max=128")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

@@ -19,22 +19,18 @@ log = logging.getLogger("train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def hydra_main(config_name: str, cls, run, config_dir_name: str | None = None) -> None:
-    """Compose conf/[config_dir_name/]<config_name>.yaml over the dataclass defaults, validate,
-    call run(cfg, raw)."""
+def hydra_main(config_name: str, cls, run) -> None:
+    """Compose conf/<config_name>.yaml over the dataclass defaults, validate, call run(cfg, raw)."""
     import hydra
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     cls, run = _importable(cls), _importable(run)
     ConfigStore.instance().store(name=f"{config_name}_schema", node=to_mapping(cls()))
+    # Hydra parses sys.argv itself; the deepspeed launcher's --local_rank=N would stop it.
     sys.argv = strip_local_rank_arg(sys.argv)
-    config_dir = CONF_DIR
-    if config_dir_name is not None:  # a stage with its own groups, sharing conf/'s (deepspeed, logger)
-        config_dir = str(Path(CONF_DIR) / config_dir_name)
-        sys.argv = insert_override(sys.argv, f"hydra.searchpath=[file://{CONF_DIR}]")
 
-    @hydra.main(config_path=config_dir, config_name=config_name, version_base=None)
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
     def _main(dcfg) -> int:
         raw = OmegaConf.to_container(dcfg, resolve=True)
         try:
@@ -55,14 +51,6 @@ def _importable(obj):
     if obj.__module__ != "__main__" or spec is None:
         return obj
     return getattr(importlib.import_module(spec.name), obj.__qualname__)
-
-
-def insert_override(argv: list[str], override: str) -> list[str]:
-    """Put an override among the user's (argparse takes positionals as one block: appending after
-    `--cfg job` or before `-m` options would split it)."""
-    args = argv[1:]
-    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
-    return [argv[0], *args[:at], override, *args[at:]]
 
 
 def in_sweep() -> bool:

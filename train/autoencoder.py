@@ -1,28 +1,35 @@
 """Stage 1: train the neural-field autoencoder.
 
-    python -m train.autoencoder experiment=cpu_tiny trainer.max_steps=100 run.name=ae_tiny
-    torchrun --nproc_per_node 8 -m train.autoencoder experiment=ffhq_paper data.loader.shards=...
-    deepspeed --num_gpus 8 --no_local_rank -m train.autoencoder experiment=laion_hr
+    python -m train.autoencoder experiment=ae_cpu_tiny trainer.max_steps=100 run.name=ae_tiny
+    torchrun --nproc_per_node 8 -m train.autoencoder experiment=ae_ffhq_paper data.loader.shards=...
+    deepspeed --num_gpus 8 --no_local_rank -m train.autoencoder experiment=ae_laion_hr
+
+One step: the generator (encoder, bottleneck, decoder, renderer) then the discriminator, which
+reuses the generator's rendered output (detached), so the autoencoder runs once per step. The
+adaptive GAN weight uses gradients averaged over ranks.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from infd.config import ConfigError
-from infd.ema import EMA
-from infd.export import save_model
 from infd.losses import Stage1Loss, Stage1LossConfig
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
 from infd.models.discriminator import DiscriminatorConfig, PatchDiscriminator
-from train.config import (DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig)
-from train.data import build_batches
-from train.dist import DistInfo
+from infd.models.sync_batchnorm import synchronise_batchnorm
+from infd.render import render_tiles
+from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+from train.data import ShardBatches, synthetic_images, to_device
+from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
-from train.stage1 import Stage1Step, image_panels
+from train.export import export_model
+from train.loop import StepOutput
+from train.zero import GatheredEMA
 
 
 @dataclass
@@ -44,6 +51,8 @@ class AutoencoderTrainConfig:
                 f"config key 'data.loader.patch.encoder_size' = {self.data.loader.patch.encoder_size} differs from "
                 f"'model.net.resolution' = {self.model.net.resolution}: the encoder is built for, and exported "
                 "with, its input size; set both to the same value")
+        if self.data.kind == "latents":
+            raise ConfigError("config key 'data.kind' = latents: stage 1 trains on images; use shards or synthetic")
         if self.deepspeed.zero_stage == 3:
             raise ConfigError(
                 "config key 'deepspeed.zero_stage' = 3 is not supported for the autoencoder: the adaptive GAN "
@@ -52,42 +61,103 @@ class AutoencoderTrainConfig:
                 "parameters; ZeRO-2 already partitions its optimizer states and gradients).")
 
 
-class Stage1Task:
-    """What the shared loop needs from stage 1."""
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """No parameter gradients (and so no ZeRO gradient hooks) for `module` inside the block."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
+
+class AutoencoderTask:
     def __init__(self, cfg: AutoencoderTrainConfig, info: DistInfo):
-        torch.manual_seed(cfg.trainer.seed)  # same initial weights on every rank
+        self.cfg, self.info = cfg, info
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (random-init LPIPS too)
         model = NeuralFieldAutoencoder(cfg.model).to(info.device)
         disc = PatchDiscriminator(cfg.disc).to(info.device)
+        if cfg.disc.norm == "sync_batch":
+            disc = synchronise_batchnorm(disc)  # again on the device: torch's SyncBatchNorm on CUDA
+        self.loss = Stage1Loss(cfg.loss).to(info.device)
+        seed_rank_stream(cfg.trainer.seed, info)
         micro = cfg.data.loader.batch_size
         self.gen = build_engine(model, cfg.optim, deepspeed_config(cfg.deepspeed, micro, info))
         self.disc = build_engine(disc, cfg.disc_optim, deepspeed_config(cfg.deepspeed, micro, info))
         self.engines = {"generator": self.gen, "discriminator": self.disc}
-        self.ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
-        loss = Stage1Loss(cfg.loss).to(info.device)
-        self.step = Stage1Step(self.gen, self.disc, loss, info, self.ema)
-        self.info = info
+        self.ema = GatheredEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
 
-    def images(self, batch: dict) -> dict:
-        return image_panels(self.gen.module, batch, self.info.device)
+    def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
+        totals: dict[str, float] = {}
+        randoms = micro_batch_randoms(self.cfg.trainer.seed, step, micro_batches, self.info)
+        for batch, rand in zip(micro_batches, randoms):
+            # Share of GT patches at the image's original resolution (patch.p_keep, p_keep_late).
+            kept = {"data/kept_frac": batch["kept"].float().mean()}
+            logs = self._micro_step(to_device(batch, self.info.device), step, rand, kept)
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+        if self.ema is not None:
+            self.ema.update(self.gen.module)
+        return StepOutput(totals)
+
+    def _micro_step(self, b: dict, step: int, rand, logs_in: dict) -> dict:
+        out = self.gen(b["enc"], b["coords"], b["cells"], rand=rand)
+        renderer = self.gen.module.renderer
+        with frozen(self.disc.module):
+            # The discriminator module itself, not its engine: no engine hook sees this graph.
+            loss_g, grad_rgb, logs = self.loss.generator_objective(
+                out.rgb, b["gt"], out.bottleneck.loss, step, disc=self.disc.module,
+                head_weight_grad=lambda g: renderer.head_weight_grad(out.head_input, g), reduce_grad=all_reduce_mean)
+        surrogate = (out.rgb * grad_rgb).sum() + self.loss.cfg.bottleneck_weight * out.bottleneck.loss
+        self.gen.backward(surrogate)
+        self.gen.step()
+        if self.loss.gan_active(step):
+            fake = out.rgb.detach()
+            loss_d, dlogs = self.loss.discriminator_loss(self.disc(b["gt"]), self.disc(fake))
+            self.disc.backward(loss_d)
+            self.disc.step()
+            logs.update(dlogs)
+        logs.update(logs_in)
+        logs.update({f"bottleneck/{k.split('/')[-1]}": v for k, v in out.bottleneck.stats.items()})
+        # Every rank saw its own shard of the batch: report global means (equal to a 1-process run),
+        # in one all-reduce rather than one per scalar.
+        keys = sorted(logs)
+        values = torch.stack([torch.as_tensor(logs[k], device=self.info.device, dtype=torch.float32) for k in keys])
+        return dict(zip(keys, all_reduce_mean(values).tolist()))
+
+    @torch.no_grad()
+    def image_panels(self, batch: dict, n: int = 2) -> dict:
+        """Input, reconstructions rendered at 256, 512 and 1024, and a zoomed crop of a 4096 render."""
+        model = self.gen.module
+        was_training = model.training
+        model.eval()
+        x = to_device(batch, self.info.device)["enc"][:n]
+        phi = model.decode(model.encode(x))
+        panels = {"images/input": x.cpu()}
+        for size in (256, 512, 1024):
+            panels[f"images/recon_{size}"] = render_tiles(model.renderer, phi, (size, size))
+        panels["images/zoom_4096_center_256"] = render_tiles(model.renderer, phi, (4096, 4096),
+                                                             region=(1920, 1920, 2176, 2176))
+        model.train(was_training)
+        return panels
 
     def export(self, run_dir: Path, step: int) -> Path | None:
-        if not self.info.is_main:
-            return None
-        model = self.gen.module
-        if self.ema is not None:
-            model = NeuralFieldAutoencoder(model.cfg).to(self.info.device)
-            model.load_state_dict(self.gen.module.state_dict())
-            self.ema.copy_to(model)
-        path = save_model(model, run_dir / "export" / "autoencoder", extra={"step": step, "ema": self.ema is not None})
-        print(f"exported the {'EMA ' if self.ema else ''}autoencoder to {path}", flush=True)
-        return path
+        return export_model(self.gen.module, self.ema, "autoencoder", run_dir, step, self.info)
+
+
+def build_data(cfg: AutoencoderTrainConfig, info: DistInfo):
+    if cfg.data.kind == "synthetic":
+        return synthetic_images(cfg.data, info)
+    return ShardBatches(cfg.data, info, cfg.deepspeed.grad_accum)
 
 
 def run(cfg: AutoencoderTrainConfig, raw: dict) -> int:
     from train.app import run_stage
 
-    return run_stage(cfg, raw, lambda info: Stage1Task(cfg, info), lambda info: build_batches(cfg.data, info))
+    return run_stage(cfg, raw, lambda info: AutoencoderTask(cfg, info), lambda info: build_data(cfg, info))
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ class TrainerConfig:
     seed: int = 0
     ema: bool = False
     ema_decay: float = 0.999
-    sample_log: bool = False  # samples/rank*.jsonl: the keys each rank trained on at each step
+    sample_log: bool = False  # samples/rank*.jsonl: per step, the keys each rank trained on and their random draws
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):
@@ -64,18 +64,25 @@ class DeepSpeedConfig:
 
 @dataclass
 class SyntheticDataConfig:
-    """Deterministic generated images: sample i depends only on (seed, i), so a global batch is the
-    same at any world size (used to compare distributed runs and for smoke tests)."""
+    """Deterministic generated samples (images for stage 1, latents for stage 2): sample i depends
+    only on (seed, i), so a global batch is the same at any world size (used to compare
+    distributed runs and for smoke tests)."""
 
     image_size: int = 384
+    latent_size: int = 16
     seed: int = 0
 
 
 @dataclass
 class DataSourceConfig:
-    kind: Literal["shards", "synthetic"] = "synthetic"
+    """What a stage trains on: `shards` (image shards; stage 2 encodes them on the fly with
+    `autoencoder`), `latents` (a latent cache from data_prep.encode_latents, stage 2) or
+    `synthetic`. The shard loader's settings are `loader`."""
+
+    kind: Literal["shards", "latents", "synthetic"] = "synthetic"
     loader: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    autoencoder: str = ""  # stage 2: export that encodes image shards and renders the sample panels
 
 
 @dataclass

@@ -3,7 +3,7 @@
 1. a small mixed-resolution dataset: scikit-image's photographs (grayscale, RGBA and colour, 300 to
    1411 pixels) plus rescaled copies (some above 1024: the high-res stream), as WebDataset shards;
    two photographs are held out;
-2. stage 1: the tiny autoencoder trains for a few minutes (experiment=demo);
+2. stage 1: the tiny autoencoder trains for a few minutes (experiment=ae_demo);
 3. PSNR at 1x on the held-out photographs, before (the initial weights) and after training;
 4. a held-out photograph upsampled 8x through tiles, and a region of a 4096 x 4096 render;
 5. stage 2: a latent cache, a few minutes of the tiny text-conditioned diffusion model, and one
@@ -78,7 +78,7 @@ def stage2(out: Path, ae_export: Path, steps: int) -> list[Path]:
     py = sys.executable
     subprocess.run([py, "-m", "data_prep.encode_latents", "--ae", str(ae_export), "--shards", str(out / "shards"),
                     "--output", str(out / "latents"), "--flip"], check=True)
-    subprocess.run([py, "-m", "train.diffusion", "experiment=demo", f"run.root={out / 'runs'}",
+    subprocess.run([py, "-m", "train.diffusion", "experiment=diffusion_demo", f"run.root={out / 'runs'}",
                     f"data.loader.shards={out / 'latents'}", f"data.autoencoder={ae_export}",
                     f"trainer.max_steps={steps}"], check=True)
     unet = out / "runs" / "demo_diffusion" / "export" / "unet"
@@ -111,7 +111,7 @@ def main() -> None:
 
     print("\n== 2. stage 1: training the tiny autoencoder", flush=True)
     before = psnr_1x(initial_model({"resolution": 128, "bottleneck": "kl"}, device), device)
-    subprocess.run([sys.executable, "-m", "train.autoencoder", "experiment=demo", f"run.root={out / 'runs'}",
+    subprocess.run([sys.executable, "-m", "train.autoencoder", "experiment=ae_demo", f"run.root={out / 'runs'}",
                     f"data.loader.shards={out / 'shards'}", f"trainer.max_steps={args.steps}"], check=True)
     export = out / "runs" / "demo_autoencoder" / "export" / "autoencoder"
     model = load_model(export, device)

@@ -1,35 +1,52 @@
 """Stage 2: train the latent diffusion model (on a latent cache, or encoding images on the fly).
 
-    python -m train.diffusion experiment=cpu_tiny data.loader.shards=LATENTS data.autoencoder=AE_EXPORT
-    torchrun --nproc_per_node 8 -m train.diffusion experiment=ffhq_paper data.loader.shards=... deepspeed=zero3
+    python -m train.diffusion experiment=diffusion_cpu_tiny data.loader.shards=LATENTS data.autoencoder=AE_EXPORT
+    torchrun --nproc_per_node 8 -m train.diffusion experiment=diffusion_ffhq_paper data.loader.shards=... deepspeed=zero3
+
+Every per-sample draw of a step (noise, timestep, caption and label dropout) is keyed by
+(trainer.seed, step, the sample's index in the global batch): ranks draw independently, and the
+losses do not depend on the number of ranks.
 """
 from __future__ import annotations
 
+import logging
 import sys
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from pathlib import Path
 
-from infd.config import ConfigError
-from infd.data.dataset import DataConfig
-from infd.diffusion.schedule import DiffusionConfig
-from infd.models.unet import UNetConfig
-from infd.text import TextEncoderConfig
-from train.config import DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+import torch
 
+from infd.config import ConfigError, to_mapping
+from infd.data.latents import collate_latents, latent_sample
+from infd.data.transforms import to_unit_range
+from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
+from infd.export import load_model
+from infd.keyed_random import KeyedRandom
+from infd.models.unet import UNet, UNetConfig
+from infd.render import render_tiles
+from infd.sampling import generate_latents, unet_fn
+from infd.text import TextEncoderConfig, build_text_encoder
+from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+from train.data import ShardBatches, synthetic_latents
+from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
+from train.engines import build_engine, deepspeed_config
+from train.export import export_model
+from train.loop import StepOutput
+from train.zero import GatheredEMA
 
-@dataclass
-class LatentDataConfig:
-    kind: Literal["latents", "images"] = "latents"  # a latent cache, or image shards encoded on the fly
-    loader: DataConfig = field(default_factory=DataConfig)
-    autoencoder: str = ""  # export directory: encodes images (kind=images) and renders sample panels
-    scale_samples: int = 256  # latents used to estimate the scale factor at start
+log = logging.getLogger("train")
 
 
 @dataclass
 class SamplePanelConfig:
+    """Sampling for the W&B panels; recorded in the UNet export as `infd sample`'s defaults."""
+
     prompts: list[str] = field(default_factory=lambda: ["a photograph", "a painting"])
     sampler: str = "ddim"
     steps: int = 20
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 the paper's (DDPM-like) sampling
+    spacing: str = "linspace"  # timesteps of ddim/ddpm: linspace | leading (the official code) | trailing
     cfg_scale: float = 1.0
     latent_size: int = 64
 
@@ -43,34 +60,152 @@ class DiffusionTrainConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.6e-5, betas=(0.9, 0.999), weight_decay=0.01))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    data: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(kind="latents"))
     samples: SamplePanelConfig = field(default_factory=SamplePanelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self, prefix: str = "") -> None:
-        if self.data.kind == "images" and not self.data.autoencoder:
-            raise ConfigError("config key 'data.autoencoder' is empty: data.kind=images encodes on the fly and "
-                              "needs an autoencoder export")
+        if self.data.kind == "shards" and not self.data.autoencoder:
+            raise ConfigError("config key 'data.autoencoder' is empty: data.kind=shards encodes images on the fly "
+                              "and needs an autoencoder export (or use data.kind=latents with a latent cache)")
         if self.text.kind == "openclip" and self.unet.context_dim == 0:
             raise ConfigError("config key 'unet.context_dim' is 0 but text.kind=openclip: set it to the text "
                               "encoder's width (512 for ViT-B-32)")
 
 
+def estimate_latent_scale(batches, ae, count: int, device) -> float:
+    """1 / std of the first `count` latents of `batches` (LDM's scale factor: the diffusion model
+    then sees unit-variance latents). Every rank reads the same batches, so every rank agrees."""
+    latents, n = [], 0
+    for batch in batches:
+        z = batch["z"] if "z" in batch else ae.encode(to_unit_range(batch["enc"].to(device))).cpu()
+        latents.append(z.float())
+        n += z.shape[0]
+        if n >= count:
+            break
+    return float(1.0 / torch.cat(latents)[:count].std().clamp_min(1e-6))
+
+
+class DiffusionTask:
+    def __init__(self, cfg: DiffusionTrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (random-init text tower too)
+        unet = UNet(cfg.unet).to(info.device)
+        self.text = build_text_encoder(cfg.text)
+        seed_rank_stream(cfg.trainer.seed, info)
+        self.text = self.text.to(info.device) if self.text is not None else None
+        self._empty_text = None  # embedding of "" (dropped captions), computed once
+        self.unet = build_engine(unet, cfg.optim, deepspeed_config(cfg.deepspeed, cfg.data.loader.batch_size, info))
+        self.engines = {"unet": self.unet}
+        self.ema = GatheredEMA(self.unet.module, cfg.trainer.ema_decay) if cfg.trainer.ema else None
+        self.schedule = build_schedule(cfg.diffusion)
+        self.ae = load_model(cfg.data.autoencoder, info.device) if cfg.data.autoencoder else None
+        self.latent_scale = self._latent_scale()
+
+    def _latent_scale(self) -> float:
+        cfg = self.cfg.diffusion
+        if cfg.latent_scale != "auto":
+            return float(cfg.latent_scale)
+        # The same first batches on every rank: rank 0's view of a one-rank loader.
+        first = build_data(self.cfg, DistInfo(0, 0, 1, self.info.device), shuffle=False)
+        with torch.no_grad():
+            scale = estimate_latent_scale(islice(first, cfg.latent_scale_samples), self.ae,
+                                          cfg.latent_scale_samples, self.info.device)
+        log.info("latent scale factor %.5f (1 / std of %d latents)", scale, cfg.latent_scale_samples)
+        return scale
+
+    def _context(self, captions: list[str], cached, drop: torch.Tensor):
+        """Text tokens (B, L, D) with dropped captions replaced by the empty caption's; None without text."""
+        if self.text is None:
+            return None
+        if cached is None:
+            return self.text(["" if d else c for c, d in zip(captions, drop.tolist())])
+        if self._empty_text is None:
+            self._empty_text = self.text([""])
+        cached = cached.to(self.info.device)
+        return torch.where(drop.to(cached.device)[:, None, None], self._empty_text.to(cached.dtype), cached)
+
+    def _labels(self, labels, drop: torch.Tensor):
+        """Class labels (B,), with the "no label" class (num_classes) for missing and dropped ones."""
+        n = self.cfg.unet.num_classes
+        if not n or labels is None:
+            return None
+        labels = torch.where(labels < 0, n, labels)
+        return torch.where(drop.cpu(), n, labels).to(self.info.device)
+
+    def _latents(self, batch: dict) -> torch.Tensor:
+        if "z" in batch:
+            return batch["z"].to(self.info.device)
+        with torch.no_grad():
+            return self.ae.encode(to_unit_range(batch["enc"].to(self.info.device)))
+
+    def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
+        total, timesteps = 0.0, []
+        randoms = micro_batch_randoms(self.cfg.trainer.seed, step, micro_batches, self.info)
+        fn = unet_fn(self.unet, self.schedule)
+        for batch, rand in zip(micro_batches, randoms):
+            loss, t = self._loss(batch, rand, fn)
+            self.unet.backward(loss)
+            self.unet.step()
+            total += all_reduce_mean(loss.detach().float()).item() / len(micro_batches)
+            timesteps += t.tolist()
+        if self.ema is not None:
+            self.ema.update(self.unet.module)
+        return StepOutput({"loss": total, "latent_scale": self.latent_scale}, {"t": timesteps})
+
+    def _loss(self, batch: dict, rand: KeyedRandom, fn):
+        z = self._latents(batch) * self.latent_scale
+        # One draw drops the caption and the label together: guidance's unconditional branch has neither.
+        drop = rand.rand("cond_dropout") < self.cfg.text.caption_dropout
+        cond = {"context": self._context(batch.get("captions") or [""] * z.shape[0], batch.get("text"), drop),
+                "labels": self._labels(batch.get("labels"), drop)}
+        return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
+
+    @torch.no_grad()
+    def image_panels(self, batch: dict) -> dict:
+        """Sample grids at the autoencoder's size and twice it, for the configured prompts."""
+        if self.ae is None:
+            return {}
+        s = self.cfg.samples
+        prompts = list(s.prompts) or [""]
+        c, h = self.cfg.unet.in_channels, s.latent_size
+        z = generate_latents(self.unet.module, self.cfg.diffusion, self.latent_scale, (len(prompts), c, h, h),
+                             prompts if self.text is not None else None, self.text, s.cfg_scale, s.sampler, s.steps,
+                             seed=0, device=self.info.device, eta=s.eta, spacing=s.spacing)
+        phi = self.ae.decode(z)
+        base = self.ae.cfg.net.resolution
+        return {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
+
+    def export(self, run_dir: Path, step: int) -> Path | None:
+        s = self.cfg.samples
+        extra = {"latent_scale": self.latent_scale, "diffusion": to_mapping(self.cfg.diffusion),
+                 "text": to_mapping(self.cfg.text), "autoencoder": self.cfg.data.autoencoder,
+                 "sampling": {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "spacing": s.spacing}}
+        return export_model(self.unet.module, self.ema, "unet", run_dir, step, self.info, extra)
+
+
+def build_data(cfg: DiffusionTrainConfig, info: DistInfo, shuffle: bool = True):
+    """shuffle=False: the shards in order, no workers (the latent-scale estimate)."""
+    data = cfg.data
+    if data.kind == "synthetic":
+        return synthetic_latents(data, info, cfg.unet.in_channels)
+    if not shuffle:
+        data = replace(data, loader=replace(data.loader, num_workers=0, shuffle_buffer=1, p_hr=0.0, resampled=False))
+    if data.kind == "latents":
+        return ShardBatches(data, info, cfg.deepspeed.grad_accum, latent_sample, collate_latents)
+    return ShardBatches(data, info, cfg.deepspeed.grad_accum)
+
+
 def run(cfg: DiffusionTrainConfig, raw: dict) -> int:
     from train.app import run_stage
-    from train.data import ShardBatches
-    from train.stage2 import LatentBatches, Stage2Task
 
-    def make_data(info):
-        return LatentBatches(cfg.data, info) if cfg.data.kind == "latents" else ShardBatches(cfg.data, info)
-
-    return run_stage(cfg, raw, lambda info: Stage2Task(cfg, info), make_data)
+    return run_stage(cfg, raw, lambda info: DiffusionTask(cfg, info), lambda info: build_data(cfg, info))
 
 
 def main() -> None:
     from train.app import hydra_main
 
-    hydra_main("diffusion", DiffusionTrainConfig, run, config_dir_name="diffusion")
+    hydra_main("diffusion", DiffusionTrainConfig, run)
 
 
 if __name__ == "__main__":

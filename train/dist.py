@@ -13,10 +13,13 @@ import socket
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster.launch import slurm_dist_env
+from infd.keyed_random import KeyedRandom, global_batch_indices
+
+from train.slurm_env import slurm_dist_env
 
 log = logging.getLogger("train")
 
@@ -146,3 +149,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def seed_rank_stream(seed: int, info: DistInfo) -> None:
+    """Call after the weights are built (from torch.manual_seed(seed), identical on every rank):
+    what still draws from the global RNG during training (dropout masks) then differs per rank.
+    Per-sample draws (noise, timesteps, caption dropout, KL samples) do not use it: they come
+    from infd.keyed_random, keyed by the global sample index."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, info.rank, 0x5EED]).generate_state(1)[0]))
+
+
+def micro_batch_randoms(seed: int, step: int, micro_batches: list[dict], info: DistInfo) -> list[KeyedRandom]:
+    """One KeyedRandom per micro-batch of this rank, keyed by its samples' global batch positions."""
+    return [KeyedRandom(seed, step, global_batch_indices(m, info.rank, info.world_size, len(b["keys"])), info.device)
+            for m, b in enumerate(micro_batches)]

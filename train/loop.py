@@ -1,24 +1,50 @@
 """The training loop shared by both stages: steps, logging, images, checkpoints, preemption, resume.
 
-A stage provides a `Task` with: engines (name -> DeepSpeed engine), step(micro_batches, step) ->
-logs, ema (or None), images(batch) -> panels, export(run_dir, step).
+A stage hands over a `Task` (its engines and what one step does) and its `Batches`; the loop
+does the rest, the same way for both.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from safetensors.torch import load_file
 
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainerConfig
+from train.data import Batches
 from train.dist import DistInfo, any_rank
 from train.logger import Logger, Throughput, grad_norm
 from train.signals import PreemptionFlag
 
 log = logging.getLogger("train")
+
+
+@dataclass
+class StepOutput:
+    logs: dict[str, float]  # global means, logged on rank 0
+    draws: dict[str, list] = field(default_factory=dict)  # this rank's per-sample random draws (sample log)
+
+
+class Task(Protocol):
+    """What a stage gives the loop."""
+
+    engines: dict  # name -> DeepSpeed engine: checkpointed, their lr and grad norm logged
+    ema: object | None  # EMA of the exported model, checkpointed; None without
+
+    def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
+        """One optimizer step over the micro-batches (gradient accumulation); `step` counts
+        completed steps (0 for the first)."""
+
+    def image_panels(self, batch: dict) -> dict:
+        """W&B panels (name -> images or (images, captions)); collective (every rank renders)."""
+
+    def export(self, run_dir: Path, step: int) -> Path | None:
+        """Write the trained model to run_dir/export/; collective, rank 0 writes."""
 
 
 def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
@@ -32,7 +58,7 @@ def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def resume(task, data, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad_accum: int) -> int:
+def resume(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad_accum: int) -> int:
     path = find_resume(cfg, ckpt_root)
     if path is None:
         return 0
@@ -41,9 +67,7 @@ def resume(task, data, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad
     if loaded["rank_state"] is not None:
         data.load_state_dict(loaded["rank_state"]["data"])
     else:
-        data.restart_epoch(loaded["state"].get("data_epoch", 0) + 1)
-        if hasattr(data, "set_global_position"):
-            data.set_global_position(step * grad_accum)
+        data.restart_at(step * grad_accum, loaded["state"].get("data_epoch", 0) + 1)
     if task.ema is not None and (path / "ema.safetensors").exists():
         task.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
     log.info("resumed from %s at step %d", path, step)
@@ -76,7 +100,7 @@ def _step_of(line: str, default: int) -> int:
         return default
 
 
-def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
+def train(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
           preempt: PreemptionFlag) -> int:
     """Run until trainer.max_steps or until `preempt` is raised. Returns the last completed step."""
     ckpt_root = run_dir / "checkpoints"
@@ -91,18 +115,19 @@ def train(task, data, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger:
         start = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
         meter.data_wait(time.perf_counter() - start, sum(len(b["keys"]) for b in micro))
-        logs = task.step(micro, step)
+        out = task.train_step(micro, step)
+        logs = out.logs
         step += 1
         metrics.write(step, logs)
         if samples.enabled:
-            samples.write(step, {"keys": [k for b in micro for k in b["keys"]]})
+            samples.write(step, {"keys": [k for b in micro for k in b["keys"]]} | out.draws)
         if step % cfg.log_every == 0:
             skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
             logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
                                {f"data/skipped/{k}": v for k, v in skips.items()} |
                                {"data/skipped_total": sum(skips.values())}, step)
         if step % cfg.image_every == 0:
-            logger.log_images(task.images(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
+            logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
         stop = any_rank(preempt.raised, info.device)
         if stop or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             rank_state = {"data": data.state_dict()}

@@ -4,9 +4,9 @@
 # every host listed there.
 #
 #   cp cluster/deepspeed/hostfile.example cluster/deepspeed/hostfile    # then list your nodes
-#   STAGE=autoencoder cluster/deepspeed/launch.sh experiment=ffhq_paper run.name=ffhq-ae \
+#   STAGE=autoencoder cluster/deepspeed/launch.sh experiment=ae_ffhq_paper run.name=ffhq-ae \
 #       logger=wandb 'data.loader.shards="s3://bucket/ffhq/{00000..00139}.tar"'
-#   DRY_RUN=1 STAGE=diffusion cluster/deepspeed/launch.sh experiment=ffhq_paper ...   # print only
+#   DRY_RUN=1 STAGE=diffusion cluster/deepspeed/launch.sh experiment=diffusion_ffhq_paper ...   # print only
 #
 # Knobs (environment, default in brackets):
 #   STAGE        autoencoder | diffusion: every rank runs python -m train.$STAGE  [autoencoder]
