@@ -1,6 +1,6 @@
 """Typed configuration of the training applications; Hydra YAML only selects and overrides.
 
-`schema_defaults(cls)` gives Hydra the full key set with the dataclass defaults (so every key can
+train/app.py gives Hydra the full key set with the dataclass defaults (so every key can
 be overridden as `a.b=c` and a misspelt override fails naming the key); `from_mapping` then
 builds and validates the dataclasses (types, choices, ranges) once at start.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from infd.config import ConfigError, to_mapping
+from infd.config import ConfigError
 from infd.data.dataset import DataConfig
 
 
@@ -93,6 +93,3 @@ class LoggerConfig:
     mode: str | None = None  # online | offline | disabled; default from WANDB_MODE
     tags: list[str] = field(default_factory=list)
 
-
-def schema_defaults(cls) -> dict:
-    return to_mapping(cls())
