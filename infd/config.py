@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -44,7 +45,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return from_mapping(hint, value, prefix=key + ".")
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / Union[...] or X | None
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None

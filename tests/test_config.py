@@ -27,3 +27,12 @@ def test_group_norm_width_rule_is_explained():
 def test_round_trip_through_plain_mapping():
     cfg = from_mapping(AutoencoderConfig, {"net": {"ch_mult": [1, 2]}, "renderer": {"kind": "liif"}})
     assert from_mapping(AutoencoderConfig, to_mapping(cfg)) == cfg
+
+
+def test_optional_fields_written_with_a_bar_are_type_checked():
+    from infd.data.transforms import PatchConfig
+
+    assert from_mapping(PatchConfig, {"p_keep_late": None}).p_keep_late is None
+    assert from_mapping(PatchConfig, {"p_keep_late": 1}).p_keep_late == 1.0
+    with pytest.raises(ConfigError, match=r"p_keep_late' must be float"):
+        from_mapping(PatchConfig, {"p_keep_late": "half"})

@@ -65,8 +65,7 @@ class PatchConfig:
             raise ConfigError(f"config key '{prefix}r_max' = {self.r_max} must be >= patch_size = {self.patch_size}")
         if not 0.0 <= self.p_keep <= 1.0:
             raise ConfigError(f"config key '{prefix}p_keep' = {self.p_keep} must be a probability in [0, 1]")
-        late = self.p_keep_late
-        if late is not None and not (isinstance(late, (int, float)) and not isinstance(late, bool) and 0 <= late <= 1):
+        if self.p_keep_late is not None and not 0.0 <= self.p_keep_late <= 1.0:
             raise ConfigError(f"config key '{prefix}p_keep_late' = {self.p_keep_late} must be null or a "
                               "probability in [0, 1]")
         if self.gt_decode_oversample < 1:
