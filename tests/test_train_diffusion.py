@@ -76,14 +76,16 @@ def test_two_ranks_train_and_resume_exactly(tmp_path, cache):
 
 def test_wandb_sample_panels_and_sampling_the_export(tmp_path, cache):
     run(DIFF, tmp_path, "wb", *common(cache, "logger=wandb", "trainer.max_steps=2", "trainer.image_every=2",
-                                      "trainer.ckpt_every=100"))
+                                      "trainer.ckpt_every=100", "diffusion.latent_scale=1.0"))
     history, config = history_and_config(next((tmp_path / "wb" / "wandb").glob("offline-run-*/*.wandb")))
     last = history[-1]
     assert isinstance(last["loss"], float) and last["samples/64/width"] == 64 and last["samples/128/width"] == 128
+    assert last["latent_scale"] == 1.0  # the paper's raw latents, not the estimate
     assert last["samples/64/count"] == 2  # one image per prompt, captioned with it
     assert last["samples/64/captions"] == ["a photograph", "a painting"]
     assert config["unet"]["context_dim"] == 512
     unet = tmp_path / "wb" / "export" / "unet"
+    assert json.loads((unet / "config.json").read_text())["extra"]["latent_scale"] == 1.0
     cmd = [sys.executable, "-m", "infd.cli", "sample", "--ae", str(cache / "ae"), "--unet", str(unet), "--prompt",
            "a photo", "--size", "300x200", "--steps", "4", "--seed", "7"]
     for name, extra in (("a.png", []), ("b.png", []), ("r.png", ["--region", "20,10,120,90"])):
