@@ -39,13 +39,19 @@ def options(stage: str) -> list[tuple[str, str]]:
     return out
 
 
-def compose_stage(stage: str, overrides: list[str]) -> dict:
-    cls, _ = STAGES[stage]
-    ConfigStore.instance().store(name=f"{stage}_schema", node=to_mapping(cls()))
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
+    """One Hydra initialisation for the module: composing is cheap, initialising is not."""
+    for stage, (cls, _) in STAGES.items():
+        ConfigStore.instance().store(name=f"{stage}_schema", node=to_mapping(cls()))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(stage, overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+        yield
+    GlobalHydra.instance().clear()
+
+
+def compose_stage(stage: str, overrides: list[str]) -> dict:
+    return OmegaConf.to_container(compose(stage, overrides=overrides), resolve=True)
 
 
 @pytest.mark.parametrize("stage, option", options("autoencoder") + options("diffusion"))

@@ -42,9 +42,10 @@ def sample_log(root, name: str, rank: int) -> dict[int, dict]:
 def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path):
     # Synthetic latents: sample i depends only on (seed, i), so the global batch is the same at
     # any world size; noise, timesteps and caption dropout are keyed by the global sample index.
+    # Class-conditional (labels dropped with p 0.5, keyed too); no text tower, to keep the test short.
     args = ("experiment=diffusion_cpu_tiny", "data=synthetic", "trainer.max_steps=3", "trainer.ckpt_every=100",
             "trainer.image_every=1000", "trainer.sample_log=true", "diffusion.latent_scale_samples=16",
-            "text.caption_dropout=0.5")
+            "text.kind=none", "unet.context_dim=0", "unet.num_classes=4", "text.caption_dropout=0.5")
     run(DIFF, tmp_path, "one", *args, "data.loader.batch_size=4")
     run(DIFF, tmp_path, "two", *args, "data.loader.batch_size=2", nproc=2)
     one, two = metrics(tmp_path, "one"), metrics(tmp_path, "two")
