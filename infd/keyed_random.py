@@ -28,9 +28,6 @@ class KeyedRandom:
         self.seed, self.step, self.indices = int(seed), int(step), [int(i) for i in indices]
         self.device = torch.device(device)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def _generators(self, purpose: str) -> list[torch.Generator]:
         tag = zlib.crc32(purpose.encode())  # stable across processes, unlike hash()
         gens = []

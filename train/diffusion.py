@@ -156,7 +156,8 @@ class DiffusionTask:
     def _loss(self, batch: dict, rand: KeyedRandom, fn):
         z = self._latents(batch) * self.latent_scale
         # One draw drops the caption and the label together: guidance's unconditional branch has neither.
-        drop = rand.rand("cond_dropout") < self.cfg.text.caption_dropout
+        conditioned = self.text is not None or self.cfg.unet.num_classes > 0
+        drop = rand.rand("cond_dropout") < self.cfg.text.caption_dropout if conditioned else None
         cond = {"context": self._context(batch.get("captions") or [""] * z.shape[0], batch.get("text"), drop),
                 "labels": self._labels(batch.get("labels"), drop)}
         return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
