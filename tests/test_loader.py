@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.images import bomb_png, build, exif_rotated_jpeg, jpeg_bytes, noise_i
 
 SMALL_PATCH = {"patch_size": 32, "r_max": 64, "encoder_size": 32}
 SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_shards(tmp_path, sizes, per_shard: int, hr_threshold: int = 100_000, name: str = "shards") -> Path:
@@ -316,3 +318,32 @@ def test_p_keep_late_config_values_name_the_key():
         from_mapping(DataConfig, {"shards": "x", "patch": {"p_keep_late": 0.5, "p_keep_late_step": -1}})
     late = from_mapping(PatchConfig, {"p_keep": 0.1, "p_keep_late": 0.5, "p_keep_late_step": 400_000}).late()
     assert late.p_keep == 0.5 and late.p_keep_late_step == 400_000
+
+
+def test_data_workers_ignore_stop_signals_and_die_with_their_trainer(tmp_path):
+    """Clusters signal every process of a job; the trainer owns shutdown (it checkpoints first), so
+    its workers must survive SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2, yet not outlive a killed trainer."""
+    import psutil
+
+    shards = small_shards(tmp_path, [(80, 64)] * 8, per_shard=4)
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "loader_under_signals.py"), str(shards)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    line = proc.stdout.readline().split()
+    assert line[-1:] == ["survived"], proc.stderr.read()[-3000:]
+    workers = [psutil.Process(int(pid)) for pid in line[:-1]]
+    assert len(workers) == 2
+    proc.kill()  # SIGKILL: no chance to stop its workers itself
+    proc.wait(timeout=10)
+    deadline = time.time() + 3  # the kernel's parent-death signal, not PyTorch's 5 s watchdog
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers)
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

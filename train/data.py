@@ -17,6 +17,7 @@ from infd.data.counters import merge_counts
 from infd.data.dataset import build_loader, collate
 from infd.data.latents import collate_latents
 from infd.data.transforms import make_patch_sample
+from infd.data.workers import preemption_signals_held
 from train.config import DataSourceConfig
 from train.dist import DistInfo
 
@@ -63,7 +64,10 @@ class ShardBatches:
             self.dataset.set_epoch(self.epoch)
             self.dataset.load_state_dict({"epoch": self.epoch, "batches": self.batches_done})
             self.dataset.set_step_clock(self.consumed - self.batches_done, self.grad_accum)
-            for batch in self.loader:  # a new iterator: the workers receive the dataset as set above
+            with preemption_signals_held():  # see infd/data/workers.py
+                batches = iter(self.loader)  # a new iterator: the workers receive the dataset as set above
+            # Closing this generator (the loop does, on every exit) drops `batches`, which stops its workers.
+            for batch in batches:
                 self.batches_done += 1
                 self.consumed += 1
                 self.skips[batch["worker"]] = batch["skips"]

@@ -37,6 +37,7 @@ from infd.data.index import INDEX_NAME, ShardIndex, load_index
 from infd.data.tar_samples import TruncatedShard, iterate_tar
 from infd.data.transforms import PatchConfig, make_patch_sample
 from infd.data.urls import dirname_url, expand_urls, join_url, open_stream, read_range
+from infd.data.workers import init_worker
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 HISTORY = 8  # recent raw samples a bad one may be replaced by
@@ -332,4 +333,5 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if cfg.num_workers > 0 else None, generator=generator)
+                      prefetch_factor=2 if cfg.num_workers > 0 else None, generator=generator,
+                      worker_init_fn=init_worker)

@@ -1,0 +1,49 @@
+"""DataLoader worker processes leave shutdown to their parent.
+
+Clusters stop a job by signalling every process of it (SLURM signals the whole job step, torchrun
+and the DeepSpeed launcher signal each rank's process group or tree). A worker that died of that
+signal would take the parent's step down with it (PyTorch raises "DataLoader worker ... killed by
+signal") before the parent could checkpoint. So workers ignore the preemption signals; the parent
+finishes its step, checkpoints, and stops its workers itself. Workers still end with their parent:
+PyTorch's watchdog notices within seconds, and on Linux the kernel kills them at once.
+"""
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+from contextlib import contextmanager
+
+# What schedulers and launchers send to stop or warn a job (SIGUSR1/2: SLURM's --signal, submitit).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_PR_SET_PDEATHSIG = 1
+
+
+def ignore_preemption_signals() -> None:
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the thread that forked it exits (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+@contextmanager
+def preemption_signals_held():
+    """Hold the preemption signals while workers are forked (wrap `iter(loader)`): a worker
+    inherits them blocked and drops them once it ignores them, so a signal arriving at fork time
+    cannot kill it; the parent receives its own copy when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def init_worker(worker_id: int) -> None:
+    """`worker_init_fn` for every DataLoader of the system."""
+    ignore_preemption_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+    die_with_parent()

@@ -1,0 +1,31 @@
+"""A trainer stand-in: iterate a 2-worker loader, send the preemption signals to the workers, keep
+iterating; print the worker pids and "survived", then wait to be killed (the test checks that the
+workers die with this process)."""
+import os
+import signal
+import sys
+import time
+
+from infd.config import from_mapping
+from infd.data.dataset import DataConfig, build_loader
+from infd.data.workers import PREEMPTION_SIGNALS
+
+
+def main() -> None:
+    cfg = from_mapping(DataConfig, {"shards": sys.argv[1], "batch_size": 2, "num_workers": 2, "shuffle_buffer": 4,
+                                    "resampled": True, "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
+    batches = iter(build_loader(cfg))
+    next(batches)
+    workers = [w.pid for w in batches._workers]
+    for sig in PREEMPTION_SIGNALS:
+        for pid in workers:
+            os.kill(pid, sig)
+    time.sleep(0.5)
+    for _ in range(6):
+        next(batches)  # every worker still delivers
+    print(" ".join(map(str, workers)), "survived", flush=True)
+    signal.pause()
+
+
+if __name__ == "__main__":
+    main()
