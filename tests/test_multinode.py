@@ -15,7 +15,7 @@ import psutil
 
 from tests.images import build, write_folder
 from tests.s3_server import free_port
-from tests.training import ROOT, assert_close, env, metrics, run, train_cmd
+from tests.training import ROOT, assert_close, env, metrics, run, sample_keys, train_cmd
 
 AE = "train.autoencoder"
 TINY = ("experiment=ae_cpu_tiny", "trainer.image_every=1000", "trainer.log_every=1")
@@ -68,16 +68,6 @@ def _shards(tmp_path):
             "data.loader.batch_size=2", "data.loader.shuffle_buffer=4", "data.loader.patch.r_max=96")
 
 
-def _sample_log(root, name) -> dict[int, list[str]]:
-    """step -> keys trained on at that step, over all ranks."""
-    steps: dict[int, list[str]] = {}
-    for path in sorted((root / name / "samples").glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            steps.setdefault(entry["step"], []).extend(entry["keys"])
-    return steps
-
-
 def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
     for child in launcher.children():
         try:
@@ -123,7 +113,7 @@ def test_killed_rank_restarts_from_the_latest_checkpoint_without_losing_or_repea
     for step in killed:
         assert_close(straight[step], killed[step], COMPARED, rtol=1e-6)
         assert killed[step]["data/kept_frac"] == (1.0 if step >= 6 else 0.0)
-    samples, reference = _sample_log(tmp_path, "killed"), _sample_log(tmp_path, "straight")
+    samples, reference = sample_keys(tmp_path, "killed"), sample_keys(tmp_path, "straight")
     assert samples == reference
     first_epoch = [k for step in range(1, 7) for k in samples[step]]
     assert len(first_epoch) == len(set(first_epoch)) == 24  # every sample exactly once
@@ -150,38 +140,15 @@ def test_local_sweep_runs_each_point_in_its_own_directory(tmp_path):
     assert len(set(losses.values())) == 4
 
 
-def test_time_limit_signal_through_the_slurm_torchrun_line_checkpoints_and_exits(tmp_path):
-    """What a SLURM job does near its time limit, minus SLURM: the torchrun line cluster.launch
-    renders gets SIGUSR1, hands it to the workers, and they checkpoint at the next step."""
-    from cluster.launch import torchrun_command
-
-    slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1",
-             "SLURM_NODEID": "0", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
-    cmd = torchrun_command(slurm, "autoencoder", [f"run.root={tmp_path}", "run.name=limited", *TINY,
-                                                  "trainer.max_steps=200", "trainer.ckpt_every=100"],
-                           max_restarts=1, shutdown_timeout=120)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics_file, deadline = tmp_path / "limited" / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
-    stopped_at = max(metrics(tmp_path, "limited"))
-    assert 3 <= stopped_at < 100, out[-3000:]
-    latest = (tmp_path / "limited" / "checkpoints" / "latest").read_text()
-    assert latest == f"step_{stopped_at:07d}", out[-3000:]  # saved at the step it stopped, not at 100
-    assert "received SIGUSR1" in out and "stopped by signal" in out
-    assert "resumed from" not in out  # torchrun shut the group down; it did not restart it
-
-
 def test_preemption_flag_hands_the_signal_on_after_the_checkpoint():
     """submitit requeues a sweep job from its own SIGUSR2 handler: the flag takes the signal first
     (the loop checkpoints), then forward() calls that handler; a second flag in the same process
     (the next job of a local sweep) still forwards to the original one."""
+    from infd.data.workers import PREEMPTION_SIGNALS
     from train.signals import PreemptionFlag
 
     calls = []
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    saved = {sig: signal.getsignal(sig) for sig in (*PREEMPTION_SIGNALS, signal.SIGCHLD)}
     signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
         first, second = PreemptionFlag(), PreemptionFlag()

@@ -92,10 +92,11 @@ def test_run_directory_not_shared_between_nodes(tmp_path):
     assert found.errors == []
 
 
-def _checkpoint(root, world_size: int, portable: bool):
+def _checkpoint(root, world_size: int, portable: bool, save_s: float = 1.0):
     path = root / "step_0000004"
     (path / "portable").mkdir(parents=True)
-    (path / "state.json").write_text(json.dumps({"step": 4, "world_size": world_size, "engines": ["generator"]}))
+    (path / "state.json").write_text(json.dumps({"step": 4, "world_size": world_size, "engines": ["generator"],
+                                                 "save_s": save_s}))
     if portable:
         (path / "portable" / "generator.safetensors").write_bytes(b"")
     (root / "latest").write_text(path.name)
@@ -114,6 +115,16 @@ def test_checkpoint_world_size(tmp_path, monkeypatch):
     found = Findings()
     check_resume(TrainerConfig(resume="never"), tmp_path / "b", rank(0, 2), found)
     assert "trainer.resume=never under torchrun --max-restarts 3" in found.errors[0]
+
+
+def test_a_checkpoint_slower_than_the_grace_period_is_warned(tmp_path):
+    _checkpoint(tmp_path, world_size=2, portable=True, save_s=42.0)
+    found = Findings()
+    check_resume(TrainerConfig(grace_s=30), tmp_path, rank(0, 2), found)
+    assert found.errors == [] and "took 42.0 s to save, more than trainer.grace_s=30" in found.warnings[0]
+    found = Findings()
+    check_resume(TrainerConfig(grace_s=60), tmp_path, rank(0, 2), found)
+    assert found.warnings == []
 
 
 def test_failing_preflight_stops_every_rank(tmp_path, shards):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
             return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum, preempt)
         finally:
             logger.finish()
-        on_main(info, print, f"finished at step {return_step}", flush=True)
+        if preempt.raised and return_step < cfg.trainer.max_steps:
+            on_main(info, print, f"stopped at step {return_step} by {signal.Signals(preempt.signum).name}: "
+                    "checkpoint saved; the same command resumes from it", flush=True)
+        else:
+            on_main(info, print, f"finished at step {return_step}", flush=True)
         clean = True
     finally:
         shutdown(keep_group=in_sweep(), clean=clean)

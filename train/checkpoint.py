@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,13 @@ def optimizer_step_count(engine) -> int:
 
 
 def save_checkpoint(root: Path, step: int, engines: dict, extra_rank_state: dict, info: DistInfo,
-                    keep_last: int, ema: dict | None = None, meta: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    keep_last: int, ema: dict | None = None, meta: dict | None = None,
+                    grace_s: float | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Its duration is logged and kept in state.json (`save_s`): a checkpoint taken on a stop
+    signal must fit the grace period before SIGKILL (`grace_s`: warned when it does not)."""
+    started = time.perf_counter()
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
     if info.is_main:
@@ -129,7 +135,7 @@ def save_checkpoint(root: Path, step: int, engines: dict, extra_rank_state: dict
     dist.barrier()
     if info.is_main:
         state = {"step": step, "world_size": info.world_size, "engines": list(engines),
-                 "optimizer_steps": counts, **(meta or {})}
+                 "optimizer_steps": counts, "save_s": round(time.perf_counter() - started, 3), **(meta or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -137,8 +143,14 @@ def save_checkpoint(root: Path, step: int, engines: dict, extra_rank_state: dict
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")
         _prune(root, keep_last)
-        log.info("saved checkpoint %s", final)
     dist.barrier()
+    if info.is_main:
+        seconds = time.perf_counter() - started
+        log.info("saved checkpoint %s in %.1f s", final, seconds)
+        if grace_s is not None and seconds > grace_s:
+            log.warning("the checkpoint took %.1f s, longer than trainer.grace_s=%g: a stop signal's checkpoint "
+                        "would be killed before it completes. Raise the grace period (see README, Preemption) "
+                        "and trainer.grace_s with it.", seconds, grace_s)
     return final
 
 

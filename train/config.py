@@ -31,11 +31,17 @@ class TrainerConfig:
     ema: bool = False
     ema_decay: float = 0.999
     sample_log: bool = False  # samples/rank*.jsonl: per step, the keys each rank trained on and their random draws
+    # Seconds between a stop signal and SIGKILL on your cluster (SLURM KillWait or GraceTime, Kubernetes
+    # terminationGracePeriodSeconds, torchrun --shutdown_timeout, the deepspeed launcher's 30 s): a
+    # checkpoint that takes longer is warned about at each save and in the preflight.
+    grace_s: float = 30.0
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{prefix}{name}' must be >= 1")
+        if self.grace_s <= 0:
+            raise ConfigError(f"config key '{prefix}grace_s' must be > 0 (seconds from a stop signal to SIGKILL)")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"config key '{prefix}ema_decay' must be in (0, 1)")
 

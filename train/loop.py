@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from safetensors.torch import load_file
 
@@ -102,7 +102,11 @@ def _step_of(line: str, default: int) -> int:
 
 def train(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
           preempt: PreemptionFlag) -> int:
-    """Run until trainer.max_steps or until `preempt` is raised. Returns the last completed step."""
+    """Run until trainer.max_steps or until `preempt` is raised. Returns the last completed step.
+
+    The stop check comes after each step's data fetch, in one all-reduce, so that every rank
+    stops at the same step boundary: a signal during step N (or during the fetch for step N+1)
+    ends in a checkpoint of step N+1 (or N) holding the data position before that fetch."""
     ckpt_root = run_dir / "checkpoints"
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -110,35 +114,58 @@ def train(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, run_dir
     metrics = StepLog(run_dir / "metrics.jsonl", info.is_main, step)
     # Which samples each rank trained on, per step: audits that restarts lose and repeat nothing.
     samples = StepLog(run_dir / "samples" / f"rank{info.rank:05d}.jsonl", cfg.sample_log, step)
-    batches, meter = iter(data), Throughput()
-    while step < cfg.max_steps:
-        start = time.perf_counter()
-        micro = [next(batches) for _ in range(grad_accum)]
-        meter.data_wait(time.perf_counter() - start, sum(len(b["keys"]) for b in micro))
-        out = task.train_step(micro, step)
-        logs = out.logs
-        step += 1
-        metrics.write(step, logs)
-        if samples.enabled:
-            samples.write(step, {"keys": [k for b in micro for k in b["keys"]]} | out.draws)
-        if step % cfg.log_every == 0:
-            skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
-            logger.log_scalars(logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
-                               {f"data/skipped/{k}": v for k, v in skips.items()} |
-                               {"data/skipped_total": sum(skips.values())}, step)
-        if step % cfg.image_every == 0:
-            logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
-        stop = any_rank(preempt.raised, info.device)
-        if stop or step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            rank_state = {"data": data.state_dict()}
-            epoch = rank_state["data"].get("epoch", 0)
-            save_checkpoint(ckpt_root, step, task.engines, rank_state, info, cfg.keep_last,
-                            ema=task.ema.state_dict() if task.ema else None, meta={"data_epoch": epoch})
-        if stop:
-            log.warning("stopped by signal at step %d (checkpoint saved)", step)
-            return step
+    batches, meter, saved = iter(data), Throughput(), step
+
+    def checkpoint(data_state: dict) -> None:
+        save_checkpoint(ckpt_root, step, task.engines, {"data": data_state}, info, cfg.keep_last,
+                        ema=task.ema.state_dict() if task.ema else None,
+                        meta={"data_epoch": data_state.get("epoch", 0)}, grace_s=cfg.grace_s)
+
+    try:
+        while step < cfg.max_steps:
+            position, start = data.state_dict(), time.perf_counter()
+            micro = fetch_micro_batches(batches, grad_accum, preempt)
+            if any_rank(micro is None or preempt.raised, info.device):
+                if step > saved:
+                    checkpoint(position)
+                log.warning("stopped by signal at step %d (%s)", step,
+                            "checkpoint saved" if step else "before the first step: nothing to save")
+                return step
+            meter.data_wait(time.perf_counter() - start, sum(len(b["keys"]) for b in micro))
+            out = task.train_step(micro, step)
+            step += 1
+            metrics.write(step, out.logs)
+            if samples.enabled:
+                samples.write(step, {"keys": [k for b in micro for k in b["keys"]]} | out.draws)
+            if step % cfg.log_every == 0:
+                skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
+                logger.log_scalars(out.logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
+                                   {f"data/skipped/{k}": v for k, v in skips.items()} |
+                                   {"data/skipped_total": sum(skips.values())}, step)
+            if step % cfg.image_every == 0:
+                logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                checkpoint(data.state_dict())
+                saved = step
+    finally:
+        batches.close()  # ends the DataLoader iterator: its workers are stopped here, not left to exit
     task.export(run_dir, step)  # collective; the task writes on rank 0
     return step
+
+
+def fetch_micro_batches(batches: Iterator[dict], n: int, preempt: PreemptionFlag) -> list[dict] | None:
+    """The next step's micro-batches, or None when a stop is pending: none are fetched after the
+    signal, and a data worker that died anyway then does not take the checkpoint down with it."""
+    if preempt.raised:
+        return None
+    try:
+        return [next(batches) for _ in range(n)]
+    except Exception:
+        if not preempt.raised:
+            raise
+        log.warning("the data loader failed after the stop signal; checkpointing the last completed step",
+                    exc_info=True)
+        return None
 
 
 def _engine_scalars(engines: dict) -> dict:

@@ -127,6 +127,12 @@ def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> N
     if path is None:
         return
     state = json.loads((path / "state.json").read_text())
+    if state.get("save_s", 0.0) > trainer.grace_s:
+        found.warnings.append(f"the last checkpoint ({path.name}) took {state['save_s']:.1f} s to save, more than "
+                              f"trainer.grace_s={trainer.grace_s:g}: on a stop signal the checkpoint would be killed "
+                              "before it completes. Give the job a longer grace period (SLURM KillWait/GraceTime, "
+                              "terminationGracePeriodSeconds, torchrun --shutdown_timeout) and set trainer.grace_s "
+                              "to it.")
     if state["world_size"] == info.world_size:
         return
     portable = all((path / "portable" / f"{name}.safetensors").exists() for name in state["engines"])
