@@ -1,7 +1,7 @@
 """Encode image shards into a latent cache for stage 2.
 
     python -m data_prep.encode_latents --ae EXPORT --shards SPEC --output DST [--flip]
-        [--batch-size 16] [--text-model ViT-B-32 --text-pretrained TAG|PATH|none]
+        [--batch-size 16] [--workers 4] [--text-model ViT-B-32 --text-pretrained TAG|PATH|none]
     torchrun --nproc_per_node 8 -m data_prep.encode_latents ...     # each rank its own shards
 
 Output shard i holds input shard i: per sample KEY.latent.npy (fp16 pre-quantisation latent of the
@@ -9,18 +9,26 @@ image's centre square at the autoencoder's input size), KEY.latent_flip.npy (--f
 KEY.text.npy (with a text model) and KEY.json (caption, size). A shard is finished once its
 stats file latents-XXXXXX.json exists (written after the tar is renamed into place), so a rerun
 keeps finished shards and redoes partial ones; index.json is written last by rank 0.
+
+Images are decoded in DataLoader workers (--workers, each reading whole shards); the main process
+encodes batches and writes the tars. A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2)
+ends the run after the batch in progress: finished shards stay, open ones are dropped, exit 0;
+the same command continues. The workers ignore these signals (infd/data/workers.py).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from infd.data.dataset import image_bytes
@@ -28,9 +36,11 @@ from infd.data.decode import SkipSample, decode_rgb, open_image
 from infd.data.latents import npy_bytes
 from infd.data.tar_samples import TruncatedShard, iterate_tar
 from infd.data.urls import expand_urls, open_stream
+from infd.data.workers import init_worker, preemption_signals_held
 from infd.evaluate import centre_square
 from infd.export import load_model
 from infd.image import pil_to_tensor, resize_antialiased
+from train.signals import PreemptionFlag
 
 
 def shard_name(i: int) -> str:
@@ -60,23 +70,92 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class ShardImages(IterableDataset):
+    """Decoded images of whole shards, for DataLoader workers: worker w of n takes shards w, w+n, ...
+    of `shards` [(index, url)]. Yields, per shard in order, chunks {"shard", "keys", "images"
+    (B, 3, S, S) in [-1, 1], "metas"} of up to batch_size, then {"shard", "done": True, "url",
+    "skipped"}."""
+
+    def __init__(self, shards: list[tuple[int, str]], size: int, batch_size: int):
+        self.shards, self.size, self.batch_size = shards, size, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for i, url in self.shards[worker::n_workers]:
+            skipped, chunk = {}, []
+            for item in itertools.chain(read_images(url, self.size, skipped), [None]):
+                if item is not None:
+                    chunk.append(item)
+                if chunk and (item is None or len(chunk) == self.batch_size):
+                    yield {"shard": i, "keys": [c[0] for c in chunk], "images": torch.stack([c[1] for c in chunk]),
+                           "metas": [c[2] for c in chunk], "done": False}
+                    chunk = []
+            yield {"shard": i, "done": True, "url": url, "skipped": skipped}
+
+
+class ShardWriter:
+    """The output tar of one shard, written under .tmp and renamed when complete."""
+
+    def __init__(self, out: Path, i: int):
+        self.out, self.i, self.count = out, i, 0
+        self.tmp = out / f"{shard_name(i)}.tar.tmp"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def finish(self, url: str, skipped: dict) -> dict:
+        self.tar.close()
+        final = self.out / f"{shard_name(self.i)}.tar"
+        os.replace(self.tmp, final)
+        stats = {"name": final.name, "samples": self.count, "hr": 0, "bytes": final.stat().st_size, "source": url,
+                 "skipped": skipped}
+        (self.out / f"{shard_name(self.i)}.json").write_text(json.dumps(stats))  # marks the shard finished
+        return stats
+
+    def drop(self) -> None:
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 @torch.no_grad()
-def encode_shard(i: int, url: str, out: Path, ae, text, args, device) -> dict:
-    size, skipped, count = ae.cfg.net.resolution, {}, 0
-    tmp = out / f"{shard_name(i)}.tar.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        batch: list = []
-        for item in list(read_images(url, size, skipped)) + [None]:
-            if item is not None:
-                batch.append(item)
-            if batch and (item is None or len(batch) == args.batch_size):
-                count += write_batch(tar, batch, ae, text, args.flip, device)
-                batch = []
-    os.replace(tmp, out / f"{shard_name(i)}.tar")
-    stats = {"name": f"{shard_name(i)}.tar", "samples": count, "hr": 0, "bytes": (out / f"{shard_name(i)}.tar").stat().st_size,
-             "source": url, "skipped": skipped}
-    (out / f"{shard_name(i)}.json").write_text(json.dumps(stats))
-    return stats
+def encode_shards(shards: list[tuple[int, str]], out: Path, ae, text, args, device, preempt: PreemptionFlag,
+                  desc: str) -> int:
+    """Encode `shards` into `out`; returns how many were finished (fewer after a stop signal)."""
+    dataset = ShardImages(shards, ae.cfg.net.resolution, args.batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=args.workers, worker_init_fn=init_worker,
+                        prefetch_factor=2 if args.workers > 0 else None)
+    writers: dict[int, ShardWriter] = {}
+    finished = 0
+    with preemption_signals_held():
+        items = iter(loader)
+    try:
+        with tqdm(total=len(shards), desc=desc, unit="shard") as bar:
+            for item in _until_stopped(items, preempt):
+                writer = writers.get(item["shard"]) or writers.setdefault(item["shard"], ShardWriter(out, item["shard"]))
+                if item["done"]:
+                    writers.pop(item["shard"]).finish(item["url"], item["skipped"])
+                    finished += 1
+                    bar.update()
+                    continue
+                batch = list(zip(item["keys"], item["images"], item["metas"]))
+                writer.count += write_batch(writer.tar, batch, ae, text, args.flip, device)
+    finally:
+        del items  # stops the workers
+        for writer in writers.values():  # shards left open by a stop: redone by the next run
+            writer.drop()
+    return finished
+
+
+def _until_stopped(items, preempt: PreemptionFlag):
+    """The loader's items until a stop signal (checked between batches)."""
+    while not preempt.raised:
+        try:
+            yield next(items)
+        except StopIteration:
+            return
+        except Exception:
+            if not preempt.raised:
+                raise
+            return  # a worker died after the signal: what is finished is kept
 
 
 def write_batch(tar, batch, ae, text, flip: bool, device) -> int:
@@ -114,11 +193,13 @@ def main(argv=None) -> int:
     p.add_argument("--shards", required=True, nargs="+", help="image shards (patterns, directories, s3://)")
     p.add_argument("--output", required=True, help="local directory")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images (0: in this process)")
     p.add_argument("--flip", action="store_true", help="also store the latent of the mirrored image")
     p.add_argument("--text-model", help="OpenCLIP model for cached text embeddings (e.g. ViT-B-32)")
     p.add_argument("--text-pretrained", default="laion2b_s34b_b79k", help="tag, file, or none (random init: tests)")
     p.add_argument("--device")
     args = p.parse_args(argv)
+    preempt = PreemptionFlag()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1:
@@ -137,8 +218,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     urls = expand_urls(args.shards)
     mine = [(i, u) for i, u in enumerate(urls) if i % world == rank and not (out / f"{shard_name(i)}.json").exists()]
-    for i, url in tqdm(mine, desc=f"encode latents (rank {rank})", unit="shard"):
-        encode_shard(i, url, out, ae, text, args, device)
+    finished = encode_shards(mine, out, ae, text, args, device, preempt, f"encode latents (rank {rank})")
+    if preempt.raised:
+        print(f"rank {rank}: stopped by {signal.Signals(preempt.signum).name} with {finished} of {len(mine)} shards "
+              "finished; the same command continues", flush=True)
+        if world > 1:
+            dist.destroy_process_group()
+        return 0
     if world > 1:
         dist.barrier()
     if rank == 0:

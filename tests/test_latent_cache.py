@@ -1,6 +1,7 @@
 """The latent cache: encode_latents resumes without duplicates or gaps, and the latents come back
 through the epoch-planned loader."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def setup_cache_inputs(tmp_path, n=24, per_shard=4):
 
 def encode_cmd(tmp_path, out):
     return [sys.executable, "-m", "data_prep.encode_latents", "--ae", str(tmp_path / "ae"), "--shards",
-            str(tmp_path / "shards"), "--output", str(out), "--flip", "--batch-size", "3"]
+            str(tmp_path / "shards"), "--output", str(out), "--flip", "--batch-size", "3", "--workers", "2"]
 
 
 def cache_contents(out: Path) -> dict:
@@ -46,26 +47,36 @@ def cache_contents(out: Path) -> dict:
     return latents
 
 
-def test_killed_and_restarted_encoding_has_no_duplicate_and_no_gap(tmp_path):
-    setup_cache_inputs(tmp_path)
+def _finished(out: Path) -> int:
+    return len(list(out.glob("latents-*.json")))
+
+
+def test_stopped_killed_and_restarted_encoding_has_no_duplicate_and_no_gap(tmp_path):
+    """2 decoding workers. SIGTERM to the whole process group (workers included) ends the run with
+    exit 0 after the batch in progress; SIGKILL ends it anywhere; each rerun continues."""
+    setup_cache_inputs(tmp_path, per_shard=2)  # 12 shards
     clean = tmp_path / "clean"
     subprocess.run(encode_cmd(tmp_path, clean), check=True, capture_output=True, cwd=ROOT)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(encode_cmd(tmp_path, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "latents-000001.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "index.json").exists()  # it really was interrupted
-    subprocess.run(encode_cmd(tmp_path, killed), check=True, capture_output=True, cwd=ROOT)
-    a, b = cache_contents(clean), cache_contents(killed)
+    out = tmp_path / "interrupted"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(encode_cmd(tmp_path, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        before, deadline = _finished(out), time.time() + 120
+        while time.time() < deadline and _finished(out) < before + 2:
+            time.sleep(0.02)
+        os.killpg(proc.pid, sig)
+        output, _ = proc.communicate(timeout=60)
+        assert not (out / "index.json").exists(), output  # it really was interrupted
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 0 and "stopped by SIGTERM" in output, output[-3000:]
+            assert "killed by signal" not in output and not list(out.glob("*.tmp"))
+    subprocess.run(encode_cmd(tmp_path, out), check=True, capture_output=True, cwd=ROOT)
+    a, b = cache_contents(clean), cache_contents(out)
     assert sorted(a) == sorted(b) == [f"{i:09d}" for i in range(24)]
     for key in a:
         assert np.array_equal(a[key], b[key]) and a[key].dtype == np.float16 and a[key].shape == (3, 16, 16)
-    assert not list(killed.glob("*.tmp"))
-    assert json.loads((killed / "index.json").read_text())["total_samples"] == 24
+    assert not list(out.glob("*.tmp"))
+    assert json.loads((out / "index.json").read_text())["total_samples"] == 24
 
 
 def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
