@@ -116,6 +116,10 @@ def test_pytorchjob_shape():
         assert c["command"][:3] == ["torchrun", "-m", "train.autoencoder"], role
         assert not [a for a in c["command"] if a.startswith("--")], role  # rendezvous comes from PET_*
         assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == int(spec["nprocPerNode"]), role
+        # SIGTERM -> checkpoint: the pod's grace outlasts torchrun's, which the trainer's budget matches
+        shutdown = int({e["name"]: e.get("value") for e in c["env"]}["PET_SHUTDOWN_TIMEOUT"])
+        assert specs[role]["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown, role
+        assert f"trainer.grace_s={shutdown}" in c["command"], role
 
 
 def test_pytorchjob_secrets_and_volumes():

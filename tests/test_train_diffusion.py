@@ -1,10 +1,16 @@
-"""Stage-2 training in real processes on a latent cache: 2 ranks x ZeRO-2, exact resume, W&B
+"""Stage-2 training in real processes on a latent cache: 2 ranks x ZeRO-2, stop signal and exact resume, W&B
 sample panels, and sampling the export at any resolution."""
+import contextlib
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
+from datetime import datetime
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -12,7 +18,7 @@ from infd.export import save_model
 from infd.models import NeuralFieldAutoencoder
 from tests.images import build, write_folder
 from tests.test_models import tiny_cfg
-from tests.training import ROOT, assert_close, metrics, run
+from tests.training import ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd, wait_for_step
 from tests.wandb_reader import history_and_config
 
 DIFF = "train.diffusion"
@@ -60,19 +66,50 @@ def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path):
         assert rank0[step]["t"] + rank1[step]["t"] == single[step]["t"]  # each sample its own draw, any world size
 
 
-def test_two_ranks_train_and_resume_exactly(tmp_path, cache):
-    args = common(cache, "data.loader.batch_size=2", "deepspeed=zero2", "trainer.ckpt_every=3")
-    run(DIFF, tmp_path, "straight", *args, "trainer.max_steps=6", nproc=2)
-    run(DIFF, tmp_path, "resumed", *args, "trainer.max_steps=3", nproc=2)
-    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step_0000003"
-    run(DIFF, tmp_path, "resumed", *args, "trainer.max_steps=6", nproc=2)
-    straight, resumed = metrics(tmp_path, "straight"), metrics(tmp_path, "resumed")
+def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
+    """2 ranks x ZeRO-2 x 2 loader workers on the latent cache. SIGTERM goes to every process of the
+    job (scancel's way: launcher, ranks, data workers), then again to the ranks every 50 ms until
+    they exit, so that repeats land during the checkpoint; the checkpoint is whole and resuming
+    reproduces the uninterrupted run."""
+    args = common(cache, "data.loader.batch_size=2", "data.loader.num_workers=2", "deepspeed=zero2",
+                  "trainer.ckpt_every=100", "trainer.max_steps=6", "trainer.sample_log=true")
+    run(DIFF, tmp_path, "straight", *args, nproc=2)
+    proc = subprocess.Popen(train_cmd(DIFF, tmp_path, "stopped", *args, nproc=2), cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = wait_for_step(tmp_path / "stopped" / "metrics.jsonl", 2, proc)
+    tree = step_tree(proc.pid)
+    ranks = psutil.Process(proc.pid).children()
+    for process in tree:
+        process.send_signal(signal.SIGTERM)
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks):
+        for p in ranks:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=60)
+    stopped = re.search(r"stopped at step (\d+) by SIGTERM", out)
+    assert stopped and int(stopped.group(1)) in (seen, seen + 1), out[-4000:]
+    step = int(stopped.group(1))
+    # A repeat reached rank 0 while it was writing the checkpoint (between its start and its log line).
+    stamp = r"\[rank0\] (\S+ \S+) \w+ train\S*: "
+    saved_at = _log_time(re.search(stamp + "saved checkpoint", out).group(1))
+    save_s = json.loads((tmp_path / "stopped" / "checkpoints" / f"step_{step:07d}" / "state.json").read_text())["save_s"]
+    repeats = [_log_time(t) for t in re.findall(stamp + "received SIGTERM again", out)]
+    assert any(saved_at - save_s - 0.01 <= t <= saved_at for t in repeats), (repeats, saved_at, save_s)
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["latest", f"step_{step:07d}"]
+    run(DIFF, tmp_path, "stopped", *args, nproc=2)
+    straight, resumed = metrics(tmp_path, "straight"), metrics(tmp_path, "stopped")
     assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert_close(straight[step], resumed[step], ("loss",), rtol=1e-6)
+    for s in range(1, 7):
+        assert_close(straight[s], resumed[s], ("loss",), rtol=1e-6)
+    assert sample_keys(tmp_path, "stopped") == sample_keys(tmp_path, "straight")
     assert straight[1]["latent_scale"] == resumed[6]["latent_scale"] > 0
     extra = json.loads((tmp_path / "straight" / "export" / "unet" / "config.json").read_text())["extra"]
     assert extra["ema"] and extra["latent_scale"] == straight[1]["latent_scale"] and extra["text"]["kind"] == "openclip"
+
+
+def _log_time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def test_wandb_sample_panels_and_sampling_the_export(tmp_path, cache):

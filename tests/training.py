@@ -5,7 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from tests.s3_server import free_port
 
@@ -43,3 +46,31 @@ def assert_close(a: dict, b: dict, keys, rtol: float) -> None:
     for key in keys:
         x, y = a[key], b[key]
         assert abs(x - y) <= rtol * max(abs(x), abs(y), 1e-12), (key, x, y)
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for_step(metrics_file: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait until metrics.jsonl holds n lines; returns the count seen just before the signal."""
+    deadline = time.time() + timeout
+    while line_count(metrics_file) < n:
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the signal"
+        time.sleep(0.02)
+    return line_count(metrics_file)
+
+
+def step_tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def sample_keys(root: Path, name: str) -> dict[int, list[str]]:
+    """step -> keys trained on at that step, over all ranks (trainer.sample_log=true)."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted((root / name / "samples").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            steps.setdefault(entry["step"], []).extend(entry["keys"])
+    return steps
