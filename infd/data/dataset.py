@@ -34,12 +34,11 @@ from infd.config import ConfigError
 from infd.data.counters import SkipCounter
 from infd.data.decode import SkipSample
 from infd.data.index import INDEX_NAME, ShardIndex, load_index
-from infd.data.tar_samples import TruncatedShard, iterate_tar
+from infd.data.tar_samples import IMAGE_EXTS, TruncatedShard, iterate_tar
 from infd.data.transforms import PatchConfig, make_patch_sample
 from infd.data.urls import dirname_url, expand_urls, join_url, open_stream, read_range
 from infd.data.workers import init_worker
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 HISTORY = 8  # recent raw samples a bad one may be replaced by
 
 

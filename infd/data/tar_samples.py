@@ -8,6 +8,9 @@ from typing import Iterator
 from infd.data.urls import ShardReadError
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members, in the order a sample's image is chosen
+
+
 class TruncatedShard(Exception):
     """The tar ended or broke mid-way; samples before the break were yielded."""
 

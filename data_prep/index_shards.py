@@ -1,0 +1,132 @@
+"""Index existing WebDataset / img2dataset tars in place (read once, never rewritten).
+
+    python -m data_prep.index_shards SHARDS --output INDEX_DIR [--hr-threshold 1024] [--workers 4]
+    # across nodes: one part per SLURM array task or torchrun rank, then one merge
+    python -m data_prep.index_shards SHARDS --output INDEX_DIR --part I --num-parts K
+    python -m data_prep.index_shards SHARDS --output INDEX_DIR --num-parts K --merge
+
+SHARDS: brace patterns, directories or s3:// prefixes (as data.loader.shards). Part I indexes the
+I-th contiguous range of the sorted shard list into INDEX_DIR/parts/part-I-of-K (written under
+.tmp and renamed, so a part that dies leaves nothing and is simply run again); --merge checks
+that every part is there and writes the one index (infd/data/sample_index.py) into INDEX_DIR.
+Without --part, one process does both.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import sys
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from infd.data.index import HISTOGRAM_EDGES
+from infd.data.sample_index import SAMPLE_DTYPE, merge_indexes, shard_records, write_index
+from infd.data.shard_scan import ShardScan, scan_shard
+from infd.data.urls import expand_urls
+
+
+def part_name(part: int, num_parts: int) -> str:
+    return f"part-{part:05d}-of-{num_parts:05d}"
+
+
+def part_range(n_shards: int, part: int, num_parts: int) -> tuple[int, int]:
+    return n_shards * part // num_parts, n_shards * (part + 1) // num_parts
+
+
+def index_part(urls: list[str], out: Path, part: int, num_parts: int, hr_threshold: int, workers: int) -> Path:
+    """Scan this part's shards and write their index to out/parts/<part>; returns that directory."""
+    final = out / "parts" / part_name(part, num_parts)
+    if final.exists():
+        print(f"{final.name} already done", flush=True)
+        return final
+    lo, hi = part_range(len(urls), part, num_parts)
+    scan = partial(scan_shard, hr_threshold=hr_threshold, edges=HISTOGRAM_EDGES)
+    scans: list[ShardScan] = []
+    with _pool(workers) as pool:
+        for result in tqdm(pool.imap(scan, urls[lo:hi]), total=hi - lo, desc=f"index {final.name}", unit="shard"):
+            scans.append(result)
+    records = [s.records for s in scans]
+    for shard_id, recs in enumerate(records, start=lo):
+        recs["shard"] = shard_id
+    samples = np.concatenate(records) if records else np.zeros(0, SAMPLE_DTYPE)
+    skipped = sum((s.skipped for s in scans), Counter())
+    histogram = np.sum([s.histogram for s in scans], axis=0).tolist() if scans else [0] * len(HISTOGRAM_EDGES)
+    meta = {"hr_threshold": hr_threshold, "source": urls[0].rsplit("/", 1)[0] if urls else "",
+            "shards": [u.rsplit("/", 1)[-1] for u in urls[lo:hi]], "skipped": dict(skipped),
+            "resolution_histogram": {"edges": HISTOGRAM_EDGES, "counts": histogram, "of": "long side, upright"}}
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_index(tmp, meta, shard_records(records, [s.bytes for s in scans], first=0), samples,
+                [k for s in scans for k in s.keys])
+    tmp.rename(final)
+    return final
+
+
+def merge(out: Path, num_parts: int) -> dict:
+    parts = [out / "parts" / part_name(i, num_parts) for i in range(num_parts)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise SystemExit(f"index_shards --merge: parts not finished: {', '.join(missing)}; run them (--part I) first")
+    return merge_indexes(parts, out).meta
+
+
+class _InProcess:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+
+def _pool(workers: int):
+    return mp.get_context("spawn").Pool(workers) if workers > 1 else _InProcess()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data_prep.index_shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", nargs="+", help="tar patterns, directories or s3:// prefixes")
+    p.add_argument("--output", required=True, help="local index directory")
+    p.add_argument("--hr-threshold", type=int, default=1024, help="long side (px, upright) of a high-res sample")
+    p.add_argument("--workers", type=int, default=4, help="processes scanning shards in parallel (default: 4)")
+    p.add_argument("--part", type=int, help="index only this part (0-based), then stop")
+    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shard list is split into")
+    p.add_argument("--merge", action="store_true", help="merge the finished parts into the index")
+    args = p.parse_args(argv)
+    if args.num_parts < 1 or (args.part is not None and not 0 <= args.part < args.num_parts):
+        p.error(f"--part must be in [0, --num-parts={args.num_parts})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.output)
+    if args.merge:
+        meta = merge(out, args.num_parts)
+    else:
+        urls = sorted(expand_urls(args.shards))
+        if not urls:
+            print(f"index_shards: {args.shards} matches no shard", file=sys.stderr)
+            return 2
+        parts = [args.part] if args.part is not None else range(args.num_parts)
+        for part in parts:
+            index_part(urls, out, part, args.num_parts, args.hr_threshold, args.workers)
+        if args.part is not None:
+            return 0
+        meta = merge(out, args.num_parts)
+    print(f"index: {meta['total_samples']} samples ({meta['total_hr']} high-res >= {meta['hr_threshold']} px, "
+          f"{meta['total_excluded']} excluded: {meta['skipped']}) in {len(meta['shards'])} shards, "
+          f"{meta['total_bytes'] / 2**20:.1f} MB -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The per-sample index of a shard set: flat arrays that every process memory-maps.
+
+A directory holding:
+
+  index.json     metadata: {"version": 2, "hr_threshold", totals, "shards": [tar names in order],
+                 "resolution_histogram", "skipped": {reason: count}, "source"}
+  shards.npy     one record per shard (SHARD_DTYPE): its first sample id, sample count, high-res
+                 count, excluded count and tar bytes
+  samples.npy    one record per sample (SAMPLE_DTYPE), in tar order, shard after shard: where its
+                 image member's data is (offset, size), its upright pixel size, its shard id,
+                 flags (HR; EXCLUDED: no readable image), the image extension (an index into
+                 IMAGE_EXTS), and where its caption member is (offset, size, kind)
+  hr_ids.npy     int64 ids of the high-res samples (the high-res stream draws from these)
+  keys.bin, key_offsets.npy   the sample keys as one byte table (key i is bytes o[i]:o[i+1])
+
+No Python object per sample: 10M samples are 10M records of 43 bytes that the OS pages in on use
+and shares between all processes of a node.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from infd.data.tar_samples import IMAGE_EXTS
+
+VERSION = 2
+INDEX_NAME = "index.json"
+HR, EXCLUDED = 1, 2  # flag bits
+CAPTION_NONE, CAPTION_TXT, CAPTION_JSON = 0, 1, 2
+SAMPLE_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("width", "<i4"), ("height", "<i4"),
+                         ("shard", "<i4"), ("flags", "u1"), ("ext", "u1"), ("caption_offset", "<i8"),
+                         ("caption_size", "<i4"), ("caption_kind", "u1")])
+SHARD_DTYPE = np.dtype([("first", "<i8"), ("samples", "<i8"), ("hr", "<i8"), ("excluded", "<i8"),
+                        ("bytes", "<i8")])
+ARRAYS = ("shards.npy", "samples.npy", "hr_ids.npy", "key_offsets.npy")
+
+
+@dataclass
+class SampleIndex:
+    """An opened index; the arrays are read-only memory maps."""
+
+    root: Path
+    meta: dict
+    shards: np.ndarray
+    samples: np.ndarray
+    hr_ids: np.ndarray
+    key_offsets: np.ndarray
+    keys: np.ndarray
+
+    @classmethod
+    def open(cls, root: str | Path) -> SampleIndex:
+        root = Path(root)
+        meta = json.loads((root / INDEX_NAME).read_text())
+        if meta.get("version") != VERSION:
+            raise ValueError(f"{root / INDEX_NAME}: index version {meta.get('version')}, expected {VERSION}: "
+                             "rebuild it with python -m data_prep.index_shards")
+        arrays = [np.load(root / name, mmap_mode="r") for name in ARRAYS]
+        keys = np.memmap(root / "keys.bin", np.uint8, "r") if (root / "keys.bin").stat().st_size else np.zeros(0, np.uint8)
+        return cls(root, meta, *arrays, keys)
+
+    @property
+    def shard_names(self) -> list[str]:
+        return self.meta["shards"]
+
+    def key(self, sample_id: int) -> str:
+        return bytes(self.keys[self.key_offsets[sample_id]:self.key_offsets[sample_id + 1]]).decode()
+
+    def ext(self, sample_id: int) -> str:
+        return IMAGE_EXTS[int(self.samples["ext"][sample_id])]
+
+    def main_count(self, shard: int, exclude_hr: bool) -> int:
+        """Samples of a shard in the main stream (the high-res ones have their own when p_hr > 0)."""
+        rec = self.shards[shard]
+        return int(rec["samples"] - rec["excluded"] - (rec["hr"] if exclude_hr else 0))
+
+    def in_main_stream(self, shard: int, exclude_hr: bool) -> np.ndarray:
+        """bool (samples of the shard,), in tar order: which of them the main stream uses."""
+        rec = self.shards[shard]
+        flags = self.samples["flags"][rec["first"]:rec["first"] + rec["samples"]]
+        return (flags & (EXCLUDED | (HR if exclude_hr else 0))) == 0
+
+
+def shard_records(samples_per_shard: list[np.ndarray], tar_bytes: list[int], first: int = 0) -> np.ndarray:
+    """SHARD_DTYPE records for consecutive shards whose sample records are given."""
+    out = np.zeros(len(samples_per_shard), SHARD_DTYPE)
+    for i, (recs, size) in enumerate(zip(samples_per_shard, tar_bytes)):
+        out[i] = (first, len(recs), int(np.count_nonzero(recs["flags"] & HR)),
+                  int(np.count_nonzero(recs["flags"] & EXCLUDED)), size)
+        first += len(recs)
+    return out
+
+
+def write_index(root: Path, meta: dict, shards: np.ndarray, samples: np.ndarray, keys: list[bytes]) -> None:
+    """Write an index into `root` (created). `meta` gets the version and the totals."""
+    root.mkdir(parents=True, exist_ok=True)
+    lengths = np.fromiter((len(k) for k in keys), dtype=np.int64, count=len(keys))
+    np.save(root / "shards.npy", shards)
+    np.save(root / "samples.npy", samples)
+    np.save(root / "hr_ids.npy", np.flatnonzero(samples["flags"] & HR).astype(np.int64))
+    np.save(root / "key_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    (root / "keys.bin").write_bytes(b"".join(keys))
+    _write_meta(root, meta, shards)
+
+
+def _write_meta(root: Path, meta: dict, shards: np.ndarray) -> None:
+    meta = {**meta, "version": VERSION, "total_samples": int(shards["samples"].sum()),
+            "total_hr": int(shards["hr"].sum()), "total_excluded": int(shards["excluded"].sum()),
+            "total_bytes": int(shards["bytes"].sum())}
+    (root / INDEX_NAME).write_text(json.dumps(meta, indent=1))
+
+
+def merge_indexes(parts: list[Path], out: Path) -> SampleIndex:
+    """Concatenate the indexes of consecutive shard ranges (in order) into one at `out`, streaming
+    the arrays through memory maps (the merged index need not fit in memory)."""
+    opened = [SampleIndex.open(p) for p in parts]
+    n_samples = sum(len(p.samples) for p in opened)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = np.lib.format.open_memmap(out / "samples.npy", "w+", SAMPLE_DTYPE, (n_samples,))
+    key_offsets = np.lib.format.open_memmap(out / "key_offsets.npy", "w+", np.int64, (n_samples + 1,))
+    shards, hr_ids, first, key_base = [], [], 0, 0
+    key_offsets[0] = 0
+    with open(out / "keys.bin", "wb") as keys:
+        for part in opened:
+            n = len(part.samples)
+            samples[first:first + n] = part.samples
+            key_offsets[first + 1:first + n + 1] = np.asarray(part.key_offsets[1:]) + key_base
+            with open(part.root / "keys.bin", "rb") as src:
+                shutil.copyfileobj(src, keys)
+            recs = np.array(part.shards)
+            recs["first"] += first
+            shards.append(recs)
+            hr_ids.append(np.asarray(part.hr_ids) + first)
+            first, key_base = first + n, key_base + int(part.key_offsets[-1])
+    samples.flush()
+    key_offsets.flush()
+    all_shards = np.concatenate(shards) if shards else np.zeros(0, SHARD_DTYPE)
+    np.save(out / "shards.npy", all_shards)
+    np.save(out / "hr_ids.npy", np.concatenate(hr_ids) if hr_ids else np.zeros(0, np.int64))
+    _write_meta(out, _merged_meta([p.meta for p in opened]), all_shards)
+    return SampleIndex.open(out)
+
+
+def _merged_meta(metas: list[dict]) -> dict:
+    first = metas[0]
+    skipped: dict[str, int] = {}
+    for meta in metas:
+        for reason, n in meta.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    counts = np.sum([m["resolution_histogram"]["counts"] for m in metas], axis=0).tolist()
+    return {"hr_threshold": first["hr_threshold"], "source": first.get("source"),
+            "shards": [name for m in metas for name in m["shards"]],
+            "resolution_histogram": {**first["resolution_histogram"], "counts": counts}, "skipped": skipped}
