@@ -6,8 +6,8 @@
 
 DST is a directory or s3://bucket/prefix. Shard i holds job i (deterministic: sorted inputs);
 a shard is finished when its stats file shard-XXXXXX.json exists, written after the tar is
-complete, so re-running resumes: finished shards are kept, partial ones redone. index.json and
-hr_manifest.jsonl are written last from the stats files.
+complete, so re-running resumes: finished shards are kept, partial ones redone. The sample index
+(infd/data/sample_index.py, as data_prep.index_shards writes it) is written last.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from data_prep import sources
 from data_prep.shard_writer import FilterConfig, ShardWriter
-from infd.data.index import HISTOGRAM_EDGES, INDEX_NAME
+from data_prep.index_shards import build_index
+from infd.data.sample_index import FILES
 
 log = logging.getLogger("data_prep.build_shards")
 
@@ -116,25 +117,18 @@ def detect_format(src: Path) -> str:
 
 
 def write_index(dest: Destination, n_shards: int, cfg: FilterConfig) -> dict:
-    shards, manifest, hist = [], [], [0] * len(HISTOGRAM_EDGES)
+    """The sample index of the built shards (the one index_shards writes), with the build's counts."""
     skipped, converted = Counter(), Counter()
     for i in range(n_shards):
         stats = json.loads(dest.read_text(f"{shard_name(i)}.json"))
-        shards.append({"name": stats["name"], "samples": stats["samples"], "hr": stats["hr"], "bytes": stats["bytes"]})
-        manifest += stats["hr_manifest"]
-        hist = [a + b for a, b in zip(hist, stats["histogram"])]
         skipped.update(stats["skipped"])
         converted.update(stats["converted"])
-    index = {"version": 1, "hr_threshold": cfg.hr_threshold, "filters": asdict(cfg),
-             "total_samples": sum(s["samples"] for s in shards), "total_hr": sum(s["hr"] for s in shards),
-             "total_bytes": sum(s["bytes"] for s in shards), "shards": shards,
-             "resolution_histogram": {"edges": HISTOGRAM_EDGES, "counts": hist, "of": "long side"},
-             "hr_manifest": "hr_manifest.jsonl", "skipped": dict(skipped), "converted": dict(converted)}
-    (dest.local / "hr_manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in manifest))
-    dest.publish("hr_manifest.jsonl")
-    (dest.local / INDEX_NAME).write_text(json.dumps(index, indent=1))
-    dest.publish(INDEX_NAME)
-    return index
+    urls = [dest.url.rstrip("/") + "/" + f"{shard_name(i)}.tar" for i in range(n_shards)]
+    build_stats = {"filters": asdict(cfg), "skipped": dict(skipped), "converted": dict(converted)}
+    meta = build_index(urls, dest.local, cfg.hr_threshold, workers=1, extra_meta={"build": build_stats})
+    for name in FILES:
+        dest.publish(name)
+    return meta
 
 
 def build(args) -> dict:
@@ -161,8 +155,8 @@ def build(args) -> dict:
     if dest.is_s3 and not args.staging:
         shutil.rmtree(dest.local, ignore_errors=True)
     print(f"index: {index['total_samples']} samples ({index['total_hr']} high-res >= {cfg.hr_threshold}px) in "
-          f"{len(jobs)} shards, {index['total_bytes'] / 2**20:.1f} MB; skipped {index['skipped']}; "
-          f"converted {index['converted']}", flush=True)
+          f"{len(jobs)} shards, {index['total_bytes'] / 2**20:.1f} MB; skipped {index['build']['skipped']}; "
+          f"converted {index['build']['converted']}", flush=True)
     return index
 
 

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from data_prep.index_shards import build_index
 from infd.data.dataset import image_bytes
 from infd.data.decode import SkipSample, decode_rgb, open_image
 from infd.data.latents import npy_bytes
@@ -179,12 +180,10 @@ def write_batch(tar, batch, ae, text, flip: bool, device) -> int:
 
 
 def write_index(out: Path, n: int, ae_path: str) -> dict:
-    shards = [json.loads((out / f"{shard_name(i)}.json").read_text()) for i in range(n)]
-    index = {"version": 1, "kind": "latents", "autoencoder": ae_path, "total_samples": sum(s["samples"] for s in shards),
-             "total_hr": 0, "shards": [{k: s[k] for k in ("name", "samples", "hr", "bytes")} for s in shards],
-             "hr_manifest": None}
-    (out / "index.json").write_text(json.dumps(index, indent=1))
-    return index
+    """The sample index of the cache (data_prep.index_shards' format, indexed by the latent member)."""
+    urls = [str(out / f"{shard_name(i)}.tar") for i in range(n)]
+    return build_index(urls, out, hr_threshold=1 << 30, workers=1, primary=("latent.npy",),
+                       extra_meta={"kind": "latents", "autoencoder": ae_path}, desc="index the cache")
 
 
 def main(argv=None) -> int:

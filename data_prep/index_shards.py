@@ -14,6 +14,7 @@ Without --part, one process does both.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import shutil
 import sys
@@ -25,8 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from infd.data.index import HISTOGRAM_EDGES
-from infd.data.sample_index import SAMPLE_DTYPE, merge_indexes, shard_records, write_index
+from infd.data.sample_index import INDEX_NAME, SAMPLE_DTYPE, merge_indexes, shard_records, write_index
 from infd.data.shard_scan import ShardScan, scan_shard
+from infd.data.tar_samples import IMAGE_EXTS
 from infd.data.urls import expand_urls
 
 
@@ -38,31 +40,38 @@ def part_range(n_shards: int, part: int, num_parts: int) -> tuple[int, int]:
     return n_shards * part // num_parts, n_shards * (part + 1) // num_parts
 
 
+def build_index(urls: list[str], out: Path, hr_threshold: int, workers: int, primary: tuple[str, ...] = IMAGE_EXTS,
+                extra_meta: dict | None = None, first_shard: int = 0, desc: str = "index") -> dict:
+    """Scan `urls` (shards first_shard, first_shard+1, ... of the set) and write their index into
+    `out`. Returns the index metadata."""
+    scan = partial(scan_shard, hr_threshold=hr_threshold, primary=primary)
+    scans: list[ShardScan] = []
+    with _pool(workers) as pool:
+        for result in tqdm(pool.imap(scan, urls), total=len(urls), desc=desc, unit="shard"):
+            scans.append(result)
+    records = [s.records for s in scans]
+    for shard_id, recs in enumerate(records, start=first_shard):
+        recs["shard"] = shard_id
+    samples = np.concatenate(records) if records else np.zeros(0, SAMPLE_DTYPE)
+    skipped = sum((s.skipped for s in scans), Counter())
+    histogram = np.sum([s.histogram for s in scans], axis=0).tolist() if scans else [0] * len(HISTOGRAM_EDGES)
+    meta = {"hr_threshold": hr_threshold, "exts": list(primary), "shards": [u.rsplit("/", 1)[-1] for u in urls],
+            "skipped": dict(skipped), **(extra_meta or {}),
+            "resolution_histogram": {"edges": HISTOGRAM_EDGES, "counts": histogram, "of": "long side, upright"}}
+    write_index(out, meta, shard_records(records, [s.bytes for s in scans]), samples, [k for s in scans for k in s.keys])
+    return json.loads((out / INDEX_NAME).read_text())
+
+
 def index_part(urls: list[str], out: Path, part: int, num_parts: int, hr_threshold: int, workers: int) -> Path:
-    """Scan this part's shards and write their index to out/parts/<part>; returns that directory."""
+    """Index this part's range of shards into out/parts/<part> (atomically); returns that directory."""
     final = out / "parts" / part_name(part, num_parts)
     if final.exists():
         print(f"{final.name} already done", flush=True)
         return final
     lo, hi = part_range(len(urls), part, num_parts)
-    scan = partial(scan_shard, hr_threshold=hr_threshold, edges=HISTOGRAM_EDGES)
-    scans: list[ShardScan] = []
-    with _pool(workers) as pool:
-        for result in tqdm(pool.imap(scan, urls[lo:hi]), total=hi - lo, desc=f"index {final.name}", unit="shard"):
-            scans.append(result)
-    records = [s.records for s in scans]
-    for shard_id, recs in enumerate(records, start=lo):
-        recs["shard"] = shard_id
-    samples = np.concatenate(records) if records else np.zeros(0, SAMPLE_DTYPE)
-    skipped = sum((s.skipped for s in scans), Counter())
-    histogram = np.sum([s.histogram for s in scans], axis=0).tolist() if scans else [0] * len(HISTOGRAM_EDGES)
-    meta = {"hr_threshold": hr_threshold, "source": urls[0].rsplit("/", 1)[0] if urls else "",
-            "shards": [u.rsplit("/", 1)[-1] for u in urls[lo:hi]], "skipped": dict(skipped),
-            "resolution_histogram": {"edges": HISTOGRAM_EDGES, "counts": histogram, "of": "long side, upright"}}
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_index(tmp, meta, shard_records(records, [s.bytes for s in scans], first=0), samples,
-                [k for s in scans for k in s.keys])
+    build_index(urls[lo:hi], tmp, hr_threshold, workers, first_shard=lo, desc=f"index {final.name}")
     tmp.rename(final)
     return final
 
@@ -116,12 +125,15 @@ def main(argv=None) -> int:
         if not urls:
             print(f"index_shards: {args.shards} matches no shard", file=sys.stderr)
             return 2
-        parts = [args.part] if args.part is not None else range(args.num_parts)
-        for part in parts:
-            index_part(urls, out, part, args.num_parts, args.hr_threshold, args.workers)
         if args.part is not None:
+            index_part(urls, out, args.part, args.num_parts, args.hr_threshold, args.workers)
             return 0
-        meta = merge(out, args.num_parts)
+        if args.num_parts == 1:
+            meta = build_index(urls, out, args.hr_threshold, args.workers)
+        else:
+            for part in range(args.num_parts):
+                index_part(urls, out, part, args.num_parts, args.hr_threshold, args.workers)
+            meta = merge(out, args.num_parts)
     print(f"index: {meta['total_samples']} samples ({meta['total_hr']} high-res >= {meta['hr_threshold']} px, "
           f"{meta['total_excluded']} excluded: {meta['skipped']}) in {len(meta['shards'])} shards, "
           f"{meta['total_bytes'] / 2**20:.1f} MB -> {out}", flush=True)

@@ -81,7 +81,7 @@ class ShardWriter:
         self.tmp = path.with_name(path.name + ".tmp")
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.stats = {"name": path.name, "samples": 0, "hr": 0, "skipped": Counter(), "converted": Counter(),
-                      "histogram": [0] * len(HISTOGRAM_EDGES), "hr_manifest": []}
+                      "histogram": [0] * len(HISTOGRAM_EDGES)}
 
     def skip(self, reason: str, detail: str = "") -> None:
         self.stats["skipped"][reason] += 1
@@ -106,22 +106,17 @@ class ShardWriter:
         key = item["key"]
         record = {"key": key, "width": width, "height": height, "caption": item.get("caption"), "format": fmt,
                   "converted_from": reason, "source": item.get("source"), "meta": meta}
-        offset = self._write(f"{key}.{ext}", data)
+        self._write(f"{key}.{ext}", data)
         self._write(f"{key}.json", json.dumps(record, default=str).encode())
         self.stats["samples"] += 1
         self.stats["histogram"][histogram_bin(max(width, height))] += 1
         if max(width, height) >= self.cfg.hr_threshold:
             self.stats["hr"] += 1
-            self.stats["hr_manifest"].append({"shard": self.path.name, "key": key, "ext": ext, "offset": offset,
-                                              "size": len(data), "width": width, "height": height,
-                                              "caption": item.get("caption")})
 
-    def _write(self, name: str, data: bytes) -> int:
-        """Add a member; return the byte offset of its data in the tar."""
+    def _write(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: identical reruns
         self.tar.addfile(info, io.BytesIO(data))
-        return self.tar.offset - _padded(len(data))
 
     def close(self) -> dict:
         self.tar.close()
@@ -130,6 +125,3 @@ class ShardWriter:
         stats["skipped"], stats["converted"] = dict(stats["skipped"]), dict(stats["converted"])
         return stats
 
-
-def _padded(n: int) -> int:
-    return (n + 511) // 512 * 512

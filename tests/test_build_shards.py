@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from infd.data.index import load_index
+from infd.data.sample_index import SampleIndex
 from infd.data.urls import read_range
 from tests.images import (bomb_png, build, exif_rotated_jpeg, jpeg_bytes, noise_image, png_bytes, sixteen_bit_png,
                           write_folder)
@@ -24,15 +24,16 @@ def test_folder_shards_keep_bytes_and_index_counts(tmp_path):
     index = build(tmp_path / "src", str(tmp_path / "out"), "--samples-per-shard", "3")
     # (100, 90) is below min_side 256; (2000, 1000) is within aspect 3.
     assert index["total_samples"] == 6
-    assert index["skipped"] == {"too_small": 1}
+    assert index["build"]["skipped"] == {"too_small": 1}
     small = [min(Image.open(p).size) < 256 for p in sorted(paths)]  # shards take the sorted file list in order
-    assert [s["samples"] for s in index["shards"]] == [len(small[i:i + 3]) - sum(small[i:i + 3]) for i in (0, 3, 6)]
-    assert index["total_hr"] == 3 == sum(s["hr"] for s in index["shards"])  # long side >= 1024
+    shards = SampleIndex.open(tmp_path / "out").shards
+    assert list(shards["samples"]) == [len(small[i:i + 3]) - sum(small[i:i + 3]) for i in (0, 3, 6)]
+    assert index["total_hr"] == 3 == shards["hr"].sum()  # long side >= 1024
     assert sum(index["resolution_histogram"]["counts"]) == 6
     members = {}
-    for s in index["shards"]:
-        members.update(tar_members(tmp_path / "out" / s["name"]))
-        assert s["bytes"] == (tmp_path / "out" / s["name"]).stat().st_size
+    for name, size in zip(index["shards"], shards["bytes"]):
+        members.update(tar_members(tmp_path / "out" / name))
+        assert size == (tmp_path / "out" / name).stat().st_size
     sorted_paths = sorted(paths)  # keys follow the sorted file list
     for i, path in enumerate(sorted_paths):
         key = f"{i:09d}"
@@ -45,15 +46,17 @@ def test_folder_shards_keep_bytes_and_index_counts(tmp_path):
         assert meta["converted_from"] is None
 
 
-def test_hr_manifest_points_at_the_image_bytes_inside_the_tar(tmp_path):
+def test_index_points_at_the_image_bytes_inside_the_tar(tmp_path):
     write_folder(tmp_path / "src", [(1200, 800), (400, 400), (900, 1500)])
     build(tmp_path / "src", str(tmp_path / "out"))
-    index = load_index(str(tmp_path / "out" / "index.json"))
-    assert len(index.hr_manifest) == 2
-    for entry in index.hr_manifest:
-        data = read_range(entry["url"], entry["offset"], entry["size"])
-        assert Image.open(io.BytesIO(data)).size == (entry["width"], entry["height"])
-        assert tar_members(entry["url"])[f"{entry['key']}.{entry['ext']}"] == data
+    index = SampleIndex.open(tmp_path / "out")
+    assert len(index.hr_ids) == 2
+    for sid in index.hr_ids:
+        rec = index.samples[sid]
+        url = str(tmp_path / "out" / index.shard_names[rec["shard"]])
+        data = read_range(url, int(rec["offset"]), int(rec["size"]))
+        assert Image.open(io.BytesIO(data)).size == (rec["width"], rec["height"])
+        assert tar_members(url)[f"{index.key(sid)}.{index.ext(sid)}"] == data
 
 
 def test_conversions_and_rejections_are_recorded(tmp_path):
@@ -76,8 +79,8 @@ def test_conversions_and_rejections_are_recorded(tmp_path):
     (src / "wide.jpg").write_bytes(jpeg_bytes(noise_image(1600, 300, 7)))
     index = build(src, str(tmp_path / "out"))
     assert index["total_samples"] == 6
-    assert index["converted"] == {"mode_CMYK": 1, "mode_RGBA": 1, "mode_I;16": 1, "mode_P": 1}
-    assert index["skipped"] == {"too_many_pixels": 1, "empty_file": 1, "not_an_image": 1, "corrupt_image": 1,
+    assert index["build"]["converted"] == {"mode_CMYK": 1, "mode_RGBA": 1, "mode_I;16": 1, "mode_P": 1}
+    assert index["build"]["skipped"] == {"too_many_pixels": 1, "empty_file": 1, "not_an_image": 1, "corrupt_image": 1,
                                 "aspect_ratio": 1}
     members = tar_members(tmp_path / "out" / "shard-000000.tar")
     metas = {json.loads(v)["source"]: json.loads(v) for k, v in members.items() if k.endswith(".json")}
@@ -108,7 +111,7 @@ def test_img2dataset_directory_with_laion_filters(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), src / "00000.parquet")
     index = build(src, str(tmp_path / "out"), "--min-aesthetic", "5")
     assert index["total_samples"] == 1
-    assert index["skipped"] == {"laion_punsafe": 1, "laion_pwatermark": 1, "laion_aesthetic": 1}
+    assert index["build"]["skipped"] == {"laion_punsafe": 1, "laion_pwatermark": 1, "laion_aesthetic": 1}
     meta = json.loads(tar_members(tmp_path / "out" / "shard-000000.tar")["000000000.json"])
     assert meta["caption"] == "a photo 0" and meta["meta"]["original_width"] == 640
 
@@ -120,7 +123,7 @@ def test_laion_parquet_with_local_files(tmp_path):
             for i, p in enumerate(paths)]
     pq.write_table(pa.Table.from_pylist(rows), src / "meta.parquet")
     index = build(src / "meta.parquet", str(tmp_path / "out"))
-    assert index["total_samples"] == 2 and index["skipped"] == {"laion_punsafe": 1}
+    assert index["total_samples"] == 2 and index["build"]["skipped"] == {"laion_punsafe": 1}
     members = tar_members(tmp_path / "out" / "shard-000000.tar")
     assert json.loads(members["000000002.json"])["caption"] == "text 2"
 

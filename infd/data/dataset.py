@@ -33,19 +33,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from infd.config import ConfigError
 from infd.data.counters import SkipCounter
 from infd.data.decode import SkipSample
-from infd.data.index import INDEX_NAME, ShardIndex, load_index
+from infd.data.sample_index import CAPTION_JSON, CAPTION_TXT, INDEX_NAME, SampleIndex, open_index
 from infd.data.tar_samples import IMAGE_EXTS, TruncatedShard, iterate_tar
 from infd.data.transforms import PatchConfig, make_patch_sample
-from infd.data.urls import dirname_url, expand_urls, join_url, open_stream, read_range
+from infd.data.urls import dirname_url, expand_urls, open_stream, read_range
 from infd.data.workers import init_worker
 
 HISTORY = 8  # recent raw samples a bad one may be replaced by
+COALESCE_GAP = 64 << 10  # a caption member this close to its image member comes in the same read
 
 
 @dataclass
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # brace patterns, directories, s3:// prefixes, pipe: commands
-    index: str | None = None  # default: index.json beside the shards
+    index: str | None = None  # the index directory (or its index.json); default: beside the shards
     batch_size: int = 8  # per rank
     num_workers: int = 2
     shuffle_buffer: int = 256
@@ -95,26 +96,46 @@ class MixedResolutionDataset(IterableDataset):
             raise ConfigError(f"config key 'shards' (data) = {cfg.shards!r} matches no shard: give shard patterns, "
                               "directories or s3:// prefixes")
         self.index = self._load_index()
+        self._plan_shards()
         self.epoch, self.start_batch = 0, 0
         self.epoch_first_batch, self.batches_per_step = 0, 1
         # The config of batches from patch.p_keep_late_step on, built once (None: no switch).
         self.late_cfg = replace(cfg, patch=cfg.patch.late()) if cfg.patch.p_keep_late is not None else None
         self.counter = SkipCounter()
 
-    def _load_index(self) -> ShardIndex | None:
-        url = self.cfg.index or join_url(dirname_url(self.urls[0]), INDEX_NAME)
+    def _load_index(self) -> SampleIndex | None:
+        url = self.cfg.index or dirname_url(self.urls[0])
+        url = dirname_url(url) if url.endswith(INDEX_NAME) else url
         try:
-            return load_index(url, self.urls)
+            return open_index(url)
         except FileNotFoundError:
             if self.cfg.resampled and self.cfg.p_hr == 0:
                 return None
-            raise ConfigError(f"no shard index at {url}: set data.index, build the shards with "
-                              "data_prep.build_shards, or use data.resampled=true with data.p_hr=0") from None
+            raise ConfigError(f"no shard index at {url}: set data.index, index the shards with "
+                              "data_prep.index_shards (or build them with data_prep.build_shards), or use "
+                              "data.resampled=true with data.p_hr=0") from None
+
+    def _plan_shards(self) -> None:
+        """Per shard of data.shards (small arrays, one entry per shard): its id in the index and its
+        main-stream count; the high-res sample ids of these shards."""
+        if self.index is None:
+            self.shard_ids, self.main_counts, self.hr_ids = None, None, np.zeros(0, np.int64)
+            return
+        ids = {name: i for i, name in enumerate(self.index.shard_names)}
+        missing = [u for u in self.urls if u.rsplit("/", 1)[-1] not in ids]
+        if missing:
+            raise ConfigError(f"shard {missing[0]} is not in the index at {self.index.root} ({len(missing)} "
+                              "missing): re-index the shards or fix data.shards")
+        self.shard_ids = np.array([ids[u.rsplit("/", 1)[-1]] for u in self.urls], dtype=np.int64)
+        rec = self.index.shards[self.shard_ids]
+        self.main_counts = rec["samples"] - rec["excluded"] - (rec["hr"] if self.cfg.p_hr > 0 else 0)
+        self.url_of = dict(zip(self.shard_ids.tolist(), self.urls))
+        hr = self.index.hr_ids
+        if len(self.shard_ids) < len(ids):  # a subset of the indexed shards: their high-res samples only
+            hr = hr[np.isin(self.index.samples["shard"][hr], self.shard_ids)]
+        self.hr_ids = hr
 
     # ----- epoch plan ---------------------------------------------------------------------
-    def _main_count(self, shard) -> int:
-        return shard.samples - (shard.hr if self.cfg.p_hr > 0 else 0)
-
     @property
     def batches_per_epoch(self) -> int:
         """Batches one rank yields per epoch (the same on every rank)."""
@@ -125,7 +146,7 @@ class MixedResolutionDataset(IterableDataset):
 
     def samples_per_epoch(self) -> int:
         """Samples of the main stream (all ranks together) that an epoch is planned over."""
-        return sum(self._main_count(s) for s in self.index.shards)
+        return int(self.main_counts.sum())
 
     def samples_per_worker(self) -> int:
         return self.samples_per_epoch() // self.world_size // max(1, self.cfg.num_workers)
@@ -162,10 +183,11 @@ class MixedResolutionDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.start_batch = state["epoch"], state["batches"]
 
-    def _shard_order(self) -> list:
-        shards = list(self.index.shards)
-        random.Random(self.cfg.seed * 1_000_003 + self.epoch).shuffle(shards)
-        return shards
+    def _shard_order(self) -> list[int]:
+        """Positions in data.shards, in this epoch's order."""
+        order = list(range(len(self.urls)))
+        random.Random(self.cfg.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
 
     def _worker_range(self, worker: int, n_workers: int) -> tuple[int, int]:
         per_worker = self.samples_per_worker()
@@ -175,29 +197,41 @@ class MixedResolutionDataset(IterableDataset):
     # ----- raw streams ----------------------------------------------------------------------
     def _range_stream(self, start: int, stop: int) -> Iterator[dict]:
         """Raw samples [start, stop) of the epoch's sequence, without decoding."""
-        hr_keys = self.index.hr_keys if self.cfg.p_hr > 0 else set()
         offset = 0
-        for shard in self._shard_order():
-            count = self._main_count(shard)
+        for pos in self._shard_order():
+            count = int(self.main_counts[pos])
             lo, hi = max(start - offset, 0), min(stop - offset, count)
             offset += count
             if lo >= hi:
                 continue
             seen = 0
-            for raw in self._shard_samples(shard.url, hr_keys):
+            for raw in self._shard_samples(pos):
                 if seen >= lo:
                     yield raw
                 seen += 1
                 if seen >= hi:
                     break
             if seen < hi:
-                self.counter.add("missing_samples", f"{shard.url}: {hi - seen} fewer than the index says", hi - seen)
+                url = self.urls[pos]
+                self.counter.add("missing_samples", f"{url}: {hi - seen} fewer than the index says", hi - seen)
 
-    def _shard_samples(self, url: str, hr_keys: set) -> Iterator[dict]:
+    def _shard_samples(self, pos: int) -> Iterator[dict]:
+        """The main-stream samples of shard `pos` of data.shards, in tar order: the index says which
+        (not high-res when p_hr > 0, not excluded) and that the tar still holds what was indexed."""
+        url = self.urls[pos]
+        keep, first = None, 0
+        if self.index is not None:
+            sid = int(self.shard_ids[pos])
+            keep = self.index.in_main_stream(sid, exclude_hr=self.cfg.p_hr > 0)
+            first = int(self.index.shards[sid]["first"])
         stream = open_stream(url)
         try:
-            for raw in iterate_tar(stream):
-                if (url, raw["__key__"]) not in hr_keys:
+            for j, raw in enumerate(iterate_tar(stream)):
+                if keep is not None and (j >= len(keep) or raw["__key__"] != self.index.key(first + j)):
+                    self.counter.add("index_mismatch", f"{url}: sample {j} ({raw['__key__']}) is not the indexed one; "
+                                     "re-index the shards")
+                    return
+                if keep is None or keep[j]:
                     raw["__url__"] = url
                     yield raw
         except TruncatedShard as err:
@@ -206,10 +240,30 @@ class MixedResolutionDataset(IterableDataset):
             stream.close()
 
     def _resampled_stream(self, rng: np.random.Generator) -> Iterator[dict]:
-        urls = [s.url for s in self.index.shards] if self.index else self.urls
-        hr_keys = self.index.hr_keys if (self.index and self.cfg.p_hr > 0) else set()
         while True:
-            yield from self._shard_samples(urls[int(rng.integers(len(urls)))], hr_keys)
+            yield from self._shard_samples(int(rng.integers(len(self.urls))))
+
+    def read_indexed(self, sample_id: int) -> dict:
+        """A raw sample by its index id: one ranged read of its image member, with its caption
+        member when it lies close by (members of a sample are adjacent in the tar), else two."""
+        rec = self.index.samples[sample_id]
+        url = self.url_of[int(rec["shard"])]
+        start, end = int(rec["offset"]), int(rec["offset"] + rec["size"])
+        raw = {"__key__": self.index.key(sample_id), "__url__": url}
+        kind = int(rec["caption_kind"])
+        if kind in (CAPTION_TXT, CAPTION_JSON):
+            c_start, c_end = int(rec["caption_offset"]), int(rec["caption_offset"] + rec["caption_size"])
+            lo, hi = min(start, c_start), max(end, c_end)
+            if hi - lo <= end - start + COALESCE_GAP:
+                data = read_range(url, lo, hi - lo)
+                image, caption = data[start - lo:end - lo], data[c_start - lo:c_end - lo]
+            else:
+                image, caption = read_range(url, start, end - start), read_range(url, c_start, c_end - c_start)
+            raw["txt" if kind == CAPTION_TXT else "json"] = caption
+        else:
+            image = read_range(url, start, end - start)
+        raw[self.index.ext(sample_id)] = image
+        return raw
 
     # ----- decoding -------------------------------------------------------------------------
     def _decode(self, raw: dict, rng: np.random.Generator, cfg: DataConfig) -> dict:
@@ -217,7 +271,11 @@ class MixedResolutionDataset(IterableDataset):
         sample["key"] = raw["__key__"]
         return sample
 
-    def _main_sample(self, raw: dict | None, history: deque, rng: np.random.Generator, cfg: DataConfig) -> dict:
+    def _main_sample(self, raw: dict | None, history: deque, ahead: Lookahead, rng: np.random.Generator,
+                     cfg: DataConfig) -> dict:
+        """The sample at this position: `raw` decoded, or (bad or missing) the most recent decodable
+        raw sample before it, or at the start of a range the next one after it (looked at, not
+        consumed: every later position keeps its sample)."""
         if raw is not None:
             try:
                 return self._decode(raw, rng, cfg)
@@ -225,7 +283,7 @@ class MixedResolutionDataset(IterableDataset):
                 self.counter.add(err.reason, f"{raw.get('__url__')}:{raw['__key__']}: {err}")
         else:
             self.counter.add("missing_samples", "stream ended before the planned count")
-        for candidate in reversed(history):
+        for candidate in [*reversed(history), *ahead.peek(HISTORY)]:
             if candidate is raw:
                 continue
             try:
@@ -234,19 +292,17 @@ class MixedResolutionDataset(IterableDataset):
                 return sample
             except SkipSample:
                 continue
-        raise RuntimeError(f"no decodable sample among the last {HISTORY}: check the shards "
+        raise RuntimeError(f"no decodable sample among the {HISTORY} before and after: check the shards "
                            f"(skips so far: {self.counter.as_dict()})")
 
     def _hr_sample(self, rng: np.random.Generator, cfg: DataConfig) -> dict:
-        manifest = self.index.hr_manifest
         for _ in range(HISTORY):
-            entry = manifest[int(rng.integers(len(manifest)))]
+            sample_id = int(self.hr_ids[int(rng.integers(len(self.hr_ids)))])
+            raw = self.read_indexed(sample_id)
             try:
-                raw = {"__key__": entry["key"], entry["ext"]: read_range(entry["url"], entry["offset"], entry["size"]),
-                       "json": json.dumps({"caption": entry.get("caption")}).encode()}
                 return self._decode(raw, rng, cfg)
             except SkipSample as err:
-                self.counter.add(err.reason, f"high-res {entry['url']}:{entry['key']}: {err}")
+                self.counter.add(err.reason, f"high-res {raw['__url__']}:{raw['__key__']}: {err}")
         raise RuntimeError(f"{HISTORY} high-res draws in a row failed: check the shards")
 
     # ----- iteration ------------------------------------------------------------------------
@@ -256,7 +312,7 @@ class MixedResolutionDataset(IterableDataset):
         # A new DataLoader asks worker 0 first; after k batches the next batch belongs to
         # logical worker k % n, so physical worker i plays logical worker (i + k) % n.
         worker = (physical + self.start_batch) % n_workers
-        if self.index is not None and self.cfg.p_hr > 0 and not self.index.hr_manifest:
+        if self.index is not None and self.cfg.p_hr > 0 and not len(self.hr_ids):
             raise ConfigError("data.p_hr > 0 but the index lists no high-res sample; lower data.p_hr")
         # Batches this worker already delivered: the DataLoader takes batches round-robin.
         skip = self.start_batch // n_workers + (1 if worker < self.start_batch % n_workers else 0)
@@ -280,6 +336,7 @@ class MixedResolutionDataset(IterableDataset):
                  epoch_batch: tuple[int, int]):
         """epoch_batch (first, stride): local batch b is batch first + b * stride of the epoch."""
         history: deque = deque(maxlen=HISTORY)
+        raws = Lookahead(raws)
         b = 0
         while n_batches is None or b < n_batches:
             batch, cfg = [], self.batch_cfg(epoch_batch[0] + b * epoch_batch[1])
@@ -292,7 +349,7 @@ class MixedResolutionDataset(IterableDataset):
                     history.append(raw)
                 if b < skip:
                     continue  # fast-forward after resume: replay the raw stream, no decode
-                sample = self._hr_sample(rng, cfg) if is_hr else self._main_sample(raw, history, rng, cfg)
+                sample = self._hr_sample(rng, cfg) if is_hr else self._main_sample(raw, history, raws, rng, cfg)
                 sample["is_hr"] = is_hr
                 batch.append(sample)
             if b >= skip:
@@ -300,9 +357,40 @@ class MixedResolutionDataset(IterableDataset):
             b += 1
 
 
+class Lookahead:
+    """An iterator whose next items can be looked at without consuming them."""
+
+    def __init__(self, items: Iterator):
+        self.items, self.buffer = iter(items), deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.buffer.popleft() if self.buffer else next(self.items)
+
+    def peek(self, n: int) -> list:
+        while len(self.buffer) < n:
+            item = next(self.items, None)
+            if item is None:
+                break
+            self.buffer.append(item)
+        return list(self.buffer)[:n]
+
+
+def caption_of(raw: dict) -> str:
+    """A sample's caption: its .txt member (img2dataset), else the "caption" of its .json, else ""."""
+    if "txt" in raw:
+        return raw["txt"].decode("utf-8", "replace").strip()
+    try:
+        return (json.loads(raw["json"]).get("caption") if "json" in raw else None) or ""
+    except (ValueError, AttributeError):
+        return ""
+
+
 def image_patch_sample(raw: dict, cfg: DataConfig, rng: np.random.Generator) -> dict:
     sample = make_patch_sample(image_bytes(raw), cfg.patch, rng)
-    sample["caption"] = (json.loads(raw["json"]).get("caption") if "json" in raw else None) or ""
+    sample["caption"] = caption_of(raw)
     return sample
 
 

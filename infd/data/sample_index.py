@@ -3,29 +3,34 @@
 A directory holding:
 
   index.json     metadata: {"version": 2, "hr_threshold", totals, "shards": [tar names in order],
-                 "resolution_histogram", "skipped": {reason: count}, "source"}
+                 "exts": [the indexed member's extensions], "resolution_histogram",
+                 "skipped": {reason: count}, ...}
   shards.npy     one record per shard (SHARD_DTYPE): its first sample id, sample count, high-res
                  count, excluded count and tar bytes
   samples.npy    one record per sample (SAMPLE_DTYPE), in tar order, shard after shard: where its
                  image member's data is (offset, size), its upright pixel size, its shard id,
-                 flags (HR; EXCLUDED: no readable image), the image extension (an index into
-                 IMAGE_EXTS), and where its caption member is (offset, size, kind)
+                 flags (HR; EXCLUDED: no readable image), its extension (an index into "exts"),
+                 and where its caption member is (offset, size, kind)
   hr_ids.npy     int64 ids of the high-res samples (the high-res stream draws from these)
   keys.bin, key_offsets.npy   the sample keys as one byte table (key i is bytes o[i]:o[i+1])
 
 No Python object per sample: 10M samples are 10M records of 43 bytes that the OS pages in on use
-and shares between all processes of a node.
+and shares between all processes of a node. An index on S3 is copied once per node into a local
+cache directory (`open_index`), then mapped.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from infd.data.tar_samples import IMAGE_EXTS
+from infd.data.urls import join_url, read_bytes
 
 VERSION = 2
 INDEX_NAME = "index.json"
@@ -37,6 +42,8 @@ SAMPLE_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("width", "<i4"), (
 SHARD_DTYPE = np.dtype([("first", "<i8"), ("samples", "<i8"), ("hr", "<i8"), ("excluded", "<i8"),
                         ("bytes", "<i8")])
 ARRAYS = ("shards.npy", "samples.npy", "hr_ids.npy", "key_offsets.npy")
+FILES = (INDEX_NAME, *ARRAYS, "keys.bin")
+DEFAULT_CACHE = Path(os.environ.get("INFD_INDEX_CACHE", Path.home() / ".cache" / "infd" / "index"))
 
 
 @dataclass
@@ -70,7 +77,13 @@ class SampleIndex:
         return bytes(self.keys[self.key_offsets[sample_id]:self.key_offsets[sample_id + 1]]).decode()
 
     def ext(self, sample_id: int) -> str:
-        return IMAGE_EXTS[int(self.samples["ext"][sample_id])]
+        return self.meta["exts"][int(self.samples["ext"][sample_id])]
+
+    def __getstate__(self):  # processes that unpickle it (spawned workers) map the files themselves
+        return {"root": self.root}
+
+    def __setstate__(self, state):
+        self.__dict__.update(vars(SampleIndex.open(state["root"])))
 
     def main_count(self, shard: int, exclude_hr: bool) -> int:
         """Samples of a shard in the main stream (the high-res ones have their own when p_hr > 0)."""
@@ -82,6 +95,26 @@ class SampleIndex:
         rec = self.shards[shard]
         flags = self.samples["flags"][rec["first"]:rec["first"] + rec["samples"]]
         return (flags & (EXCLUDED | (HR if exclude_hr else 0))) == 0
+
+
+def open_index(url: str, cache_dir: Path = DEFAULT_CACHE) -> SampleIndex:
+    """Open the index at a local directory, or at an s3:// prefix: its files are copied once per
+    node into cache_dir/<hash of the URL and index.json> (under a file lock: the first process
+    copies, the others wait and map the same files)."""
+    if not url.startswith("s3://"):
+        return SampleIndex.open(url)
+    meta = read_bytes(join_url(url, INDEX_NAME))  # small; keys the cache, so a rebuilt index is copied anew
+    local = Path(cache_dir) / hashlib.sha256(url.encode() + b"\0" + meta).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (local / ".complete").exists():
+            for name in FILES:
+                tmp = local / (name + ".tmp")
+                tmp.write_bytes(read_bytes(join_url(url, name)))
+                tmp.rename(local / name)
+            (local / ".complete").write_text(url)
+    return SampleIndex.open(local)
 
 
 def shard_records(samples_per_shard: list[np.ndarray], tar_bytes: list[int], first: int = 0) -> np.ndarray:
@@ -151,6 +184,6 @@ def _merged_meta(metas: list[dict]) -> dict:
         for reason, n in meta.get("skipped", {}).items():
             skipped[reason] = skipped.get(reason, 0) + n
     counts = np.sum([m["resolution_histogram"]["counts"] for m in metas], axis=0).tolist()
-    return {"hr_threshold": first["hr_threshold"], "source": first.get("source"),
-            "shards": [name for m in metas for name in m["shards"]],
+    merged = {k: v for k, v in first.items() if not k.startswith("total_")}
+    return {**merged, "shards": [name for m in metas for name in m["shards"]],
             "resolution_histogram": {**first["resolution_histogram"], "counts": counts}, "skipped": skipped}

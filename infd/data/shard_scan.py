@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from infd.data.decode import SkipSample, open_image, oriented_size
+from infd.data.index import HISTOGRAM_EDGES, histogram_bin
 from infd.data.sample_index import CAPTION_JSON, CAPTION_NONE, CAPTION_TXT, EXCLUDED, HR, SAMPLE_DTYPE
 from infd.data.tar_samples import IMAGE_EXTS, split_key
 from infd.data.urls import ShardReadError, open_stream
@@ -21,8 +22,8 @@ from infd.data.urls import ShardReadError, open_stream
 
 @dataclass
 class ShardScan:
-    """What one tar holds: records (SAMPLE_DTYPE; `shard` left 0, `ext` an index into IMAGE_EXTS,
-    255 for none), keys, the tar's size, skip reasons and the resolution histogram."""
+    """What one tar holds: records (SAMPLE_DTYPE; `shard` left 0, `ext` an index into the primary
+    extensions, 255 for none), keys, the tar's size, skip reasons and the resolution histogram."""
 
     records: np.ndarray
     keys: list[bytes]
@@ -36,14 +37,16 @@ class _Sample:
         self.key, self.members = key, {}  # ext -> (offset, size, data or None)
 
 
-def scan_shard(url: str, hr_threshold: int, edges: list[int]) -> ShardScan:
-    """edges: the resolution histogram's bin edges (long side, upright)."""
+def scan_shard(url: str, hr_threshold: int, primary: tuple[str, ...] = IMAGE_EXTS) -> ShardScan:
+    """hr_threshold: long side (upright) of a high-res sample. primary: the member a
+    sample is indexed by, the first present of these extensions (IMAGE_EXTS: images, whose
+    headers give the size; a latent cache uses ("latent.npy",) and records no size)."""
     records, keys, skipped = [], [], Counter()
-    histogram = [0] * len(edges)
+    histogram = [0] * len(HISTOGRAM_EDGES)
     stream = _Counting(open_stream(url))
     try:
         for sample in _samples(stream, skipped):
-            records.append(_record(sample, hr_threshold, skipped, histogram, edges))
+            records.append(_record(sample, hr_threshold, skipped, histogram, primary))
             keys.append(sample.key.encode())
     finally:
         stream.close()
@@ -78,26 +81,29 @@ def _samples(stream, skipped: Counter):
         yield sample
 
 
-def _record(sample: _Sample, hr_threshold: int, skipped: Counter, histogram: list[int], edges: list[int]) -> tuple:
+def _record(sample: _Sample, hr_threshold: int, skipped: Counter, histogram: list[int],
+            primary: tuple[str, ...]) -> tuple:
     cap_kind, cap_off, cap_size = CAPTION_NONE, -1, 0
     if "txt" in sample.members:
         cap_kind, (cap_off, cap_size, _) = CAPTION_TXT, sample.members["txt"]
     elif "json" in sample.members and _json_has_caption(sample.members["json"][2]):
         cap_kind, (cap_off, cap_size, _) = CAPTION_JSON, sample.members["json"]
-    ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+    ext = next((e for e in primary if e in sample.members), None)
     if ext is None:
-        skipped["no_image_member"] += 1
+        skipped["no_image_member" if primary == IMAGE_EXTS else f"no_{primary[0]}_member"] += 1
         return (0, 0, 0, 0, 0, EXCLUDED, 255, cap_off, cap_size, cap_kind)
     offset, size, data = sample.members[ext]
+    if primary != IMAGE_EXTS:
+        return (offset, size, 0, 0, 0, 0, primary.index(ext), cap_off, cap_size, cap_kind)
     try:
         width, height = oriented_size(open_image(data))
     except SkipSample as err:
         skipped[err.reason] += 1
-        return (offset, size, 0, 0, 0, EXCLUDED, IMAGE_EXTS.index(ext), cap_off, cap_size, cap_kind)
+        return (offset, size, 0, 0, 0, EXCLUDED, primary.index(ext), cap_off, cap_size, cap_kind)
     long_side = max(width, height)
-    histogram[max(i for i, edge in enumerate(edges) if long_side >= edge)] += 1
+    histogram[histogram_bin(long_side)] += 1
     flags = HR if long_side >= hr_threshold else 0
-    return (offset, size, width, height, 0, flags, IMAGE_EXTS.index(ext), cap_off, cap_size, cap_kind)
+    return (offset, size, width, height, 0, flags, primary.index(ext), cap_off, cap_size, cap_kind)
 
 
 def _json_has_caption(data: bytes | None) -> bool:

@@ -10,8 +10,10 @@ PyTorch's watchdog notices within seconds, and on Linux the kernel kills them at
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 # What schedulers and launchers send to stop or warn a job (SIGUSR1/2: SLURM's --signal, submitit).
@@ -21,7 +23,8 @@ _PR_SET_PDEATHSIG = 1
 
 def ignore_preemption_signals() -> None:
     for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:  # see exit_on_sigterm_from
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def die_with_parent() -> None:
@@ -42,8 +45,24 @@ def preemption_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def exit_on_sigterm_from(parent: int) -> None:
+    """SIGTERM from `parent` ends this process; from anyone else it is dropped. The DataLoader
+    terminates a worker that does not stop by itself with SIGTERM (and multiprocessing does at
+    exit): that one must still work. Python handlers do not see the sender, so SIGTERM stays
+    blocked in every thread and one thread takes it with sigwaitinfo, which does."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
 def init_worker(worker_id: int) -> None:
     """`worker_init_fn` for every DataLoader of the system."""
+    exit_on_sigterm_from(os.getppid())
     ignore_preemption_signals()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(PREEMPTION_SIGNALS) - {signal.SIGTERM})
     die_with_parent()

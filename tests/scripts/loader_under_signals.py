@@ -1,8 +1,8 @@
 """A trainer stand-in: iterate a 2-worker loader, send the preemption signals to the workers, keep
 iterating; print the worker pids and "survived", then wait to be killed (the test checks that the
 workers die with this process)."""
-import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -17,13 +17,14 @@ def main() -> None:
     batches = iter(build_loader(cfg))
     next(batches)
     workers = [w.pid for w in batches._workers]
-    for sig in PREEMPTION_SIGNALS:
-        for pid in workers:
-            os.kill(pid, sig)
+    for sig in PREEMPTION_SIGNALS:  # sent by another process, as launchers and schedulers do
+        subprocess.run(["kill", f"-{sig.name[3:]}", *map(str, workers)], check=True)
     time.sleep(0.5)
     for _ in range(6):
         next(batches)  # every worker still delivers
     print(" ".join(map(str, workers)), "survived", flush=True)
+    if sys.argv[2:] == ["exit"]:  # leave with the workers still up: multiprocessing terminates them
+        sys.exit(0)
     signal.pause()
 
 
