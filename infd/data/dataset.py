@@ -130,10 +130,16 @@ class MixedResolutionDataset(IterableDataset):
         rec = self.index.shards[self.shard_ids]
         self.main_counts = rec["samples"] - rec["excluded"] - (rec["hr"] if self.cfg.p_hr > 0 else 0)
         self.url_of = dict(zip(self.shard_ids.tolist(), self.urls))
-        hr = self.index.hr_ids
-        if len(self.shard_ids) < len(ids):  # a subset of the indexed shards: their high-res samples only
-            hr = hr[np.isin(self.index.samples["shard"][hr], self.shard_ids)]
-        self.hr_ids = hr
+        self.hr_ids = None  # all of the index's (read by position); an array for a subset of its shards
+        if len(self.shard_ids) < len(ids):
+            hr = np.asarray(self.index.hr_ids)
+            self.hr_ids = hr[np.isin(self.index.samples["shard"][hr], self.shard_ids)]
+
+    def _hr_count(self) -> int:
+        return len(self.index.hr_ids if self.hr_ids is None else self.hr_ids)
+
+    def _hr_id(self, i: int) -> int:
+        return self.index.hr_id(i) if self.hr_ids is None else int(self.hr_ids[i])
 
     # ----- epoch plan ---------------------------------------------------------------------
     @property
@@ -246,7 +252,7 @@ class MixedResolutionDataset(IterableDataset):
     def read_indexed(self, sample_id: int) -> dict:
         """A raw sample by its index id: one ranged read of its image member, with its caption
         member when it lies close by (members of a sample are adjacent in the tar), else two."""
-        rec = self.index.samples[sample_id]
+        rec = self.index.record(sample_id)
         url = self.url_of[int(rec["shard"])]
         start, end = int(rec["offset"]), int(rec["offset"] + rec["size"])
         raw = {"__key__": self.index.key(sample_id), "__url__": url}
@@ -297,7 +303,7 @@ class MixedResolutionDataset(IterableDataset):
 
     def _hr_sample(self, rng: np.random.Generator, cfg: DataConfig) -> dict:
         for _ in range(HISTORY):
-            sample_id = int(self.hr_ids[int(rng.integers(len(self.hr_ids)))])
+            sample_id = self._hr_id(int(rng.integers(self._hr_count())))
             raw = self.read_indexed(sample_id)
             try:
                 return self._decode(raw, rng, cfg)
@@ -312,7 +318,7 @@ class MixedResolutionDataset(IterableDataset):
         # A new DataLoader asks worker 0 first; after k batches the next batch belongs to
         # logical worker k % n, so physical worker i plays logical worker (i + k) % n.
         worker = (physical + self.start_batch) % n_workers
-        if self.index is not None and self.cfg.p_hr > 0 and not len(self.hr_ids):
+        if self.index is not None and self.cfg.p_hr > 0 and not self._hr_count():
             raise ConfigError("data.p_hr > 0 but the index lists no high-res sample; lower data.p_hr")
         # Batches this worker already delivered: the DataLoader takes batches round-robin.
         skip = self.start_batch // n_workers + (1 if worker < self.start_batch % n_workers else 0)
