@@ -12,9 +12,10 @@ from tests.test_loader import data_cfg, small_shards
 
 
 @pytest.fixture
-def s3(monkeypatch):
+def s3(monkeypatch, tmp_path):
     server = MotoServer()
     use_endpoint(monkeypatch, server.url)
+    monkeypatch.setenv("INFD_INDEX_CACHE", str(tmp_path / "index_cache"))
     monkeypatch.setattr(urls, "S3_RETRIES", 2)
     monkeypatch.setattr(urls, "S3_BACKOFF", 0.05)
     boto3.client("s3").create_bucket(Bucket="bucket")
@@ -37,6 +38,27 @@ def test_s3_shards_give_the_same_samples_as_local_ones(tmp_path, s3):
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
             assert x["keys"] == y["keys"] and torch.equal(x["gt"], y["gt"]) and torch.equal(x["enc"], y["enc"])
+
+
+def test_an_s3_index_is_copied_once_per_node_and_again_when_rebuilt(tmp_path, s3):
+    import json
+
+    from infd.data.sample_index import open_index
+    from tests.images import build, write_folder
+
+    write_folder(tmp_path / "src", [(300, 300), (1200, 900), (500, 400)])
+    build(tmp_path / "src", "s3://bucket/ix", "--samples-per-shard", "2")
+    first = open_index("s3://bucket/ix")
+    stamps = {p.name: p.stat().st_mtime_ns for p in first.root.iterdir()}
+    again = open_index("s3://bucket/ix")  # another process of the node: maps the same copy
+    assert again.root == first.root and {p.name: p.stat().st_mtime_ns for p in again.root.iterdir()} == stamps
+    assert first.root.parent == tmp_path / "index_cache" and len(first.hr_ids) == 1
+    assert first.key(int(first.hr_id(0))) == "000000001"
+    # The index is rebuilt on S3 (here: its metadata changes): the next open copies it anew.
+    meta = json.loads((first.root / "index.json").read_text()) | {"note": "rebuilt"}
+    boto3.client("s3").put_object(Bucket="bucket", Key="ix/index.json", Body=json.dumps(meta).encode())
+    rebuilt = open_index("s3://bucket/ix")
+    assert rebuilt.root != first.root and rebuilt.meta["note"] == "rebuilt"
 
 
 def test_s3_build_resumes_from_finished_shards(tmp_path, s3):

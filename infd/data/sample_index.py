@@ -45,7 +45,6 @@ SHARD_DTYPE = np.dtype([("first", "<i8"), ("samples", "<i8"), ("hr", "<i8"), ("e
                         ("bytes", "<i8")])
 ARRAYS = ("shards.npy", "samples.npy", "hr_ids.npy", "key_offsets.npy")
 FILES = (INDEX_NAME, *ARRAYS, "keys.bin")
-DEFAULT_CACHE = Path(os.environ.get("INFD_INDEX_CACHE", Path.home() / ".cache" / "infd" / "index"))
 
 
 @dataclass
@@ -131,16 +130,20 @@ class _RecordReader:
         return np.frombuffer(os.pread(self.fd, n * size, self.base + i * size), self.dtype)
 
 
-def open_index(url: str, cache_dir: Path = DEFAULT_CACHE) -> SampleIndex:
+def index_cache_dir() -> Path:
+    return Path(os.environ.get("INFD_INDEX_CACHE") or Path.home() / ".cache" / "infd" / "index")
+
+
+def open_index(url: str, cache_dir: Path | None = None) -> SampleIndex:
     """Open the index at a local directory, or at an s3:// prefix: its files are copied once per
-    node into cache_dir/<hash of the URL and index.json> (under a file lock: the first process
-    copies, the others wait and map the same files)."""
+    node into cache_dir (default: $INFD_INDEX_CACHE or ~/.cache/infd/index)/<hash of the URL and
+    index.json>, under a file lock: the first process copies, the others wait and map the same files."""
     if not url.startswith("s3://"):
         return SampleIndex.open(url)
     meta = read_bytes(join_url(url, INDEX_NAME))  # small; keys the cache, so a rebuilt index is copied anew
-    local = Path(cache_dir) / hashlib.sha256(url.encode() + b"\0" + meta).hexdigest()[:16]
+    local = Path(cache_dir or index_cache_dir()) / hashlib.sha256(url.encode() + b"\0" + meta).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
-    with open(local / ".lock", "w") as lock:
+    with open(local / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (local / ".complete").exists():
             for name in FILES:
