@@ -8,6 +8,9 @@ DST is a directory or s3://bucket/prefix. Shard i holds job i (deterministic: so
 a shard is finished when its stats file shard-XXXXXX.json exists, written after the tar is
 complete, so re-running resumes: finished shards are kept, partial ones redone. The sample index
 (infd/data/sample_index.py, as data_prep.index_shards writes it) is written last.
+
+Across nodes: --part I --num-parts K builds and indexes the I-th contiguous range of shards (its
+index under DST/parts/); --num-parts K --merge joins the parts' indexes without re-reading a shard.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from tqdm import tqdm
 
 from data_prep import sources
 from data_prep.shard_writer import FilterConfig, ShardWriter
-from data_prep.index_shards import build_index
-from infd.data.sample_index import FILES
+from data_prep.index_shards import build_index, part_name, part_range
+from infd.data.sample_index import FILES, INDEX_NAME, merge_indexes
+from infd.data.urls import read_bytes
 
 log = logging.getLogger("data_prep.build_shards")
 
@@ -116,17 +120,43 @@ def detect_format(src: Path) -> str:
     return "folder"
 
 
-def write_index(dest: Destination, n_shards: int, cfg: FilterConfig) -> dict:
-    """The sample index of the built shards (the one index_shards writes), with the build's counts."""
+def build_stats(dest: Destination, shards: range, cfg: FilterConfig) -> dict:
     skipped, converted = Counter(), Counter()
-    for i in range(n_shards):
+    for i in shards:
         stats = json.loads(dest.read_text(f"{shard_name(i)}.json"))
         skipped.update(stats["skipped"])
         converted.update(stats["converted"])
-    urls = [dest.url.rstrip("/") + "/" + f"{shard_name(i)}.tar" for i in range(n_shards)]
-    build_stats = {"filters": asdict(cfg), "skipped": dict(skipped), "converted": dict(converted)}
-    meta = build_index(urls, dest.local, cfg.hr_threshold, workers=1, extra_meta={"build": build_stats})
-    for name in FILES:
+    return {"filters": asdict(cfg), "skipped": dict(skipped), "converted": dict(converted)}
+
+
+def write_shard_index(dest: Destination, shards: range, cfg: FilterConfig, subdir: str = "") -> dict:
+    """The sample index of built shards (the one index_shards writes) with the build's counts, in
+    dest/subdir; the index.json goes last (it marks the index complete)."""
+    urls = [dest.url.rstrip("/") + "/" + f"{shard_name(i)}.tar" for i in shards]
+    local = dest.local / subdir
+    meta = build_index(urls, local, cfg.hr_threshold, workers=1, first_shard=shards.start,
+                       extra_meta={"build": build_stats(dest, shards, cfg)})
+    for name in (*FILES[1:], FILES[0]):
+        dest.publish(f"{subdir}/{name}" if subdir else name)
+    return meta
+
+
+def merge_parts(dest: Destination, n_shards: int, num_parts: int, cfg: FilterConfig) -> dict:
+    """One index from the parts' indexes (each part indexed its own shards: nothing is re-read)."""
+    names = [f"parts/{part_name(i, num_parts)}" for i in range(num_parts)]
+    missing = [n for n in names if not dest.exists(f"{n}/{INDEX_NAME}")]
+    if missing:
+        raise SystemExit(f"build_shards --merge: parts not finished: {', '.join(missing)}; run them (--part I) first")
+    if dest.is_s3:
+        for name in names:
+            (dest.local / name).mkdir(parents=True, exist_ok=True)
+            for file in FILES:
+                (dest.local / name / file).write_bytes(read_bytes(f"{dest.url.rstrip('/')}/{name}/{file}"))
+    merge_indexes([dest.local / n for n in names], dest.local)
+    meta = json.loads((dest.local / INDEX_NAME).read_text())
+    meta["build"] = build_stats(dest, range(n_shards), cfg)
+    (dest.local / INDEX_NAME).write_text(json.dumps(meta, indent=1))
+    for name in (*FILES[1:], FILES[0]):
         dest.publish(name)
     return meta
 
@@ -140,8 +170,11 @@ def build(args) -> dict:
     dest = Destination(args.output, Path(args.staging) if args.staging else None)
     for tmp in dest.local.glob("*.tmp"):  # partial shards of an interrupted run
         tmp.unlink()
-    todo = [(i, job, dest, cfg) for i, job in enumerate(jobs) if not dest.exists(f"{shard_name(i)}.json")]
-    print(f"{len(jobs)} shards from {args.input} ({args.format}); {len(jobs) - len(todo)} already finished, "
+    if args.merge:
+        return _report(merge_parts(dest, len(jobs), args.num_parts, cfg), dest, args)
+    mine = range(*part_range(len(jobs), args.part, args.num_parts)) if args.part is not None else range(len(jobs))
+    todo = [(i, jobs[i], dest, cfg) for i in mine if not dest.exists(f"{shard_name(i)}.json")]
+    print(f"{len(mine)} shards from {args.input} ({args.format}); {len(mine) - len(todo)} already finished, "
           f"{len(todo)} to build with {args.workers} processes -> {args.output}", flush=True)
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
     samples = 0
@@ -151,11 +184,20 @@ def build(args) -> dict:
             bar.update(1)
             bar.set_postfix(samples=samples)
     bar.close()
-    index = write_index(dest, len(jobs), cfg)
+    if args.part is None:
+        return _report(write_shard_index(dest, mine, cfg), dest, args)
+    part = f"parts/{part_name(args.part, args.num_parts)}"
+    if not dest.exists(f"{part}/{INDEX_NAME}"):
+        shutil.rmtree(dest.local / part, ignore_errors=True)
+        write_shard_index(dest, mine, cfg, part)
+    return _report(json.loads(dest.read_text(f"{part}/{INDEX_NAME}")), dest, args)
+
+
+def _report(index: dict, dest: Destination, args) -> dict:
     if dest.is_s3 and not args.staging:
         shutil.rmtree(dest.local, ignore_errors=True)
-    print(f"index: {index['total_samples']} samples ({index['total_hr']} high-res >= {cfg.hr_threshold}px) in "
-          f"{len(jobs)} shards, {index['total_bytes'] / 2**20:.1f} MB; skipped {index['build']['skipped']}; "
+    print(f"index: {index['total_samples']} samples ({index['total_hr']} high-res >= {index['hr_threshold']}px) in "
+          f"{len(index['shards'])} shards, {index['total_bytes'] / 2**20:.1f} MB; skipped {index['build']['skipped']}; "
           f"converted {index['build']['converted']}", flush=True)
     return index
 
@@ -191,7 +233,13 @@ def parse_args(argv=None):
     p.add_argument("--min-aesthetic", type=float, default=defaults.min_aesthetic)
     p.add_argument("--hr-threshold", type=int, default=defaults.hr_threshold)
     p.add_argument("--no-verify", action="store_true", help="skip the test decode of kept images")
-    return p.parse_args(argv)
+    p.add_argument("--part", type=int, help="build and index only this part (0-based) of the shards, then stop")
+    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shards are split into")
+    p.add_argument("--merge", action="store_true", help="merge the finished parts' indexes into the index")
+    args = p.parse_args(argv)
+    if args.num_parts < 1 or (args.part is not None and not 0 <= args.part < args.num_parts):
+        p.error(f"--part must be in [0, --num-parts={args.num_parts})")
+    return args
 
 
 def main(argv=None) -> int:

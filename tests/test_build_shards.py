@@ -145,3 +145,21 @@ def test_rebuild_is_deterministic_and_resumes_only_unfinished_shards(tmp_path):
     assert (out / "shard-000002.tar").read_bytes() == (tmp_path / "b" / "shard-000002.tar").read_bytes()
     assert not list(out.glob("*.tmp"))
     assert index["total_samples"] == 7
+
+
+def test_two_parts_then_merge_equal_one_build(tmp_path):
+    import numpy as np
+
+    write_folder(tmp_path / "src", [(300 + 40 * i, 280 + 30 * (i % 3)) for i in range(9)] + [(1100, 900)])
+    common = ("--samples-per-shard", "2", "--hr-threshold", "600")
+    one = build(tmp_path / "src", str(tmp_path / "one"), *common)
+    for part in (1, 0):
+        build(tmp_path / "src", str(tmp_path / "two"), *common, "--part", str(part), "--num-parts", "2")
+    assert not (tmp_path / "two" / "index.json").exists()
+    two = build(tmp_path / "src", str(tmp_path / "two"), *common, "--num-parts", "2", "--merge")
+    assert one == two
+    for tar in sorted((tmp_path / "one").glob("*.tar")):
+        assert tar.read_bytes() == (tmp_path / "two" / tar.name).read_bytes()
+    a, b = SampleIndex.open(tmp_path / "one"), SampleIndex.open(tmp_path / "two")
+    for name in ("samples", "shards", "hr_ids", "key_offsets", "keys"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
