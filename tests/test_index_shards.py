@@ -107,3 +107,21 @@ def test_the_loader_reads_img2dataset_shards_through_the_index(tmp_path):
     assert batches and all(c.startswith("a photo number") for c in captions), captions
     kinds = {bool(h) for b in batches for h in b["is_hr"].tolist()}
     assert kinds == {True, False}
+
+
+def test_slurm_array_script_indexes_by_parts_and_merges(tmp_path):
+    """cluster/slurm/index_shards.sbatch as SLURM runs it: two array tasks, then the merge job."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SHARDS=str(FIXTURE), INDEX_DIR=str(tmp_path / "index"), PYTHON=sys.executable,
+               SLURM_SUBMIT_DIR=str(root), SLURM_ARRAY_TASK_COUNT="2", SLURM_CPUS_PER_TASK="1")
+    script = str(root / "cluster" / "slurm" / "index_shards.sbatch")
+    for task in ("1", "0"):
+        subprocess.run(["bash", script], env={**env, "SLURM_ARRAY_TASK_ID": task}, check=True, capture_output=True)
+    subprocess.run(["bash", script], env={**env, "MERGE": "1"}, check=True, capture_output=True)
+    assert index_shards([str(FIXTURE), "--output", str(tmp_path / "one"), "--workers", "1"]) == 0
+    merged, one = SampleIndex.open(tmp_path / "index"), SampleIndex.open(tmp_path / "one")
+    assert np.array_equal(merged.samples, one.samples) and merged.meta == one.meta
