@@ -6,6 +6,8 @@
     infd sample --ae EXPORT --unet EXPORT [--prompt TEXT | --prompts FILE] [--label K] --size WxH
                 [--region x0,y0,x1,y1] [--steps N] [--sampler ddim|ddpm|dpmpp|euler|heun] [--eta E]
                 [--spacing linspace|leading|trailing] [--cfg S] [--seed K] --out FILE
+    infd data stats INDEX_OR_SHARDS [--png HIST.png] [--json]
+    infd data preview SHARDS --out GRID.png [--n 8] [--p-hr 0.5] [--index DIR] [--patch-size 256]
 """
 from __future__ import annotations
 
@@ -188,6 +190,43 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_data_stats(args) -> int:
+    from infd.data.inspect import histogram_png, index_stats
+    from infd.data.sample_index import INDEX_NAME, open_index
+
+    where = args.source[: -len(INDEX_NAME)].rstrip("/") if args.source.endswith(INDEX_NAME) else args.source
+    stats = index_stats(open_index(where))
+    if args.png:
+        histogram_png(stats, args.png)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{where}: {stats['samples']} samples in {stats['shards']} shards, {stats['bytes'] / 2**20:.1f} MB")
+    print(f"  high-res (long side >= {stats['hr_threshold']} px): {stats['high_res']}; median long side "
+          f"{stats['long_side_median']} px")
+    print(f"  excluded at indexing: {stats['excluded']} {stats['excluded_by_reason']}")
+    if stats["build"]:
+        print(f"  build_shards: skipped {stats['build']['skipped']}, converted {stats['build']['converted']}")
+    hist = stats["resolution_histogram"]
+    for edge, count in zip(hist["edges"], hist["counts"]):
+        print(f"  >= {edge:>5d} px  {count}")
+    if args.png:
+        print(f"  histogram: {args.png}")
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from infd.data.dataset import DataConfig, MixedResolutionDataset
+    from infd.data.inspect import preview_grid
+
+    cfg = from_mapping(DataConfig, {"shards": args.shards, "index": args.index, "p_hr": args.p_hr, "num_workers": 0,
+                                    "batch_size": 1, "shuffle_buffer": 1, "seed": args.seed,
+                                    "patch": {"patch_size": args.patch_size, "encoder_size": args.patch_size}})
+    path = preview_grid(iter(MixedResolutionDataset(cfg)), args.n, args.out)
+    print(f"{args.n} loader samples (encoder input | GT crop) -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infd", description="Image neural field diffusion tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device")
     p.set_defaults(func=cmd_sample)
+
+    data = sub.add_parser("data", help="look at a dataset: index statistics, loader preview").add_subparsers(
+        dest="data_command", required=True)
+    p = data.add_parser("stats", help="totals, resolution histogram, exclusion and build counts of a sample index")
+    p.add_argument("source", help="index directory, its index.json, or the shards' directory (local or s3://)")
+    p.add_argument("--png", help="also write the resolution histogram as a PNG here (default: none)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_data_stats)
+    p = data.add_parser("preview", help="a grid of what the loader produces: encoder inputs beside GT crops")
+    p.add_argument("shards", nargs="+", help="shards: patterns, directories or s3:// prefixes")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--n", type=int, default=8, help="samples shown (default: 8)")
+    p.add_argument("--p-hr", type=float, default=0.5, help="share drawn from the high-res stream (default: 0.5)")
+    p.add_argument("--index", help="index directory (default: beside the shards)")
+    p.add_argument("--seed", type=int, default=0, help="loader seed (default: 0)")
+    p.add_argument("--patch-size", type=int, default=256, help="GT crop and encoder input size P (default: 256)")
+    p.set_defaults(func=cmd_data_preview)
     return parser
 
 

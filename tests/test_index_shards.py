@@ -125,3 +125,18 @@ def test_slurm_array_script_indexes_by_parts_and_merges(tmp_path):
     assert index_shards([str(FIXTURE), "--output", str(tmp_path / "one"), "--workers", "1"]) == 0
     merged, one = SampleIndex.open(tmp_path / "index"), SampleIndex.open(tmp_path / "one")
     assert np.array_equal(merged.samples, one.samples) and merged.meta == one.meta
+
+
+def test_data_stats_and_preview_commands(tmp_path):
+    from infd.cli import main as infd
+
+    shards = tmp_path / "shards"
+    shutil.copytree(FIXTURE, shards)
+    assert index_shards([str(shards), "--output", str(shards), "--workers", "1", "--hr-threshold", "150"]) == 0
+    assert infd(["data", "stats", str(shards), "--png", str(tmp_path / "hist.png")]) == 0
+    assert Image.open(tmp_path / "hist.png").size == (640, 320)
+    assert infd(["data", "preview", str(shards), "--out", str(tmp_path / "grid.png"), "--n", "4",
+                 "--patch-size", "32"]) == 0
+    assert Image.open(tmp_path / "grid.png").height == 4 * (192 + 24) + 4
+    (shards / "index.json").write_text(json.dumps({"version": 1}))
+    assert infd(["data", "stats", str(shards)]) == 2  # an old index: a clear error, not a traceback

@@ -108,6 +108,10 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "data_prep.build_shards", "--input", str(out / "photos"), "--output",
                     str(out / "shards"), "--samples-per-shard", "12", "--min-side", "128", "--workers", "2"],
                    check=True)
+    cli = [sys.executable, "-m", "infd.cli", "data"]
+    subprocess.run([*cli, "stats", str(out / "shards"), "--png", str(out / "data_histogram.png")], check=True)
+    subprocess.run([*cli, "preview", str(out / "shards"), "--out", str(out / "data_preview.png"), "--patch-size", "128"],
+                   check=True)
 
     print("\n== 2. stage 1: training the tiny autoencoder", flush=True)
     before = psnr_1x(initial_model({"resolution": 128, "bottleneck": "kl"}, device), device)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infd.config import ConfigError
 from infd.data.urls import join_url, read_bytes
 
 VERSION = 2
@@ -64,7 +65,7 @@ class SampleIndex:
         root = Path(root)
         meta = json.loads((root / INDEX_NAME).read_text())
         if meta.get("version") != VERSION:
-            raise ValueError(f"{root / INDEX_NAME}: index version {meta.get('version')}, expected {VERSION}: "
+            raise ConfigError(f"{root / INDEX_NAME}: index version {meta.get('version')}, expected {VERSION}: "
                              "rebuild it with python -m data_prep.index_shards")
         arrays = [np.load(root / name, mmap_mode="r") for name in ARRAYS]
         keys = np.memmap(root / "keys.bin", np.uint8, "r") if (root / "keys.bin").stat().st_size else np.zeros(0, np.uint8)
