@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_prep import sources
 from data_prep.shard_writer import FilterConfig, ShardWriter
-from data_prep.index_shards import build_index, part_name, part_range
+from data_prep.index_shards import add_part_args, build_index, check_part_args, part_name, part_range, pool
 from infd.data.sample_index import FILES, INDEX_NAME, merge_indexes
 from infd.data.urls import read_bytes
 
@@ -178,8 +178,8 @@ def build(args) -> dict:
           f"{len(todo)} to build with {args.workers} processes -> {args.output}", flush=True)
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
     samples = 0
-    with mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else _InProcess() as pool:
-        for stats in pool.imap_unordered(build_one, todo):
+    with pool(args.workers) as builders:
+        for stats in builders.imap_unordered(build_one, todo):
             samples += stats["samples"]
             bar.update(1)
             bar.set_postfix(samples=samples)
@@ -202,19 +202,6 @@ def _report(index: dict, dest: Destination, args) -> dict:
     return index
 
 
-class _InProcess:
-    """Pool stand-in for --workers 1 (easier to debug, no pickling)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap_unordered(self, fn, items):
-        return map(fn, items)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="image folder, img2dataset output dir, or LAION-style parquet")
@@ -233,13 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--min-aesthetic", type=float, default=defaults.min_aesthetic)
     p.add_argument("--hr-threshold", type=int, default=defaults.hr_threshold)
     p.add_argument("--no-verify", action="store_true", help="skip the test decode of kept images")
-    p.add_argument("--part", type=int, help="build and index only this part (0-based) of the shards, then stop")
-    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shards are split into")
-    p.add_argument("--merge", action="store_true", help="merge the finished parts' indexes into the index")
-    args = p.parse_args(argv)
-    if args.num_parts < 1 or (args.part is not None and not 0 <= args.part < args.num_parts):
-        p.error(f"--part must be in [0, --num-parts={args.num_parts})")
-    return args
+    add_part_args(p, "build and index")
+    return check_part_args(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:

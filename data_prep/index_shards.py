@@ -46,8 +46,8 @@ def build_index(urls: list[str], out: Path, hr_threshold: int, workers: int, pri
     `out`. Returns the index metadata."""
     scan = partial(scan_shard, hr_threshold=hr_threshold, primary=primary)
     scans: list[ShardScan] = []
-    with _pool(workers) as pool:
-        for result in tqdm(pool.imap(scan, urls), total=len(urls), desc=desc, unit="shard"):
+    with pool(workers) as scanners:
+        for result in tqdm(scanners.imap(scan, urls), total=len(urls), desc=desc, unit="shard"):
             scans.append(result)
     records = [s.records for s in scans]
     for shard_id, recs in enumerate(records, start=first_shard):
@@ -84,7 +84,9 @@ def merge(out: Path, num_parts: int) -> dict:
     return merge_indexes(parts, out).meta
 
 
-class _InProcess:
+class InProcess:
+    """Pool stand-in for one worker (easier to debug, no pickling)."""
+
     def __enter__(self):
         return self
 
@@ -94,9 +96,23 @@ class _InProcess:
     def imap(self, fn, items):
         return map(fn, items)
 
+    imap_unordered = imap
 
-def _pool(workers: int):
-    return mp.get_context("spawn").Pool(workers) if workers > 1 else _InProcess()
+
+def pool(workers: int):
+    return mp.get_context("spawn").Pool(workers) if workers > 1 else InProcess()
+
+
+def add_part_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--part", type=int, help=f"{what} only this part (0-based) of the shards, then stop")
+    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shards are split into (default: 1)")
+    p.add_argument("--merge", action="store_true", help="merge the finished parts' indexes into the index")
+
+
+def check_part_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.num_parts < 1 or (args.part is not None and not 0 <= args.part < args.num_parts):
+        p.error(f"--part must be in [0, --num-parts={args.num_parts})")
+    return args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,13 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="local index directory")
     p.add_argument("--hr-threshold", type=int, default=1024, help="long side (px, upright) of a high-res sample")
     p.add_argument("--workers", type=int, default=4, help="processes scanning shards in parallel (default: 4)")
-    p.add_argument("--part", type=int, help="index only this part (0-based), then stop")
-    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shard list is split into")
-    p.add_argument("--merge", action="store_true", help="merge the finished parts into the index")
-    args = p.parse_args(argv)
-    if args.num_parts < 1 or (args.part is not None and not 0 <= args.part < args.num_parts):
-        p.error(f"--part must be in [0, --num-parts={args.num_parts})")
-    return args
+    add_part_args(p, "index")
+    return check_part_args(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from infd.data.decode import SkipSample, open_image, oriented_size
 from infd.data.index import HISTOGRAM_EDGES, histogram_bin
 from infd.data.sample_index import CAPTION_JSON, CAPTION_NONE, CAPTION_TXT, EXCLUDED, HR, SAMPLE_DTYPE
-from infd.data.tar_samples import IMAGE_EXTS, split_key
+from infd.data.tar_samples import IMAGE_EXTS, CountingReader, sample_members
 from infd.data.urls import ShardReadError, open_stream
 
 
@@ -43,7 +43,7 @@ def scan_shard(url: str, hr_threshold: int, primary: tuple[str, ...] = IMAGE_EXT
     headers give the size; a latent cache uses ("latent.npy",) and records no size)."""
     records, keys, skipped = [], [], Counter()
     histogram = [0] * len(HISTOGRAM_EDGES)
-    stream = _Counting(open_stream(url))
+    stream = CountingReader(open_stream(url))
     try:
         for sample in _samples(stream, skipped):
             records.append(_record(sample, hr_threshold, skipped, histogram, primary))
@@ -57,12 +57,7 @@ def _samples(stream, skipped: Counter):
     sample = None
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key.startswith("__") or not ext:
-                    continue
+            for key, ext, member in sample_members(tar):
                 if sample is not None and sample.key != key:
                     yield sample
                     sample = None
@@ -111,16 +106,3 @@ def _json_has_caption(data: bytes | None) -> bool:
         return bool(json.loads(data or b"{}").get("caption"))
     except (ValueError, AttributeError):
         return False
-
-
-class _Counting:
-    def __init__(self, stream):
-        self.stream, self.count = stream, 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.count += len(data)
-        return data
-
-    def close(self) -> None:
-        self.stream.close()

@@ -21,21 +21,27 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of the members that belong to samples, in tar order (files only;
+    names starting with "__" and names without an extension are not samples)."""
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = split_key(member.name)
+        if not key.startswith("__") and ext:
+            yield key, ext, member
+
+
 def iterate_tar(stream) -> Iterator[dict]:
     """Yield samples from a binary stream of a tar. Raises TruncatedShard on a broken tar.
 
     ShardReadError (I/O failure after retries) propagates unchanged.
     """
     sample: dict | None = None
-    stream = _CountingReader(stream)
+    stream = CountingReader(stream)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key.startswith("__") or not ext:
-                    continue
+            for key, ext, member in sample_members(tar):
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is truncated")
@@ -58,7 +64,7 @@ def iterate_tar(stream) -> Iterator[dict]:
         yield sample
 
 
-class _CountingReader:
+class CountingReader:
     """Counts the bytes read from a binary stream."""
 
     def __init__(self, stream):
@@ -68,3 +74,6 @@ class _CountingReader:
         data = self.stream.read(n)
         self.count += len(data)
         return data
+
+    def close(self) -> None:
+        self.stream.close()
