@@ -186,7 +186,7 @@ def read_range(url: str, offset: int, length: int, retries: int | None = None) -
 
 
 def read_bytes(url: str) -> bytes:
-    """A whole small file (index.json, manifests) from a local path or s3://."""
+    """A whole file (an index's files) from a local path or s3://."""
     if url.startswith("s3://"):
         bucket, key = split_s3(url)
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
