@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data_prep.index_shards import build_index
-from infd.data.dataset import image_bytes
+from infd.data.tar_samples import image_bytes
 from infd.data.decode import SkipSample, decode_rgb, open_image
 from infd.data.latents import npy_bytes
 from infd.data.tar_samples import TruncatedShard, iterate_tar

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from PIL import Image
 
-from infd.data.dataset import image_bytes
+from infd.data.tar_samples import image_bytes
 from infd.data.decode import SkipSample, decode_rgb, open_image
 from infd.data.tar_samples import TruncatedShard, iterate_tar
 from infd.data.urls import expand_urls, open_stream

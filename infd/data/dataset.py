@@ -34,7 +34,7 @@ from infd.config import ConfigError
 from infd.data.counters import SkipCounter
 from infd.data.decode import SkipSample
 from infd.data.sample_index import CAPTION_JSON, CAPTION_TXT, INDEX_NAME, SampleIndex, open_index
-from infd.data.tar_samples import IMAGE_EXTS, TruncatedShard, iterate_tar
+from infd.data.tar_samples import TruncatedShard, image_bytes, iterate_tar
 from infd.data.transforms import PatchConfig, make_patch_sample
 from infd.data.urls import dirname_url, expand_urls, open_stream, read_range
 from infd.data.workers import init_worker
@@ -60,13 +60,6 @@ class DataConfig:
             raise ConfigError(f"config key '{prefix}p_hr' = {self.p_hr} must be in [0, 1)")
         if self.batch_size < 1:
             raise ConfigError(f"config key '{prefix}batch_size' must be >= 1")
-
-
-def image_bytes(raw: dict) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in raw:
-            return raw[ext]
-    raise SkipSample("no_image_member", f"{raw.get('__key__')}: members {sorted(k for k in raw if k[:2] != '__')}")
 
 
 def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

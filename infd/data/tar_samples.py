@@ -5,10 +5,18 @@ from __future__ import annotations
 import tarfile
 from typing import Iterator
 
+from infd.data.decode import SkipSample
 from infd.data.urls import ShardReadError
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members, in the order a sample's image is chosen
+
+
+def image_bytes(raw: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in raw:
+            return raw[ext]
+    raise SkipSample("no_image_member", f"{raw.get('__key__')}: members {sorted(k for k in raw if k[:2] != '__')}")
 
 
 class TruncatedShard(Exception):
