@@ -2,10 +2,11 @@
 
 A synthetic sample index of --samples entries (half of them high-res) in --shards shards is
 written once (arrays only: the tars do not exist, no image is read). Then, each in a fresh
-process: the loader's dataset opens it and plans an epoch (MixedResolutionDataset, p_hr = 0.5,
-2 ranks x 2 workers), yields 1000 main-stream plans (the tar positions it keeps, with their
-offsets and sizes) and 1000 high-res plans (ranged-read offsets and sizes), in the main process
-and in one DataLoader worker; RSS growth and time are measured around that.
+process: the loader's source opens it and plans an epoch (ShardSource + Loader, p_hr = 0.5,
+2 ranks x 8 per batch), yields 1000 main-stream plans (the first positions of the epoch's block
+shuffle, with offsets and sizes) and 1000 high-res plans, in the main process and in one
+DataLoader worker; RSS growth and time are measured around that, and the time to find the
+sample at 10% and at 90% of an epoch (what a resume costs the order: constant).
 
 The baseline is the representation this replaced (index v1): the high-res manifest as one Python
 dict per entry plus a set of (shard, key) for filtering the main stream, built at --baseline
@@ -58,43 +59,46 @@ import json, sys, time, psutil, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from torch.utils.data import DataLoader, IterableDataset
 from infd.config import from_mapping
-from infd.data.dataset import DataConfig, MixedResolutionDataset
+from infd.data.loader import DataConfig, Loader
+from infd.data.shard_source import ShardSource
 
 def rss():
     return psutil.Process().memory_info().rss / 2**20
 
-def plans(ds):
-    """1000 main-stream plans (kept tar positions, offsets, sizes) and 1000 high-res ones."""
-    out, pos = [], 0
-    for p in ds._shard_order():
-        sid = int(ds.shard_ids[p]); keep = np.flatnonzero(ds.index.in_main_stream(sid, True))
-        first = int(ds.index.shards[sid]["first"])
-        recs = ds.index.samples[first + keep[: 1000 - len(out)]]
-        out += list(zip(recs["offset"].tolist(), recs["size"].tolist()))
-        if len(out) >= 1000: break
+def plans(source):
+    """1000 main-stream plans (the first positions of epoch 0: sample offsets and sizes) and 1000
+    high-res ones; plus the time to find the samples at 10% and 90% of the epoch (a resume)."""
+    order = source.order(0, 0, 262_144)
+    out = []
+    for pos in range(1000):
+        rec = source.index.record(order.sample_id(pos)); out.append((int(rec["offset"]), int(rec["size"])))
     rng = np.random.default_rng(0)
     for _ in range(1000):
-        sid = ds._hr_id(int(rng.integers(ds._hr_count()))); rec = ds.index.record(sid)
-        out.append((ds.url_of[int(rec["shard"])], int(rec["offset"]), int(rec["size"]), ds.index.key(sid)))
-    return len(out)
+        sid = source.hr_id(int(rng.integers(source.hr_size))); rec = source.index.record(sid)
+        out.append((source.url_of[int(rec["shard"])], int(rec["offset"]), int(rec["size"]), source.index.key(sid)))
+    seek = {}
+    for frac in (0.1, 0.9):
+        t = time.perf_counter(); source.order(0, 1, 262_144).sample_id(int(frac * source.size))
+        seek[f"seek_s_{int(frac * 100)}"] = round(time.perf_counter() - t, 3)
+    return len(out), seek
 
 class Probe(IterableDataset):
     def __init__(self, ds): self.ds = ds
     def __iter__(self):
-        before = rss(); n = plans(self.ds); yield {"n": n, "rss_before": before, "rss_after": rss()}
+        before = rss(); n, _ = plans(self.ds); yield {"n": n, "rss_before": before, "rss_after": rss()}
 
 base = rss(); t = time.perf_counter()
 cfg = from_mapping(DataConfig, {"shards": sys.argv[2], "index": sys.argv[3], "p_hr": 0.5, "num_workers": 2,
                                 "batch_size": 8})
-ds = MixedResolutionDataset(cfg, rank=0, world_size=2)
-n_batches = ds.batches_per_epoch
-n = plans(ds)
+ds = ShardSource(cfg, None, None)
+n_batches = Loader(ds, cfg, rank=0, world_size=2).batches_per_epoch
+n, seek = plans(ds)
 open_s = time.perf_counter() - t
 main = rss() - base
 worker = next(iter(DataLoader(Probe(ds), batch_size=None, num_workers=1)))
 print(json.dumps({"open_s": round(open_s, 2), "rss_mb_main": round(main, 1),
                   "rss_mb_worker": round(worker["rss_after"] - worker["rss_before"], 1), "plans": n,
-                  "batches_per_epoch": n_batches}))
+                  "batches_per_epoch": n_batches} | seek))
 '''
 
 BASELINE = r'''
@@ -141,7 +145,8 @@ def main() -> None:
     scale = hr / args.baseline
     old_10m = {"open_s": round(old["open_s"] * scale, 1), "rss_mb": round(old["rss_mb"] * scale, 1)}
     print(f"sample index, {args.samples} entries ({hr} high-res): open + plan {new['open_s']} s, "
-          f"RSS +{new['rss_mb_main']} MB main, +{new['rss_mb_worker']} MB worker")
+          f"RSS +{new['rss_mb_main']} MB main, +{new['rss_mb_worker']} MB worker; finding the sample at "
+          f"10% / 90% of an epoch: {new['seek_s_10']} / {new['seek_s_90']} s")
     print(f"v1 dict manifest, {args.baseline} high-res entries measured: {old['open_s']} s, +{old['rss_mb']} MB; "
           f"extrapolated to {hr}: {old_10m['open_s']} s, +{old_10m['rss_mb']} MB per process")
     print(json.dumps({"entries": args.samples, "hr_entries": hr, "shards": args.shards, "index": new,

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from infd.config import from_mapping, load_mapping  # noqa: E402
-from infd.data.dataset import DataConfig, build_loader  # noqa: E402
+from infd.data.loader import DataConfig, build_loader  # noqa: E402
 from infd.data.latents import collate_latents, latent_sample  # noqa: E402
 from infd.data.transforms import to_unit_range  # noqa: E402
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
         save_model(ae, tmp / "ae")
         subprocess.run([py, "-m", "data_prep.encode_latents", "--ae", str(tmp / "ae"), "--shards", str(tmp / "img"),
                         "--output", str(tmp / "lat")], check=True, capture_output=True)
-        base = {"batch_size": args.batch_size, "num_workers": 1, "resampled": True, "shuffle_buffer": 16}
+        base = {"batch_size": args.batch_size, "num_workers": 1}
         images = build_loader(from_mapping(DataConfig, base | {"shards": str(tmp / "img"), "patch": {
             "encoder_size": res, "patch_size": 64, "r_max": 256, "small": "upsample"}}))
         latents = build_loader(from_mapping(DataConfig, base | {"shards": str(tmp / "lat")}), 0, 1,

@@ -216,13 +216,15 @@ def cmd_data_stats(args) -> int:
 
 
 def cmd_data_preview(args) -> int:
-    from infd.data.dataset import DataConfig, MixedResolutionDataset
     from infd.data.inspect import preview_grid
+    from infd.data.loader import DataConfig, build_loader
 
     cfg = from_mapping(DataConfig, {"shards": args.shards, "index": args.index, "p_hr": args.p_hr, "num_workers": 0,
-                                    "batch_size": 1, "shuffle_buffer": 1, "seed": args.seed,
+                                    "batch_size": 1, "seed": args.seed,
                                     "patch": {"patch_size": args.patch_size, "encoder_size": args.patch_size}})
-    path = preview_grid(iter(MixedResolutionDataset(cfg)), args.n, args.out)
+    batches = iter(build_loader(cfg))
+    path = preview_grid(batches, args.n, args.out)
+    batches.close()
     print(f"{args.n} loader samples (encoder input | GT crop) -> {path}")
     return 0
 

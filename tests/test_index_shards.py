@@ -92,17 +92,17 @@ def test_two_parts_merged_equal_one_pass_and_bad_images_are_excluded(tmp_path):
 
 
 def test_the_loader_reads_img2dataset_shards_through_the_index(tmp_path):
-    """Both streams, with 2 workers: main-stream samples from the tars, high-res ones by ranged
-    reads; captions from img2dataset's .txt members."""
+    """Both streams, with 2 workers, every sample by a ranged read of its span; captions from
+    img2dataset's .txt members."""
     from infd.config import from_mapping
-    from infd.data.dataset import DataConfig, build_loader
+    from infd.data.loader import DataConfig, build_loader
 
     shards = tmp_path / "shards"
     shutil.copytree(FIXTURE, shards)
     assert index_shards([str(shards), "--output", str(shards), "--workers", "1", "--hr-threshold", "150"]) == 0
     cfg = from_mapping(DataConfig, {"shards": str(shards), "batch_size": 2, "num_workers": 2, "p_hr": 0.5,
-                                    "shuffle_buffer": 2, "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
-    batches = list(build_loader(cfg))
+                                    "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
+    batches = list(build_loader(cfg).epoch_batches())
     captions = {c for b in batches for c in b["captions"]}
     assert batches and all(c.startswith("a photo number") for c in captions), captions
     kinds = {bool(h) for b in batches for h in b["is_hr"].tolist()}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from infd.config import from_mapping
-from infd.data.dataset import DataConfig, build_loader
+from infd.data.loader import DataConfig, build_loader
 from infd.data.latents import collate_latents, latent_sample, load_npy
 from infd.export import save_model
 from infd.models import NeuralFieldAutoencoder
@@ -82,11 +82,10 @@ def test_stopped_killed_and_restarted_encoding_has_no_duplicate_and_no_gap(tmp_p
 def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
     setup_cache_inputs(tmp_path, n=16)
     subprocess.run(encode_cmd(tmp_path, tmp_path / "lat"), check=True, capture_output=True, cwd=ROOT)
-    cfg = from_mapping(DataConfig, {"shards": str(tmp_path / "lat"), "batch_size": 2, "num_workers": 2,
-                                    "shuffle_buffer": 4})
+    cfg = from_mapping(DataConfig, {"shards": str(tmp_path / "lat"), "batch_size": 2, "num_workers": 2})
     seen = Counter()
     for rank in (0, 1):
-        for batch in build_loader(cfg, rank, 2, latent_sample, collate_latents):
+        for batch in build_loader(cfg, rank, 2, latent_sample, collate_latents).epoch_batches():
             assert batch["z"].shape == (2, 3, 16, 16) and batch["z"].dtype == torch.float32
             assert all(c.startswith("caption ") for c in batch["captions"])
             seen.update(batch["keys"])

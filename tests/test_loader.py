@@ -1,4 +1,5 @@
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from PIL import Image
 
 from infd.config import from_mapping
 from data_prep.index_shards import build_index
-from infd.data.dataset import DataConfig, MixedResolutionDataset, build_loader
+from infd.data.loader import DataConfig, build_loader
 from infd.data.transforms import PatchConfig, make_patch_sample, plan_patch
 from tests.images import bomb_png, build, exif_rotated_jpeg, jpeg_bytes, noise_image, png_bytes, sixteen_bit_png
 
@@ -35,7 +36,8 @@ def small_shards(tmp_path, sizes, per_shard: int, hr_threshold: int = 100_000, n
 
 
 def data_cfg(shards, **kw) -> DataConfig:
-    raw = {"shards": shards if isinstance(shards, list) else str(shards), "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, "patch": SMALL_PATCH}
+    raw = {"shards": shards if isinstance(shards, list) else str(shards), "batch_size": 4, "num_workers": 2,
+           "patch": SMALL_PATCH}
     raw.update(kw)
     return from_mapping(DataConfig, raw)
 
@@ -62,11 +64,10 @@ def test_uneven_total_keeps_ranks_equal_and_never_repeats(tmp_path):
     shards = small_shards(tmp_path, [(48, 48)] * 70, per_shard=9)
     seen, counts = Counter(), []
     for rank in (0, 1):
-        loader = build_loader(data_cfg(shards), rank, 2)
-        batches = list(loader)
+        batches = list(build_loader(data_cfg(shards), rank, 2).epoch_batches())
         counts.append(len(batches))
         seen.update(k for b in batches for k in b["keys"])
-    assert counts[0] == counts[1] == 8  # 70 // 2 // 2 = 17 per worker -> 4 batches each
+    assert counts[0] == counts[1] == 8  # 70 // (2 ranks x 4) global batches; the 6 left wait for another epoch
     assert max(seen.values()) == 1 and len(seen) == 64
 
 
@@ -74,17 +75,19 @@ def test_high_res_fraction_follows_p_hr(tmp_path):
     # 5% of images are high-res (long side >= 200); with p_hr = 0.5 half the samples must be.
     sizes = [(220, 210) if i % 20 == 0 else (40 + i % 50, 48) for i in range(200)]
     shards = small_shards(tmp_path, sizes, per_shard=50, hr_threshold=200)
-    cfg = data_cfg(shards, p_hr=0.5, resampled=True, num_workers=2, batch_size=50)
-    loader = build_loader(cfg)
-    hr, total = 0, 0
-    for batch in loader:
+    loader = build_loader(data_cfg(shards, p_hr=0.5, num_workers=2, batch_size=38))  # 380 slots: 10 batches
+    hr, total, main = 0, 0, Counter()
+    batches = iter(loader)
+    for batch in itertools.islice(batches, 2 * loader.batches_per_epoch):  # two epochs
         widths = [int(k) for k in batch["keys"]]
-        hr += sum(sizes[i][0] >= 200 for i in widths)
-        total += len(widths)
-        assert batch["is_hr"].sum().item() == sum(sizes[i][0] >= 200 for i in widths)
-        if total >= 4000:
-            break
-    assert abs(hr / total - 0.5) <= 0.03, hr / total
+        is_hr = [sizes[i][0] >= 200 for i in widths]
+        assert batch["is_hr"].tolist() == is_hr
+        assert abs(sum(is_hr) - 19) <= 1  # every batch: p_hr x 38, up to one more or fewer
+        hr, total = hr + sum(is_hr), total + len(widths)
+        main.update(k for k, h in zip(batch["keys"], is_hr) if not h)
+    batches.close()
+    assert abs(hr / total - 0.5) <= 0.01, hr / total
+    assert len(main) == 190 and max(main.values()) == 2  # each main sample once per epoch
 
 
 def test_downsampled_sizes_are_uniform_over_the_allowed_range():
@@ -146,14 +149,38 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_batches(tmp_path):
     shards = small_shards(tmp_path, sizes, per_shard=11, hr_threshold=200)
     cfg = data_cfg(shards, p_hr=0.3)
     full = build_loader(cfg, rank=1, world_size=2)
-    full.dataset.set_epoch(2)
-    reference = list(full)
-    resumed = build_loader(cfg, rank=1, world_size=2)
-    resumed.dataset.load_state_dict(full.dataset.state_dict(batches_done=3) | {"epoch": 2})
-    rest = list(resumed)
-    assert len(rest) == len(reference) - 3
-    for a, b in zip(reference[3:], rest):
-        assert a["keys"] == b["keys"] and torch.equal(a["gt"], b["gt"]) and torch.equal(a["coords"], b["coords"])
+    full.set_epoch(2)
+    reference, states = [], []
+    for batch in full.epoch_batches():
+        reference.append(batch)
+        states.append(full.state_dict())
+    for k in (0, 3, len(reference) - 2):
+        resumed = build_loader(cfg, rank=1, world_size=2)
+        resumed.load_state_dict(states[k])
+        rest = list(resumed.epoch_batches())
+        assert len(rest) == len(reference) - k - 1
+        for a, b in zip(reference[k + 1:], rest):
+            assert a["keys"] == b["keys"] and torch.equal(a["gt"], b["gt"]) and torch.equal(a["coords"], b["coords"])
+
+
+@pytest.mark.parametrize("before,after,stop", [(2, 1, 3), (1, 2, 4)])
+def test_resume_at_another_world_size_sees_each_sample_once_in_the_epoch(tmp_path, before, after, stop):
+    """The position is a global sample count: stop a 2-rank epoch mid-way, go on with 1 rank
+    (or the reverse), and the epoch still holds every sample exactly once."""
+    shards = small_shards(tmp_path, [(40 + i % 30, 50) for i in range(48)], per_shard=7)
+    cfg = data_cfg(shards, num_workers=1, batch_size=3)
+    seen, state = Counter(), None  # 48 samples: both parts end on a global batch boundary
+    for rank in range(before):
+        loader = build_loader(cfg, rank, before)
+        for batch in itertools.islice(loader.epoch_batches(), stop):
+            seen.update(batch["keys"])
+        state = loader.state_dict()
+    assert state == {"epoch": 0, "slot": stop * 3 * before, "batches": stop}
+    for rank in range(after):
+        loader = build_loader(cfg, rank, after)
+        loader.load_state_dict(state)
+        seen.update(k for b in loader.epoch_batches() for k in b["keys"])
+    assert set(seen) == {f"{i:09d}" for i in range(48)} and max(seen.values()) == 1
 
 
 def write_tar(path: Path, samples: list[tuple[str, str, bytes]]) -> None:
@@ -188,15 +215,15 @@ def test_bad_input_zoo_is_counted_and_never_crashes(tmp_path):
     (shards / "cut-1.tar").write_bytes(cut[: len(cut) // 2 + 100])  # truncated mid-member after indexing
     cfg = data_cfg(shards, batch_size=2, num_workers=2, patch=SMALL_PATCH | {"small": "skip"})
     skips, n = {}, 0
-    for batch in build_loader(cfg):
+    for batch in build_loader(cfg).epoch_batches():
         skips[batch["worker"]] = batch["skips"]
         n += len(batch["keys"])
         assert batch["gt"].shape[1:] == (3, 32, 32)
     totals = Counter()
     for counts in skips.values():
         totals.update(counts)
-    assert n == 16  # (10 readable + 6) // 2 workers = 8 per worker, all delivered
-    for reason in ("corrupt_image", "too_small", "truncated_shard", "missing_samples", "replaced_by_duplicate"):
+    assert n == 16  # 10 readable + 6: every slot filled
+    for reason in ("corrupt_image", "too_small", "truncated_shard", "replaced_by_duplicate"):
         assert totals[reason] >= 1, (reason, dict(totals))
 
 
@@ -214,18 +241,17 @@ def test_missing_index_is_a_clear_error(tmp_path):
 
     write_tar(tmp_path / "a.tar", [("k", "jpg", jpeg_bytes(noise_image(64, 64, 0)))])
     with pytest.raises(ConfigError, match="no shard index"):
-        MixedResolutionDataset(data_cfg(tmp_path))
+        build_loader(data_cfg(tmp_path))
 
 
-def test_pipe_urls_stream_the_same_samples_and_refuse_random_access(tmp_path):
-    from infd.config import ConfigError  # noqa: F401
+def test_pipe_urls_are_refused_with_the_reason(tmp_path):
+    from infd.config import ConfigError
     from infd.data.urls import ShardReadError, read_range
 
-    shards = small_shards(tmp_path, [(48, 48)] * 16, per_shard=4)
-    local = list(build_loader(data_cfg(shards)))
+    shards = small_shards(tmp_path, [(48, 48)] * 4, per_shard=4)
     pipes = [f"pipe:cat {p}" for p in sorted(shards.glob("*.tar"))]
-    piped = list(build_loader(data_cfg(pipes, index=str(shards / "index.json"))))
-    assert [b["keys"] for b in local] == [b["keys"] for b in piped]
+    with pytest.raises(ConfigError, match="pipe: shard URLs cannot be read by offset"):
+        build_loader(data_cfg(pipes, index=str(shards / "index.json")))
     with pytest.raises(ShardReadError, match="random access"):
         read_range(pipes[0], 0, 10)
 
@@ -246,8 +272,8 @@ def test_captions_come_with_the_samples_from_both_streams(tmp_path):
     paths = write_folder(tmp_path / "src", [(1200, 900) if i % 4 == 0 else (120, 100) for i in range(16)])
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "4")
     caption_of = {f"{i:09d}": p.with_suffix(".txt").read_text() for i, p in enumerate(sorted(paths))}
-    cfg = data_cfg(tmp_path / "shards", p_hr=0.5, resampled=True, num_workers=0)
-    batches = [b for _, b in zip(range(6), build_loader(cfg))]
+    cfg = data_cfg(tmp_path / "shards", p_hr=0.5, num_workers=0)
+    batches = list(build_loader(cfg).epoch_batches())
     assert any(b["is_hr"].any() for b in batches) and any((~b["is_hr"]).any() for b in batches)
     for b in batches:
         assert b["captions"] == [caption_of[k] for k in b["keys"]]
@@ -259,19 +285,18 @@ LATE_PATCH = {"patch_size": 64, "r_max": 128, "encoder_size": 64, "p_keep": 0.0,
 
 @pytest.fixture(scope="module")
 def late_shards(tmp_path_factory):
-    # 28 images -> 2 workers x 7 batches of 2 = 14 batches per epoch.
+    # 28 images -> 14 batches of 2 per epoch.
     return small_shards(tmp_path_factory.mktemp("late"), [(300 + 13 * i % 100, 330 + 7 * i % 70) for i in range(28)],
                         per_shard=10)
 
 
 def late_batches(shards, switch_step: int, clock: tuple[int, int], state: dict | None = None, epoch: int = 0,
-                 limit: int | None = None, **kw) -> list[dict]:
-    loader = build_loader(data_cfg(shards, batch_size=2, patch=LATE_PATCH | {"p_keep_late_step": switch_step}, **kw))
-    loader.dataset.set_epoch(epoch)
-    if state is not None:
-        loader.dataset.load_state_dict(state)
-    loader.dataset.set_step_clock(*clock)  # before the iterator: the workers get a copy then
-    return [b for _, b in zip(range(limit or 10**9), loader)]
+                 **kw) -> list[dict]:
+    """clock: (batches of the run before this epoch, batches per trainer step)."""
+    cfg = data_cfg(shards, batch_size=2, patch=LATE_PATCH | {"p_keep_late_step": switch_step}, **kw)
+    loader = build_loader(cfg, batches_per_step=clock[1])
+    loader.load_state_dict(state or {"epoch": epoch, "slot": 0, "batches": clock[0]})
+    return list(loader.epoch_batches())
 
 
 def kept_pattern(batches: list[dict]) -> list[bool]:
@@ -290,19 +315,12 @@ def test_p_keep_late_switches_at_the_batch_of_its_trainer_step(late_shards, cloc
     assert kept == [e >= switch_batch for e in range(14)]
 
 
-def test_p_keep_late_switch_counts_resampled_batches_from_the_resume(late_shards):
-    # After resuming at batch 3, the first batch is the stream's batch 3: step 6 is its 4th batch.
-    kept = kept_pattern(late_batches(late_shards, 6, (0, 1), {"epoch": 0, "batches": 3}, limit=8, resampled=True))
-    assert kept == [e >= 6 for e in range(3, 11)]
-
-
 def test_resume_across_the_p_keep_late_switch_reproduces_the_uninterrupted_batches(late_shards):
-    # Switch at epoch batch 5, odd: it falls inside logical worker 1's batches, which physical
-    # worker 0 plays after resuming at an odd batch.
+    # This epoch starts at run batch 1: the switch (step 6) is its batch 5.
     reference = late_batches(late_shards, 6, (1, 1), epoch=1)
     assert kept_pattern(reference) == [e >= 5 for e in range(14)]
     for j in (3, 8):
-        rest = late_batches(late_shards, 6, (1, 1), {"epoch": 1, "batches": j}, epoch=1)
+        rest = late_batches(late_shards, 6, (1, 1), {"epoch": 1, "slot": 2 * j, "batches": 1 + j})
         assert len(rest) == len(reference) - j
         for a, b in zip(reference[j:], rest):
             assert a["keys"] == b["keys"] and torch.equal(a["kept"], b["kept"]) and torch.equal(a["r"], b["r"])
@@ -352,3 +370,16 @@ def _alive(process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.parametrize("p_hr", [0.0, 0.3, 0.5])
+def test_a_slots_main_position_is_the_count_of_main_slots_before_it(p_hr):
+    from infd.data.epoch_plan import SlotPlan
+
+    plan = SlotPlan(p_hr, 1000, seed=0, epoch=3)
+    main = 0
+    for g in range(plan.slots + 1):
+        assert plan.main_position(g) == main
+        main += not plan.is_hr(g)
+    assert plan.main_position(plan.slots) <= 1000 < plan.main_position(plan.slots + 2)
+    assert abs(sum(plan.is_hr(g) for g in range(plan.slots)) - p_hr * plan.slots) <= 1

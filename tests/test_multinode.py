@@ -65,7 +65,7 @@ def _shards(tmp_path):
     write_folder(tmp_path / "src", [(96 + 8 * (i % 5), 112) for i in range(24)], captions=False)
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "6")
     return (f"data.loader.shards={tmp_path / 'shards'}", "data.kind=shards", "data.loader.num_workers=1",
-            "data.loader.batch_size=2", "data.loader.shuffle_buffer=4", "data.loader.patch.r_max=96")
+            "data.loader.batch_size=2", "data.loader.patch.r_max=96")
 
 
 def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:

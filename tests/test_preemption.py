@@ -37,7 +37,7 @@ def shards(tmp_path_factory):
 
 def ae_args(shards) -> tuple[str, ...]:
     return (*TINY, "data.kind=shards", f"data.loader.shards={shards}", "data.loader.num_workers=2",
-            "data.loader.batch_size=2", "data.loader.shuffle_buffer=4", "data.loader.patch.r_max=96",
+            "data.loader.batch_size=2", "data.loader.patch.r_max=96",
             "data.loader.p_hr=0.5", f"trainer.max_steps={STEPS}", "trainer.ckpt_every=100", "trainer.sample_log=true")
 
 

@@ -7,7 +7,7 @@ import boto3
 import pytest
 import torch
 
-from infd.data.dataset import DataConfig
+from infd.data.loader import DataConfig
 from tests.images import build, write_folder
 from tests.s3_server import MotoServer, use_endpoint
 from tests.training import ROOT, env, train_cmd
@@ -32,23 +32,21 @@ def shards(tmp_path_factory):
 
 def test_an_epoch_without_a_batch_is_an_error_naming_the_keys(shards):
     found = Findings()
-    check_data(DataConfig(shards=[str(shards)], batch_size=8, num_workers=2), "data.loader", rank(0, 2), found)
+    check_data(DataConfig(shards=[str(shards)], batch_size=13, num_workers=2), "data.loader", rank(0, 2), found)
     assert len(found.errors) == 1
-    assert "24 samples over 2 ranks x 2 workers leave 6 per worker" in found.errors[0]
-    assert "data.loader.batch_size=8" in found.errors[0]
-    ok = Findings()
-    check_data(DataConfig(shards=[str(shards)], batch_size=2, num_workers=1), "data.loader", rank(0, 2), ok)
+    assert "24 samples per epoch for 2 ranks x data.loader.batch_size=13" in found.errors[0]
+    ok = Findings()  # workers do not divide the data: 4 shards are enough for 2 ranks x 4 workers
+    check_data(DataConfig(shards=[str(shards)], batch_size=12, num_workers=4), "data.loader", rank(0, 2), ok)
     assert ok.errors == [] and ok.warnings == []
-    # Resampled streams have no epochs: nothing to plan, no error.
-    resampled = Findings()
-    check_data(DataConfig(shards=[str(shards)], batch_size=64, resampled=True), "data.loader", rank(0, 2), resampled)
-    assert resampled.errors == []
 
 
-def test_fewer_shards_than_workers_is_a_warning_not_an_error(shards):
-    found = Findings()  # 4 shards, 2 ranks x 4 workers: workers share shards, each sample once per epoch
-    check_data(DataConfig(shards=[str(shards)], batch_size=1, num_workers=4), "data.loader", rank(0, 2), found)
-    assert found.errors == [] and "4 shards for 8 data workers" in found.warnings[0]
+def test_an_all_high_res_set_with_p_hr_says_why_there_is_nothing_to_train_on(shards):
+    found = Findings()  # every image is 96 px: with --hr-threshold 64 all of them are high-res
+    hr = shards.parent / "all_hr"
+    build(shards.parent / "src", str(hr), "--min-side", "64", "--samples-per-shard", "6", "--hr-threshold", "64")
+    check_data(DataConfig(shards=[str(hr)], batch_size=2, p_hr=0.5), "data.loader", rank(0, 2), found)
+    assert len(found.errors) == 1 and "every sample of this set is high-res" in found.errors[0]
+    assert "set data.loader.p_hr=0" in found.errors[0]
 
 
 def test_missing_shards_and_index_are_named(tmp_path, shards):
@@ -133,6 +131,6 @@ def test_failing_preflight_stops_every_rank(tmp_path, shards):
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode != 0
-    assert out.count("preflight failed") == 1 and "fewer than data.loader.batch_size=16" in out
+    assert out.count("preflight failed") == 1 and "for 2 ranks x data.loader.batch_size=16" in out
     assert "exitcode  : 2" in out and "step 1" not in out  # both ranks exited 2 before training
     assert not (tmp_path / "bad" / "checkpoints").exists()

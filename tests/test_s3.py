@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from infd.data import urls
-from infd.data.dataset import build_loader
+from infd.data.loader import build_loader
 from tests.images import jpeg_bytes, noise_image
 from tests.s3_server import CuttingProxy, MotoServer, use_endpoint
 from tests.test_loader import data_cfg, small_shards
@@ -33,8 +33,8 @@ def test_s3_shards_give_the_same_samples_as_local_ones(tmp_path, s3):
     keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="bucket")["Contents"])
     assert "sets/a/index.json" in keys and "sets/a/shard-000004.tar" in keys
     for p_hr in (0.0, 0.4):
-        a = list(build_loader(data_cfg(local, p_hr=p_hr)))
-        b = list(build_loader(data_cfg("s3://bucket/sets/a/", p_hr=p_hr)))
+        a = list(build_loader(data_cfg(local, p_hr=p_hr)).epoch_batches())
+        b = list(build_loader(data_cfg("s3://bucket/sets/a/", p_hr=p_hr)).epoch_batches())
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
             assert x["keys"] == y["keys"] and torch.equal(x["gt"], y["gt"]) and torch.equal(x["enc"], y["enc"])
@@ -94,7 +94,7 @@ def test_server_gone_mid_epoch_retries_then_fails_clearly(tmp_path, s3):
     for i in range(40):
         (src / f"{i:03d}.jpg").write_bytes(jpeg_bytes(noise_image(64, 64, i)))
     build(src, "s3://bucket/gone", "--samples-per-shard", "5", "--min-side", "32", "--no-verify")
-    loader = build_loader(data_cfg("s3://bucket/gone/", num_workers=0, batch_size=2, shuffle_buffer=1))
+    loader = build_loader(data_cfg("s3://bucket/gone/", num_workers=0, batch_size=2))
     it = iter(loader)
     next(it)
     s3.stop()

@@ -1,7 +1,11 @@
 """Stage-1 training in real processes: distributed equivalence, exact resume, crash safety, W&B."""
 import shutil
 
-from tests.training import assert_close, metrics, run
+import pytest
+
+from infd.data.sample_index import SampleIndex
+from tests.images import build, write_folder
+from tests.training import assert_close, metrics, run, sample_keys
 from tests.wandb_reader import history_and_config
 
 AE = "train.autoencoder"
@@ -36,20 +40,42 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
         assert_close(big[step], accum[step], ("l1", "lpips_randinit", "bottleneck"), rtol=1e-4)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
-    common = (*TINY, "trainer.max_steps=6", "trainer.ckpt_every=4", "deepspeed=zero2")
-    run(AE, tmp_path, "two", *common, "data.loader.batch_size=2", nproc=2)
-    # A new run directory holding only the 2-rank checkpoint of step 4.
-    ckpts = tmp_path / "one" / "checkpoints"
+@pytest.fixture(scope="module")
+def epoch_shards(tmp_path_factory):
+    """12 main-stream images and 4 high-res ones (long side 128 >= 125): with p_hr 0.5 an epoch is
+    24 slots, 6 steps of a global batch of 4."""
+    tmp = tmp_path_factory.mktemp("elastic")
+    write_folder(tmp / "src", [(128 if i % 4 == 3 else 104, 112) for i in range(16)], captions=False)
+    build(tmp / "src", str(tmp / "shards"), "--min-side", "64", "--samples-per-shard", "3", "--hr-threshold", "125")
+    return tmp / "shards"
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, epoch_shards, first, then):
+    """Stopped at step 4 of a 6-step epoch and resumed with another number of ranks (the same global
+    batch): the epoch still trains on every main-stream sample exactly once, and steps 5-6 equal
+    the uninterrupted run's (the order and the crops do not depend on the world size)."""
+    common = (*TINY, "trainer.max_steps=6", "trainer.ckpt_every=4", "deepspeed=zero2", "trainer.sample_log=true",
+              "data.kind=shards", f"data.loader.shards={epoch_shards}", "data.loader.num_workers=2",
+              "data.loader.p_hr=0.5", "data.loader.patch.r_max=96")
+    run(AE, tmp_path, "first", *common, f"data.loader.batch_size={4 // first}", nproc=first)
+    # A new run directory holding only the first run's checkpoint of step 4.
+    ckpts = tmp_path / "then" / "checkpoints"
     ckpts.mkdir(parents=True)
-    shutil.copytree(tmp_path / "two" / "checkpoints" / "step_0000004", ckpts / "step_0000004")
+    shutil.copytree(tmp_path / "first" / "checkpoints" / "step_0000004", ckpts / "step_0000004")
     (ckpts / "latest").write_text("step_0000004")
-    res = run(AE, tmp_path, "one", *common, "data.loader.batch_size=4")
-    assert "written by 2 ranks" in res.stdout + res.stderr
-    two, one = metrics(tmp_path, "two"), metrics(tmp_path, "one")
-    assert sorted(one) == [5, 6]
-    for step in (5, 6):  # same global batches (synthetic data), same weights and Adam moments
-        assert_close(two[step], one[step], COMPARED, rtol=1e-4)
+    res = run(AE, tmp_path, "then", *common, f"data.loader.batch_size={4 // then}", nproc=then)
+    assert f"written by {first} ranks" in res.stdout + res.stderr
+    full, resumed = metrics(tmp_path, "first"), metrics(tmp_path, "then")
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):  # same global batches, same weights and Adam moments
+        assert_close(full[step], resumed[step], COMPARED, rtol=1e-4)
+    before, after = sample_keys(tmp_path, "first"), sample_keys(tmp_path, "then")
+    assert {s: sorted(k) for s, k in after.items()} == {s: sorted(before[s]) for s in (5, 6)}
+    index = SampleIndex.open(epoch_shards)
+    hr = {index.key(int(i)) for i in index.hr_ids}
+    trained = [k for step in range(1, 7) for k in (before if step <= 4 else after)[step] if k not in hr]
+    assert len(hr) == 4 and sorted(trained) == sorted({index.key(i) for i in range(16)} - hr)  # each once
 
 
 def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(tmp_path):

@@ -24,7 +24,7 @@ from infd.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from infd.models.sync_batchnorm import synchronise_batchnorm
 from infd.render import render_tiles
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
-from train.data import ShardBatches, synthetic_images, to_device
+from train.data import build_batches, to_device
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
 from train.export import export_model
@@ -149,9 +149,7 @@ class AutoencoderTask:
 
 
 def build_data(cfg: AutoencoderTrainConfig, info: DistInfo):
-    if cfg.data.kind == "synthetic":
-        return synthetic_images(cfg.data, info)
-    return ShardBatches(cfg.data, info, cfg.deepspeed.grad_accum)
+    return build_batches(cfg.data, info, cfg.deepspeed.grad_accum)
 
 
 def run(cfg: AutoencoderTrainConfig, raw: dict) -> int:

@@ -163,7 +163,7 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(path: Path, engines: dict, info: DistInfo) -> dict:
     """Restore engines, RNG and this rank's extra state. Same world size: DeepSpeed's own
     checkpoint, exact. Another world size: the portable weights and moments, and no per-rank
-    state (the caller re-plans the data). Returns {"step", "rank_state" or None, "state"}."""
+    state (the data position is in state.json: the same on every rank). Returns {"step", "rank_state" or None, "state"}."""
     state = json.loads((path / "state.json").read_text())
     if state["world_size"] == info.world_size:
         for name, engine in engines.items():
@@ -172,7 +172,7 @@ def load_checkpoint(path: Path, engines: dict, info: DistInfo) -> dict:
         set_rng_state(rank_state.pop("rng"))
         return {"step": state["step"], "rank_state": rank_state, "state": state}
     log.warning("checkpoint was written by %d ranks, this run has %d: loading the portable weights and "
-                "optimizer moments; the data position restarts the epoch", state["world_size"], info.world_size)
+                "optimizer moments; the data continues at the same global sample", state["world_size"], info.world_size)
     for name, engine in engines.items():
         load_portable(engine, path / "portable", name, state["optimizer_steps"][name])
     return {"step": state["step"], "rank_state": None, "state": state}

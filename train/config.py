@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from infd.config import ConfigError
-from infd.data.dataset import DataConfig
+from infd.data.loader import DataConfig
 
 
 @dataclass

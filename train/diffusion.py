@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from infd.config import ConfigError, to_mapping
-from infd.data.latents import collate_latents, latent_sample
 from infd.data.transforms import to_unit_range
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
 from infd.export import load_model
@@ -28,7 +27,7 @@ from infd.render import render_tiles
 from infd.sampling import generate_latents, unet_fn
 from infd.text import TextEncoderConfig, build_text_encoder
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
-from train.data import ShardBatches, synthetic_latents
+from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
 from train.export import export_model
@@ -186,15 +185,11 @@ class DiffusionTask:
 
 
 def build_data(cfg: DiffusionTrainConfig, info: DistInfo, shuffle: bool = True):
-    """shuffle=False: the shards in order, no workers (the latent-scale estimate)."""
+    """shuffle=False: no workers, no high-res stream (the latent-scale estimate)."""
     data = cfg.data
-    if data.kind == "synthetic":
-        return synthetic_latents(data, info, cfg.unet.in_channels)
     if not shuffle:
-        data = replace(data, loader=replace(data.loader, num_workers=0, shuffle_buffer=1, p_hr=0.0, resampled=False))
-    if data.kind == "latents":
-        return ShardBatches(data, info, cfg.deepspeed.grad_accum, latent_sample, collate_latents)
-    return ShardBatches(data, info, cfg.deepspeed.grad_accum)
+        data = replace(data, loader=replace(data.loader, num_workers=0, p_hr=0.0))
+    return build_batches(data, info, cfg.deepspeed.grad_accum, latent_channels=cfg.unet.in_channels)
 
 
 def run(cfg: DiffusionTrainConfig, raw: dict) -> int:

@@ -1,6 +1,6 @@
 """The training loop shared by both stages: steps, logging, images, checkpoints, preemption, resume.
 
-A stage hands over a `Task` (its engines and what one step does) and its `Batches`; the loop
+A stage hands over a `Task` (its engines and what one step does) and its data `Loader`; the loop
 does the rest, the same way for both.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainerConfig
-from train.data import Batches
+from infd.data.loader import Loader
 from train.dist import DistInfo, any_rank
 from train.logger import Logger, Throughput, grad_norm
 from train.signals import PreemptionFlag
@@ -58,16 +58,15 @@ def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def resume(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad_accum: int) -> int:
+def resume(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad_accum: int) -> int:
     path = find_resume(cfg, ckpt_root)
     if path is None:
         return 0
     loaded = load_checkpoint(path, task.engines, info)
     step = loaded["step"]
-    if loaded["rank_state"] is not None:
-        data.load_state_dict(loaded["rank_state"]["data"])
-    else:
-        data.restart_at(step * grad_accum, loaded["state"].get("data_epoch", 0) + 1)
+    # The position is a global sample count, the same on every rank and valid at any world size.
+    data.load_state_dict(loaded["state"].get("data") or {"epoch": loaded["state"].get("data_epoch", -1),
+                                                          "consumed": step * grad_accum})
     if task.ema is not None and (path / "ema.safetensors").exists():
         task.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
     log.info("resumed from %s at step %d", path, step)
@@ -100,7 +99,7 @@ def _step_of(line: str, default: int) -> int:
         return default
 
 
-def train(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
+def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
           preempt: PreemptionFlag) -> int:
     """Run until trainer.max_steps or until `preempt` is raised. Returns the last completed step.
 
@@ -117,9 +116,9 @@ def train(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, run_dir
     batches, meter, saved = iter(data), Throughput(), step
 
     def checkpoint(data_state: dict) -> None:
-        save_checkpoint(ckpt_root, step, task.engines, {"data": data_state}, info, cfg.keep_last,
-                        ema=task.ema.state_dict() if task.ema else None,
-                        meta={"data_epoch": data_state.get("epoch", 0)}, grace_s=cfg.grace_s)
+        save_checkpoint(ckpt_root, step, task.engines, {}, info, cfg.keep_last,
+                        ema=task.ema.state_dict() if task.ema else None, meta={"data": data_state},
+                        grace_s=cfg.grace_s)
 
     try:
         while step < cfg.max_steps:
@@ -141,7 +140,8 @@ def train(task: Task, data: Batches, cfg: TrainerConfig, info: DistInfo, run_dir
                 skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
                 logger.log_scalars(out.logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
                                    {f"data/skipped/{k}": v for k, v in skips.items()} |
-                                   {"data/skipped_total": sum(skips.values())}, step)
+                                   {"data/skipped_total": sum(skips.values()),
+                                    "data/read_mb": data.bytes_read() / 2**20}, step)
             if step % cfg.image_every == 0:
                 logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:

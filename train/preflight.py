@@ -9,6 +9,8 @@ agree on the outcome (one all-gather): a failure stops the whole job, never one 
 """
 from __future__ import annotations
 
+from infd.config import ConfigError
+
 import json
 import logging
 import os
@@ -82,34 +84,24 @@ def check_s3(url: str, key: str, found: Findings) -> None:
 
 
 def check_data(loader, key: str, info: DistInfo, found: Findings) -> None:
-    """loader: a DataConfig; key: its dotted name in the config, for the messages. The dataset
+    """loader: a DataConfig; key: its dotted name in the config, for the messages. The source
     itself lists the shards, reads the index and plans the epoch, exactly as training will."""
-    from infd.data.dataset import MixedResolutionDataset
+    from infd.data.loader import check_plan
+    from infd.data.shard_source import ShardSource
 
     try:
-        dataset = MixedResolutionDataset(loader, 0, info.world_size)
+        source = ShardSource(loader, None, None)
     except Exception as err:  # noqa: BLE001 (missing, unreachable or malformed: all reported the same way)
         where = " (S3: check the credentials and AWS_ENDPOINT_URL)" if "s3://" in str(loader.shards) else ""
         found.errors.append(f"{key}.shards / {key}.index: cannot read the shard index or list the shards{where}: "
                             f"{err}")
         return
-    if dataset.urls[0].startswith("s3://"):
-        check_s3(dataset.urls[0], f"{key}.shards", found)
-    if loader.resampled:
-        return
-    workers = max(1, loader.num_workers)
-    per_worker = dataset.samples_per_worker()
-    if per_worker < loader.batch_size:
-        found.errors.append(
-            f"an epoch has no batch: {dataset.samples_per_epoch()} samples over {info.world_size} ranks "
-            f"x {workers} workers leave {per_worker} per worker, fewer than {key}.batch_size={loader.batch_size}. "
-            f"Lower {key}.batch_size or {key}.num_workers, add data, or use {key}.resampled=true.")
-    elif len(dataset.urls) < info.world_size * workers:
-        found.warnings.append(
-            f"{len(dataset.urls)} shards for {info.world_size * workers} data workers ({info.world_size} ranks x "
-            f"{workers}): workers share shards, each reading its own range (every sample still appears once per "
-            f"epoch), so some bytes are read by several workers. More, smaller shards read less; "
-            f"{dataset.batches_per_epoch} batches/epoch.")
+    if source.urls[0].startswith("s3://"):
+        check_s3(source.urls[0], f"{key}.shards", found)
+    try:
+        check_plan(source, loader, info.world_size, key)
+    except ConfigError as err:
+        found.errors.append(str(err))
 
 
 def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> None:
@@ -142,8 +134,8 @@ def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> N
                             "ranks, or start a new run (run.name=...).")
     else:
         found.warnings.append(f"checkpoint {path} was written by {state['world_size']} ranks, this job has "
-                              f"{info.world_size}: weights and Adam moments are re-partitioned; the data "
-                              "position cannot carry over, so training continues from the start of the next epoch.")
+                              f"{info.world_size}: weights and Adam moments are re-partitioned, and the data continues at "
+                              "the same global sample of the epoch.")
 
 
 def check_config(cfg, found: Findings) -> None:

@@ -81,7 +81,11 @@ class SampleIndex:
 
     def record(self, sample_id: int) -> np.void:
         """One sample's record (SAMPLE_DTYPE), read without mapping its neighbours."""
-        return self._reader("samples.npy").read(sample_id, 1)[0]
+        return self.records(sample_id, 1)[0]
+
+    def records(self, sample_id: int, n: int) -> np.ndarray:
+        """Records sample_id, sample_id + 1, ... (up to n, fewer at the end of the index)."""
+        return self._reader("samples.npy").read(sample_id, min(n, len(self.samples) - sample_id))
 
     def hr_id(self, i: int) -> int:
         return int(self._reader("hr_ids.npy").read(i, 1)[0])
@@ -115,7 +119,7 @@ class SampleIndex:
     def in_main_stream(self, shard: int, exclude_hr: bool) -> np.ndarray:
         """bool (samples of the shard,), in tar order: which of them the main stream uses."""
         rec = self.shards[shard]
-        flags = self.samples["flags"][rec["first"]:rec["first"] + rec["samples"]]
+        flags = self.records(int(rec["first"]), int(rec["samples"]))["flags"]  # pread: see the module docstring
         return (flags & (EXCLUDED | (HR if exclude_hr else 0))) == 0
 
 

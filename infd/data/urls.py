@@ -23,6 +23,10 @@ class ShardReadError(RuntimeError):
     """A shard could not be read after retries: training must stop rather than see less data."""
 
 
+class ShortRead(ShardReadError):
+    """The shard is shorter than the range asked for (truncated after indexing): one sample lost."""
+
+
 def expand_urls(spec: str | list[str]) -> list[str]:
     """Brace patterns, whitespace-separated lists, local directories (their *.tar) and s3:// prefixes.
 
@@ -76,11 +80,17 @@ def list_s3_tars(prefix_url: str) -> list[str]:
     return sorted(urls)
 
 
+def _status(err: Exception) -> int:
+    """The HTTP status of a botocore ClientError, else 0."""
+    response = getattr(err, "response", None)
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if isinstance(response, dict) else 0
+
+
 def _retryable(err: Exception) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     if isinstance(err, ClientError):
-        code = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = _status(err)
         return code >= 500 or code == 429
     return isinstance(err, (BotoCoreError, OSError, ConnectionError)) or "urllib3" in type(err).__module__
 
@@ -99,7 +109,9 @@ class S3Stream(io.RawIOBase):
         return True
 
     def _open(self) -> None:
-        resp = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-")
+        # A known end (a ranged read) asks for exactly those bytes, not the rest of the object.
+        end = "" if self.size is None else self.size - 1
+        resp = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}")
         if self.size is None:
             self.size = self.pos + resp["ContentLength"]
         self.body = resp["Body"]
@@ -121,6 +133,8 @@ class S3Stream(io.RawIOBase):
                 return len(data)
             except Exception as err:  # noqa: BLE001  classified below
                 self.body = None
+                if _status(err) == 416:
+                    raise ShortRead(f"{self.url}: no bytes at {self.pos}: the object is shorter") from err
                 if not _retryable(err) or attempt == self.retries:
                     raise ShardReadError(f"reading {self.url} failed at byte {self.pos}"
                                          f"{f' of {self.size}' if self.size else ''} after {attempt} retries: "
@@ -163,10 +177,15 @@ def open_stream(url: str, buffer_size: int = 1 << 20):
     return open(url, "rb", buffering=buffer_size)
 
 
+# Bytes and reads of read_range in this process (a loader worker reports them with its batches).
+RANGE_READS = {"bytes": 0, "reads": 0}
+
+
 def read_range(url: str, offset: int, length: int, retries: int | None = None) -> bytes:
-    """Bytes [offset, offset + length) of a shard: the high-res stream reads single members this way."""
+    """Bytes [offset, offset + length) of a shard: the loader reads each sample this way."""
     if url.startswith("pipe:"):
-        raise ShardReadError(f"random access (the high-res stream) needs local or s3:// shards, not {url}")
+        raise ShardReadError(f"random access (reading samples by offset) needs local or s3:// shards, not {url}")
+    RANGE_READS["reads"] += 1
     if not url.startswith("s3://"):
         with open(url, "rb") as f:
             f.seek(offset)
@@ -180,16 +199,23 @@ def read_range(url: str, offset: int, length: int, retries: int | None = None) -
             if not chunk:
                 break
             data += chunk
+    RANGE_READS["bytes"] += len(data)
     if len(data) != length:
-        raise ShardReadError(f"{url}: wanted {length} bytes at {offset}, got {len(data)}")
+        raise ShortRead(f"{url}: wanted {length} bytes at {offset}, got {len(data)}")
     return data
 
 
 def read_bytes(url: str) -> bytes:
-    """A whole file (an index's files) from a local path or s3://."""
+    """A whole file (an index's files) from a local path or s3://. A missing one raises
+    FileNotFoundError either way (callers name the fix, e.g. how to build the index)."""
     if url.startswith("s3://"):
         bucket, key = split_s3(url)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as err:  # noqa: BLE001  botocore's ClientError, imported lazily
+            if _status(err) == 404:
+                raise FileNotFoundError(f"{url}: no such object") from err
+            raise
     return Path(url).read_bytes()
 
 

@@ -5,21 +5,21 @@ import os
 import sys
 
 from infd.config import from_mapping
-from infd.data.dataset import DataConfig, build_loader
+from infd.data.loader import DataConfig, build_loader
 
 
 def main() -> None:
     shards, out, epochs = sys.argv[1], sys.argv[2], [int(e) for e in sys.argv[3].split(",")]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cfg = from_mapping(DataConfig, {"shards": shards, "batch_size": 4, "num_workers": 2, "shuffle_buffer": 8,
+    cfg = from_mapping(DataConfig, {"shards": shards, "batch_size": 4, "num_workers": 2,
                                     "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
     loader = build_loader(cfg, rank, world)
     result = {}
     for epoch in epochs:
-        loader.dataset.set_epoch(epoch)
-        result[epoch] = [batch["keys"] for batch in loader]
+        loader.set_epoch(epoch)
+        result[epoch] = [batch["keys"] for batch in loader.epoch_batches()]
     with open(f"{out}.rank{rank}.json", "w") as f:
-        json.dump({"batches_per_epoch": loader.dataset.batches_per_epoch, "epochs": result}, f)
+        json.dump({"batches_per_epoch": loader.batches_per_epoch, "epochs": result}, f)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,20 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from infd.config import from_mapping
-from infd.data.dataset import DataConfig, build_loader
+from infd.data.loader import DataConfig, build_loader
 from infd.data.workers import PREEMPTION_SIGNALS
 
 
 def main() -> None:
-    cfg = from_mapping(DataConfig, {"shards": sys.argv[1], "batch_size": 2, "num_workers": 2, "shuffle_buffer": 4,
-                                    "resampled": True, "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
+    cfg = from_mapping(DataConfig, {"shards": sys.argv[1], "batch_size": 2, "num_workers": 2,
+                                    "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
     batches = iter(build_loader(cfg))
     next(batches)
-    workers = [w.pid for w in batches._workers]
+    workers = [child.pid for child in psutil.Process().children()]  # the DataLoader's workers
+    assert len(workers) == 2, workers
     for sig in PREEMPTION_SIGNALS:  # sent by another process, as launchers and schedulers do
         subprocess.run(["kill", f"-{sig.name[3:]}", *map(str, workers)], check=True)
     time.sleep(0.5)

@@ -1,0 +1,282 @@
+"""The training loader: one stateful object that owns the data position, whatever the samples are.
+
+A source supplies samples (shards through their index: images or a latent cache; or synthetic
+ones) and the loader decides which sample fills which slot (infd/data/epoch_plan.py): the order
+is a function of (seed, epoch, slot), so that
+
+- every main-stream sample appears once per epoch, all ranks get the same number of batches,
+  and a fraction p_hr of every batch comes from the high-res stream (p_hr > 0);
+- the position is (epoch, first unconsumed slot): `state_dict()` after any batch and
+  `load_state_dict()` at any world size continue the epoch exactly where it was, each sample
+  still seen once, and resuming costs what the next batches cost (no replay);
+- randomness (crops, high-res draws) is keyed by (seed, epoch, slot), so a sample is prepared
+  the same way by whichever rank and worker gets it.
+
+Batches are built in DataLoader workers: rank batch j goes to worker j mod num_workers, each
+sample one ranged read (in `read_threads` threads: S3 latency overlaps) and one decode. A sample
+that cannot be used is counted and replaced by the next position's (the main stream) or by
+another draw (the high-res stream), so positions never shift.
+
+Step clock: batch j of the run feeds trainer step j // batches_per_step (grad_accum), so settings
+that change with the step (patch.p_keep_late) switch at the same batch in a resumed run.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from infd.config import ConfigError
+from infd.data.counters import SkipCounter, merge_counts
+from infd.data.decode import SkipSample
+from infd.data.epoch_plan import SlotPlan, epoch_rng
+from infd.data.image_samples import collate_patches, image_patch_sample
+from infd.data.shard_source import ShardSource
+from infd.data.transforms import PatchConfig
+from infd.data.urls import RANGE_READS
+from infd.data.workers import init_worker, preemption_signals_held
+
+log = logging.getLogger("infd.data")
+RETRIES = 8  # positions (main) or draws (high-res) tried before a slot is given up on
+HR_PICK = 21  # RNG purpose
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # brace patterns, directories or s3:// prefixes
+    index: str | None = None  # the index directory (or its index.json); default: beside the shards
+    batch_size: int = 8  # per rank
+    num_workers: int = 2
+    shuffle_block: int = 262_144  # samples permuted together (after the shard order is shuffled)
+    read_threads: int = 8  # concurrent sample reads per worker (S3 latency)
+    p_hr: float = 0.0  # fraction of the samples that come from the high-res stream (paper: 0.5)
+    seed: int = 0
+    patch: PatchConfig = field(default_factory=PatchConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if not 0.0 <= self.p_hr < 1.0:
+            raise ConfigError(f"config key '{prefix}p_hr' = {self.p_hr} must be in [0, 1)")
+        for name in ("batch_size", "shuffle_block", "read_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}' must be >= 1")
+
+
+def start_position() -> dict:
+    return {"epoch": 0, "slot": 0, "batches": 0}
+
+
+class Loader:
+    """Endless batches of `source` for one rank; `state_dict()` is the position after the last
+    batch handed out. Iterating starts DataLoader workers from the current position."""
+
+    def __init__(self, source, cfg: DataConfig, rank: int = 0, world_size: int = 1, batches_per_step: int = 1):
+        self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
+        self.batches_per_step = batches_per_step
+        self.position = start_position()
+        self.skips: dict[int, dict] = {}
+        self.reads: dict[int, dict] = {}
+        check_plan(source, cfg, world_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world_size
+
+    def slots(self, epoch: int) -> int | None:
+        return SlotPlan(self.cfg.p_hr, self.source.size, self.cfg.seed, epoch).slots
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches one rank gets in a whole epoch (epochs differ by at most one slot)."""
+        if self.source.size is None:
+            raise ValueError("an endless source has no epochs")
+        return self.slots(0) // self.global_batch
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict) -> None:
+        if "slot" not in state:  # written before positions were global: start that epoch's successor
+            log.warning("data position %s predates global positions: continuing at the next epoch", state)
+            state = {"epoch": state.get("epoch", 0) + 1, "slot": 0, "batches": state.get("consumed", 0)}
+        self.position = {k: int(state[k]) for k in ("epoch", "slot", "batches")}
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = RankBatches(self.source, self.cfg, self.rank, self.world_size, dict(self.position),
+                             self.batches_per_step)
+        # Its own generator: creating an iterator draws a base seed, which must not consume the
+        # global RNG (a resumed run creates one more iterator than the run it continues).
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.rank)
+        workers = self.cfg.num_workers
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                            pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None,
+                            generator=generator, worker_init_fn=init_worker)
+        with preemption_signals_held():  # see infd/data/workers.py
+            batches = iter(loader)
+        # Closing this generator (the trainer does, on every exit) drops `batches`: its workers stop.
+        for batch in batches:
+            self.position = batch.pop("position")
+            self.skips[batch["worker"]], self.reads[batch["worker"]] = batch["skips"], batch.pop("reads")
+            yield batch
+
+    def epoch_batches(self) -> Iterator[dict]:
+        """The rest of the current epoch's batches, then stop (its workers too)."""
+        left = (self.slots(self.position["epoch"]) - self.position["slot"]) // self.global_batch
+        batches = iter(self)
+        try:
+            yield from itertools.islice(batches, left)
+        finally:
+            batches.close()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.position = {"epoch": epoch, "slot": 0, "batches": self.position["batches"]}
+
+    def skip_counts(self) -> dict:
+        return merge_counts(self.skips)
+
+    def bytes_read(self) -> int:
+        """Bytes this rank's current workers had read from shards by their last batches (counted
+        since the workers started: a resume starts from 0)."""
+        return sum(r["bytes"] for r in self.reads.values())
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None,
+                 batches_per_step: int = 1) -> Loader:
+    """A Loader over the shards of cfg (default samples: image patches)."""
+    source = ShardSource(cfg, sample_fn or image_patch_sample, collate_fn or collate_patches)
+    return Loader(source, cfg, rank, world_size, batches_per_step)
+
+
+def check_plan(source, cfg: DataConfig, world_size: int, key: str = "data") -> None:
+    """Config errors that would otherwise hang or crash the workers, with the key and the fix
+    (key: the DataConfig's dotted name in the config)."""
+    if cfg.p_hr > 0 and source.hr_size == 0:
+        raise ConfigError(f"{key}.p_hr > 0 but the index lists no high-res sample: set {key}.p_hr=0, or index "
+                          "the shards with a lower --hr-threshold")
+    if source.size is None:
+        return
+    if source.size == 0:
+        why = (f" With {key}.p_hr > 0 the epoch is planned over the samples that are not high-res, and every "
+               f"sample of this set is high-res: set {key}.p_hr=0 to train on them as one stream." if cfg.p_hr > 0 else "")
+        raise ConfigError(f"the shards hold no trainable sample (the index excludes all of them).{why}")
+    slots = SlotPlan(cfg.p_hr, source.size, cfg.seed, 0).slots
+    if slots < cfg.batch_size * world_size:
+        raise ConfigError(f"an epoch has no batch: {slots} samples per epoch for {world_size} ranks x "
+                          f"{key}.batch_size={cfg.batch_size}: lower {key}.batch_size or add data")
+
+
+class RankBatches(IterableDataset):
+    """One rank's batches from `start` on, built in DataLoader workers (batch j by worker j mod n).
+    Each batch also holds "position" (the loader's position after it), "worker", "skips" and
+    "reads" (the worker's cumulative counts)."""
+
+    def __init__(self, source, cfg: DataConfig, rank: int, world_size: int, start: dict, batches_per_step: int):
+        self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
+        self.start, self.batches_per_step = start, batches_per_step
+        # The config of batches from patch.p_keep_late_step on, built once (None: no switch).
+        self.late_cfg = replace(cfg, patch=cfg.patch.late()) if cfg.patch.p_keep_late is not None else None
+        self.counter = SkipCounter()
+        self._epoch = None
+
+    def plans(self) -> Iterator[tuple[int, int, int, dict]]:
+        """(epoch, first slot of this rank's batch, run batch number, position after it), endlessly."""
+        epoch, slot, batch = self.start["epoch"], self.start["slot"], self.start["batches"]
+        G, B = self.cfg.batch_size * self.world_size, self.cfg.batch_size
+        while True:
+            slots = self._epoch_plan(epoch)[0].slots
+            if slots is not None and slots < G:
+                raise ConfigError(f"epoch {epoch} has {slots} slots, fewer than one global batch ({G}): add data")
+            while slots is None or slot + G <= slots:
+                first, slot, batch = slot + self.rank * B, slot + G, batch + 1
+                after = {"epoch": epoch, "slot": slot} if slots is None or slot + G <= slots else {"epoch": epoch + 1, "slot": 0}
+                yield epoch, first, batch - 1, after | {"batches": batch}
+            epoch, slot = epoch + 1, 0
+
+    def _epoch_plan(self, epoch: int):
+        """(SlotPlan, order) of an epoch, the last one kept."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            plan = SlotPlan(self.cfg.p_hr, self.source.size, self.cfg.seed, epoch)
+            self._epoch = (epoch, plan, self.source.order(self.cfg.seed, epoch, self.cfg.shuffle_block))
+        return self._epoch[1:]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        threads = self.cfg.read_threads
+        with ThreadPoolExecutor(threads) if threads > 1 else _InThread() as pool:
+            for j, (epoch, first, batch, after) in enumerate(self.plans()):
+                if j % n_workers == worker:
+                    samples = self._batch_samples(epoch, range(first, first + self.cfg.batch_size),
+                                                  self.batch_cfg(batch), pool)
+                    yield self.source.collate_fn(samples, worker, self.counter.as_dict()) | {
+                        "position": after, "reads": dict(RANGE_READS)}
+
+    def batch_cfg(self, batch: int) -> DataConfig:
+        """The config that batch `batch` of the run is made with (see the module docstring)."""
+        if self.late_cfg is None:
+            return self.cfg
+        return self.late_cfg if batch // self.batches_per_step >= self.cfg.patch.p_keep_late_step else self.cfg
+
+    def _batch_samples(self, epoch: int, slots: range, cfg: DataConfig, pool) -> list[dict]:
+        plan, order = self._epoch_plan(epoch)
+        picks = [self._hr_picks(epoch, g) if plan.is_hr(g) else self._main_picks(order, plan.main_position(g))
+                 for g in slots]
+        firsts = list(pool.map(self._read, [next(p) for p in picks]))
+        samples = []
+        for g, pick, first in zip(slots, picks, firsts):
+            sample = self._decoded(itertools.chain([first], (self._read(i) for i in pick)),
+                                   np.random.default_rng([self.cfg.seed, epoch, g]), cfg)
+            sample["is_hr"] = plan.is_hr(g)
+            samples.append(sample)
+        return samples
+
+    def _main_picks(self, order, position: int) -> Iterator[int]:
+        """The sample at a main position, then (replacements) those at the next positions."""
+        size = self.source.size
+        for k in range(RETRIES):
+            yield order.sample_id((position + k) % size if size else position + k)
+
+    def _hr_picks(self, epoch: int, g: int) -> Iterator[int]:
+        rng = epoch_rng(self.cfg.seed, epoch, HR_PICK, g)
+        for _ in range(RETRIES):
+            yield self.source.hr_id(int(rng.integers(self.source.hr_size)))
+
+    def _read(self, sample_id: int):
+        try:
+            return self.source.read(sample_id)
+        except SkipSample as err:
+            return err
+
+    def _decoded(self, raws: Iterator, rng: np.random.Generator, cfg: DataConfig) -> dict:
+        """The first of `raws` that decodes; the others are counted."""
+        for attempt, raw in enumerate(raws):
+            try:
+                if isinstance(raw, SkipSample):
+                    raise raw
+                sample = self.source.decode(raw, rng, cfg)
+                if attempt:
+                    self.counter.add("replaced_by_duplicate", f"by {raw['__key__']} after {attempt} unusable")
+                return sample
+            except SkipSample as err:
+                where = f"{raw.get('__url__')}:{raw.get('__key__')}: " if isinstance(raw, dict) else ""
+                self.counter.add(err.reason, f"{where}{err}")
+        raise RuntimeError(f"{RETRIES} samples in a row were unusable: check the shards (skips so far: "
+                           f"{self.counter.as_dict()})")
+
+
+class _InThread:
+    """ThreadPoolExecutor's map and context, without threads (read_threads=1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items):
+        return map(fn, items)

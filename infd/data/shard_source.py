@@ -1,0 +1,150 @@
+"""Samples of WebDataset shards read by their index entries: every sample is one ranged read
+(a local pread or an S3 range GET) of its span of the tar, so any sample is reachable without
+reading the ones before it (see infd/data/epoch_plan.py for the order).
+
+A sample's span runs from the header of its first indexed member to the header of the next
+sample's, and is parsed as a tar fragment: all its members come back (image, caption, .json,
+a latent cache's several .npy), and a member whose key is not the indexed one (shards rewritten
+after indexing) is counted as `index_mismatch` instead of being trained on.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import OrderedDict
+
+import numpy as np
+
+from infd.config import ConfigError
+from infd.data.decode import SkipSample
+from infd.data.epoch_plan import BlockOrder
+from infd.data.sample_index import CAPTION_NONE, INDEX_NAME, SampleIndex, open_index
+from infd.data.tar_samples import split_key
+from infd.data.urls import ShortRead, dirname_url, expand_urls, read_range
+
+HEADER = 512
+NEXT_RECORDS = 16  # records read past a sample to find where the next one starts
+
+
+class ShardSource:
+    """The samples of `cfg.shards` (a DataConfig), through their index.
+
+    sample_fn(raw, cfg, rng) -> sample dict; collate_fn(samples, worker, skips) -> batch
+    (module-level functions: workers pickle them). Attributes: size (main-stream samples of an
+    epoch), hr_size (high-res samples), main_counts (per shard of data.shards)."""
+
+    def __init__(self, cfg, sample_fn, collate_fn):
+        self.sample_fn, self.collate_fn = sample_fn, collate_fn
+        self.urls = expand_urls(cfg.shards)
+        if not self.urls:
+            raise ConfigError(f"config key 'shards' (data) = {cfg.shards!r} matches no shard: give shard patterns, "
+                              "directories or s3:// prefixes")
+        if any(u.startswith("pipe:") for u in self.urls):
+            raise ConfigError("pipe: shard URLs cannot be read by offset, which the loader needs (a global shuffled "
+                              "order and constant-time resume): give local paths or s3:// URLs in data.shards")
+        self.index = self._open_index(cfg)
+        self._plan(exclude_hr=cfg.p_hr > 0)
+        self._ids_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _open_index(self, cfg) -> SampleIndex:
+        url = cfg.index or dirname_url(self.urls[0])
+        url = dirname_url(url) if url.endswith(INDEX_NAME) else url
+        try:
+            return open_index(url)
+        except FileNotFoundError:
+            raise ConfigError(f"no shard index at {url}: set data.index, or index the shards with "
+                              "python -m data_prep.index_shards SHARDS --output DIR (data_prep.build_shards "
+                              "writes one)") from None
+
+    def _plan(self, exclude_hr: bool) -> None:
+        """Per shard of data.shards: its id in the index and main-stream count; the high-res ids."""
+        ids = {name: i for i, name in enumerate(self.index.shard_names)}
+        missing = [u for u in self.urls if u.rsplit("/", 1)[-1] not in ids]
+        if missing:
+            raise ConfigError(f"shard {missing[0]} is not in the index at {self.index.root} ({len(missing)} "
+                              "missing): re-index the shards or fix data.shards")
+        self.shard_ids = np.array([ids[u.rsplit("/", 1)[-1]] for u in self.urls], dtype=np.int64)
+        rec = self.index.shards[self.shard_ids]
+        self.main_counts = rec["samples"] - rec["excluded"] - (rec["hr"] if exclude_hr else 0)
+        self.exclude_hr = exclude_hr
+        self.url_of = dict(zip(self.shard_ids.tolist(), self.urls))
+        self.hr_ids = None  # all of the index's (read by position); an array for a subset of its shards
+        if len(self.shard_ids) < len(ids):
+            hr = np.asarray(self.index.hr_ids)
+            self.hr_ids = hr[np.isin(self.index.samples["shard"][hr], self.shard_ids)]
+
+    @property
+    def size(self) -> int:
+        return int(self.main_counts.sum())
+
+    @property
+    def hr_size(self) -> int:
+        return len(self.index.hr_ids if self.hr_ids is None else self.hr_ids)
+
+    def hr_id(self, k: int) -> int:
+        return self.index.hr_id(k) if self.hr_ids is None else int(self.hr_ids[k])
+
+    def main_ids(self, i: int) -> np.ndarray:
+        """The main-stream sample ids of shard i of data.shards, in tar order (a few cached)."""
+        if i not in self._ids_cache:
+            sid = int(self.shard_ids[i])
+            first = int(self.index.shards[sid]["first"])
+            keep = self.index.in_main_stream(sid, exclude_hr=self.exclude_hr)
+            self._ids_cache[i] = first + np.flatnonzero(keep)
+            if len(self._ids_cache) > 64:
+                self._ids_cache.popitem(last=False)
+        return self._ids_cache[i]
+
+    def order(self, seed: int, epoch: int, block: int) -> BlockOrder:
+        """An epoch's main order (main position -> sample id)."""
+        return BlockOrder(self.main_counts, self.main_ids, block, seed, epoch)
+
+    # ----- reading ----------------------------------------------------------------------------
+    def read(self, sample_id: int) -> dict:
+        """A raw sample {"__key__", "__url__", ext: bytes, ...} by one ranged read of its span.
+        Raises SkipSample (truncated_shard, index_mismatch)."""
+        records = self.index.records(sample_id, NEXT_RECORDS + 1)
+        rec = records[0]
+        url, key = self.url_of[int(rec["shard"])], self.index.key(sample_id)
+        start = span_start(rec)
+        end = next((span_start(r) for r in records[1:] if r["shard"] == rec["shard"] and span_start(r) >= 0), None)
+        if end is None:  # the shard's last sample (or many unreadable ones follow): read to the tar's end
+            end = int(self.index.shards[int(rec["shard"])]["bytes"])
+        try:
+            span = read_range(url, start, end - start)
+        except ShortRead as err:
+            raise SkipSample("truncated_shard", str(err)) from None
+        raw = {"__key__": key, "__url__": url} | members_of(span, key)
+        if self.index.ext(sample_id) not in raw:
+            raise SkipSample("index_mismatch", f"{url}: no {key}.{self.index.ext(sample_id)} where the index "
+                             "says; the shard changed after indexing: re-index the shards")
+        return raw
+
+    def decode(self, raw: dict, rng: np.random.Generator, cfg) -> dict:
+        sample = self.sample_fn(raw, cfg, rng)
+        sample["key"] = raw["__key__"]
+        return sample
+
+
+def span_start(rec: np.void) -> int:
+    """Offset of the header of a record's first indexed member, -1 when it has none."""
+    starts = [int(rec["offset"])] if rec["size"] > 0 else []
+    if rec["caption_kind"] != CAPTION_NONE:
+        starts.append(int(rec["caption_offset"]))
+    return min(starts) - HEADER if starts else -1
+
+
+def members_of(span: bytes, key: str) -> dict:
+    """{ext: bytes} of the members of `key` in a tar fragment (headers and data, no end marker)."""
+    out = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(span), mode="r:") as tar:
+            for member in tar:
+                k, ext = split_key(member.name)
+                if member.isfile() and k == key and ext:
+                    out[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as err:
+        if not out:
+            raise SkipSample("corrupt_tar", f"{key}: {err}") from None
+    return out
+
