@@ -30,6 +30,7 @@ from infd.data.sample_index import INDEX_NAME, SAMPLE_DTYPE, merge_indexes, shar
 from infd.data.shard_scan import ShardScan, scan_shard
 from infd.data.tar_samples import IMAGE_EXTS
 from infd.data.urls import expand_urls
+from infd.utils.in_process import InProcess
 
 
 def part_name(part: int, num_parts: int) -> str:
@@ -82,21 +83,6 @@ def merge(out: Path, num_parts: int) -> dict:
     if missing:
         raise SystemExit(f"index_shards --merge: parts not finished: {', '.join(missing)}; run them (--part I) first")
     return merge_indexes(parts, out).meta
-
-
-class InProcess:
-    """Pool stand-in for one worker (easier to debug, no pickling)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, items):
-        return map(fn, items)
-
-    imap_unordered = imap
 
 
 def pool(workers: int):

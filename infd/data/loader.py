@@ -41,6 +41,7 @@ from infd.data.shard_source import ShardSource
 from infd.data.transforms import PatchConfig
 from infd.data.urls import RANGE_READS
 from infd.data.workers import init_worker, preemption_signals_held
+from infd.utils.in_process import InProcess
 
 log = logging.getLogger("infd.data")
 RETRIES = 8  # positions (main) or draws (high-res) tried before a slot is given up on
@@ -208,7 +209,7 @@ class RankBatches(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         threads = self.cfg.read_threads
-        with ThreadPoolExecutor(threads) if threads > 1 else _InThread() as pool:
+        with ThreadPoolExecutor(threads) if threads > 1 else InProcess() as pool:
             for j, (epoch, first, batch, after) in enumerate(self.plans()):
                 if j % n_workers == worker:
                     samples = self._batch_samples(epoch, range(first, first + self.cfg.batch_size),
@@ -268,15 +269,3 @@ class RankBatches(IterableDataset):
         raise RuntimeError(f"{RETRIES} samples in a row were unusable: check the shards (skips so far: "
                            f"{self.counter.as_dict()})")
 
-
-class _InThread:
-    """ThreadPoolExecutor's map and context, without threads (read_threads=1)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items):
-        return map(fn, items)
