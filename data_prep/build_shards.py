@@ -94,7 +94,7 @@ def build_one(args) -> dict:
     i, job, dest, cfg = args
     name = shard_name(i)
     writer = ShardWriter(dest.local / f"{name}.tar", cfg)
-    for item in sources.job_items(job, writer.skip):
+    for item in sources.job_items(job, writer.skip, writer.ignore):
         writer.add(item)
     stats = writer.close()
     dest.publish(f"{name}.tar")
@@ -121,12 +121,12 @@ def detect_format(src: Path) -> str:
 
 
 def build_stats(dest: Destination, shards: range, cfg: FilterConfig) -> dict:
-    skipped, converted = Counter(), Counter()
+    totals = {"skipped": Counter(), "converted": Counter(), "ignored": Counter()}
     for i in shards:
         stats = json.loads(dest.read_text(f"{shard_name(i)}.json"))
-        skipped.update(stats["skipped"])
-        converted.update(stats["converted"])
-    return {"filters": asdict(cfg), "skipped": dict(skipped), "converted": dict(converted)}
+        for name, counts in totals.items():
+            counts.update(stats.get(name, {}))
+    return {"filters": asdict(cfg)} | {name: dict(counts) for name, counts in totals.items()}
 
 
 def write_shard_index(dest: Destination, shards: range, cfg: FilterConfig, subdir: str = "") -> dict:
@@ -198,7 +198,7 @@ def _report(index: dict, dest: Destination, args) -> dict:
         shutil.rmtree(dest.local, ignore_errors=True)
     print(f"index: {index['total_samples']} samples ({index['total_hr']} high-res >= {index['hr_threshold']}px) in "
           f"{len(index['shards'])} shards, {index['total_bytes'] / 2**20:.1f} MB; skipped {index['build']['skipped']}; "
-          f"converted {index['build']['converted']}", flush=True)
+          f"converted {index['build']['converted']}; ignored {index['build'].get('ignored', {})}", flush=True)
     return index
 
 

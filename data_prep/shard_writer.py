@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -20,6 +21,8 @@ from infd.data.index import HISTOGRAM_EDGES, histogram_bin
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 LAION_COLUMNS = {"punsafe": ("punsafe",), "pwatermark": ("pwatermark",),
                  "aesthetic": ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score")}
+
+log = logging.getLogger("data_prep.build_shards")
 
 
 @dataclass
@@ -81,10 +84,17 @@ class ShardWriter:
         self.tmp = path.with_name(path.name + ".tmp")
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.stats = {"name": path.name, "samples": 0, "hr": 0, "skipped": Counter(), "converted": Counter(),
-                      "histogram": [0] * len(HISTOGRAM_EDGES)}
+                      "ignored": Counter(), "histogram": [0] * len(HISTOGRAM_EDGES)}
 
     def skip(self, reason: str, detail: str = "") -> None:
         self.stats["skipped"][reason] += 1
+
+    def ignore(self, reason: str, detail: str = "") -> None:
+        """Part of a sample left out (a sidecar .json that does not parse): counted, and logged for
+        the first few of each reason per shard; the image is kept."""
+        self.stats["ignored"][reason] += 1
+        if self.stats["ignored"][reason] <= 3:
+            log.warning("%s: %s; the image is kept without it (%s)", reason, detail, self.path.name)
 
     def add(self, item: dict) -> None:
         try:
@@ -122,6 +132,7 @@ class ShardWriter:
         self.tar.close()
         os.replace(self.tmp, self.path)
         stats = dict(self.stats, bytes=self.path.stat().st_size, finished=time.time())
-        stats["skipped"], stats["converted"] = dict(stats["skipped"]), dict(stats["converted"])
+        for name in ("skipped", "converted", "ignored"):
+            stats[name] = dict(stats[name])
         return stats
 

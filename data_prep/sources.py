@@ -56,23 +56,34 @@ def _jsonable(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def sidecar(path: Path) -> tuple[str | None, dict]:
-    """Caption and metadata from path.with_suffix('.txt' / '.json') when present."""
+def sidecar(path: Path, ignore) -> tuple[str | None, dict]:
+    """Caption and metadata from path.with_suffix('.txt' / '.json') when present; a .json that does
+    not parse to an object goes to `ignore("bad_json", detail)` (counted, the image is kept)."""
     caption, meta = None, {}
     txt, js = path.with_suffix(".txt"), path.with_suffix(".json")
     if txt.exists():
         caption = txt.read_text(errors="replace").strip()
     if js.exists():
-        try:
-            meta = json.loads(js.read_text())
-            caption = caption or meta.get("caption") or meta.get("text")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
+        meta = parse_meta(js.read_bytes(), str(js), ignore)
+        caption = caption or meta.get("caption") or meta.get("text")
     return caption, meta
 
 
-def job_items(job: dict, skip) -> Iterator[dict]:
-    """Yield {"key", "data", "caption", "meta", "source"} for a job; unreadable inputs go to `skip(reason, detail)`."""
+def parse_meta(data: bytes, where: str, ignore) -> dict:
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        ignore("bad_json", f"{where}: {err}")
+        return {}
+    if not isinstance(meta, dict):
+        ignore("bad_json", f"{where}: a JSON {type(meta).__name__}, not an object")
+        return {}
+    return meta
+
+
+def job_items(job: dict, skip, ignore) -> Iterator[dict]:
+    """Yield {"key", "data", "caption", "meta", "source"} for a job; unreadable inputs go to
+    `skip(reason, detail)`, unreadable metadata of a kept image to `ignore(reason, detail)`."""
     if job["kind"] == "files":
         for item in job["items"]:
             path = Path(item["path"])
@@ -83,34 +94,29 @@ def job_items(job: dict, skip) -> Iterator[dict]:
                 continue
             caption, meta = item.get("caption"), dict(item.get("meta") or {})
             if "meta" not in item:
-                caption, meta = sidecar(path)
+                caption, meta = sidecar(path, ignore)
             yield {"key": item["key"], "data": data, "caption": caption, "meta": meta, "source": item["source"]}
         return
-    yield from _img2dataset_tar(Path(job["tar"]), skip)
+    yield from _img2dataset_tar(Path(job["tar"]), skip, ignore)
 
 
-def _img2dataset_tar(path: Path, skip) -> Iterator[dict]:
+def _img2dataset_tar(path: Path, skip, ignore) -> Iterator[dict]:
     with open(path, "rb") as stream:
         try:
             for members in iterate_tar(stream):
-                item = _img2dataset_item(path, members, skip)
+                item = _img2dataset_item(path, members, skip, ignore)
                 if item is not None:
                     yield item
         except TruncatedShard as err:
             skip("truncated_input_tar", f"{path}: {err}")
 
 
-def _img2dataset_item(path: Path, members: dict, skip) -> dict | None:
+def _img2dataset_item(path: Path, members: dict, skip, ignore) -> dict | None:
     key = members["__key__"]
     image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
     if image_ext is None:
         skip("no_image_member", f"{path}:{key}")
         return None
-    meta = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            skip("bad_json", f"{path}:{key}")
+    meta = parse_meta(members["json"], f"{path}:{key}.json", ignore) if "json" in members else {}
     caption = members["txt"].decode(errors="replace").strip() if "txt" in members else meta.get("caption")
     return {"key": key, "data": members[image_ext], "caption": caption, "meta": meta, "source": f"{path.name}:{key}"}

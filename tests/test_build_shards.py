@@ -64,6 +64,8 @@ def test_conversions_and_rejections_are_recorded(tmp_path):
     src.mkdir()
     (src / "cmyk.jpg").write_bytes(jpeg_bytes(noise_image(300, 300, 1, "CMYK")))
     (src / "gray.jpg").write_bytes(jpeg_bytes(noise_image(300, 300, 2, "L")))
+    (src / "gray.json").write_text('{"caption": "a grey square",')  # a sidecar cut short: counted, image kept
+    (src / "wide.json").write_text('["not", "an", "object"]')
     (src / "rgba.png").write_bytes(png_bytes(noise_image(300, 300, 3, "RGBA")))
     (src / "deep.png").write_bytes(sixteen_bit_png(300, 300))
     pal = noise_image(300, 300, 4).convert("P")
@@ -82,6 +84,7 @@ def test_conversions_and_rejections_are_recorded(tmp_path):
     assert index["build"]["converted"] == {"mode_CMYK": 1, "mode_RGBA": 1, "mode_I;16": 1, "mode_P": 1}
     assert index["build"]["skipped"] == {"too_many_pixels": 1, "empty_file": 1, "not_an_image": 1, "corrupt_image": 1,
                                 "aspect_ratio": 1}
+    assert index["build"]["ignored"] == {"bad_json": 2}
     members = tar_members(tmp_path / "out" / "shard-000000.tar")
     metas = {json.loads(v)["source"]: json.loads(v) for k, v in members.items() if k.endswith(".json")}
     assert metas["rotated.jpg"]["width"] == 300 and metas["rotated.jpg"]["height"] == 400  # EXIF applied
