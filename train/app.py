@@ -93,7 +93,7 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
                 flush=True)
         task = make_task(info)
         data = make_data(info)
-        logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group)
+        logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group, max_steps=cfg.trainer.max_steps)
         try:
             return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum, preempt)
         finally:
