@@ -35,6 +35,9 @@ class TrainerConfig:
     # terminationGracePeriodSeconds, torchrun --shutdown_timeout, the deepspeed launcher's 30 s): a
     # checkpoint that takes longer is warned about at each save and in the preflight.
     grace_s: float = 30.0
+    # Also export (export/step_XXXXXXX/<kind>/) the checkpoints of the steps that are multiples of it, and
+    # the one a stop signal saves when the grace period has room; 0: only at the end. train.export does any.
+    export_every: int = 0
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):
@@ -44,6 +47,8 @@ class TrainerConfig:
             raise ConfigError(f"config key '{prefix}grace_s' must be > 0 (seconds from a stop signal to SIGKILL)")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"config key '{prefix}ema_decay' must be in (0, 1)")
+        if self.export_every < 0:
+            raise ConfigError(f"config key '{prefix}export_every' must be >= 0 (0: export only at the end)")
 
 
 @dataclass

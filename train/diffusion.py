@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from infd.config import ConfigError, to_mapping
+from infd.config import ConfigError
 from infd.data.transforms import to_unit_range
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
 from infd.export import load_model
@@ -30,7 +30,7 @@ from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimC
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
-from train.export import export_model
+from train.export import export_model, unet_extra
 from train.loop import StepOutput
 from train.zero import GatheredEMA
 
@@ -177,11 +177,8 @@ class DiffusionTask:
         return {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
 
     def export(self, run_dir: Path, step: int) -> Path | None:
-        s = self.cfg.samples
-        extra = {"latent_scale": self.latent_scale, "diffusion": to_mapping(self.cfg.diffusion),
-                 "text": to_mapping(self.cfg.text), "autoencoder": self.cfg.data.autoencoder,
-                 "sampling": {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "spacing": s.spacing}}
-        return export_model(self.unet.module, self.ema, "unet", run_dir, step, self.info, extra)
+        return export_model(self.unet.module, self.ema, "unet", run_dir, step, self.info,
+                            unet_extra(self.cfg, self.latent_scale))
 
 
 def build_data(cfg: DiffusionTrainConfig, info: DistInfo, shuffle: bool = True):

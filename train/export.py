@@ -1,13 +1,38 @@
-"""The one export path of both stages: the trained module (or its EMA) as safetensors + JSON."""
+"""The one export path of both stages: the trained module (or its EMA) as safetensors + JSON.
+
+    python -m train.export RUN_DIR [--step N] [--no-ema] [--out DIR]
+
+Layout in the run directory: export/<kind>/ at the end of the run (`export_model`, collective),
+export/step_XXXXXXX/<kind>/ from a checkpoint (`export_checkpoint`: one process, no DeepSpeed,
+no process group), written on request by this module's command line or during training next to
+the checkpoints of the steps that are multiples of trainer.export_every.
+"""
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import yaml
+from safetensors.torch import load_file
 from torch import nn
 
-from infd.export import save_model
+from infd.config import ConfigError, from_mapping, to_mapping
+from infd.export import MODEL_KINDS, save_model
+from train.checkpoint import step_dir_name
+from train.config import TrainerConfig
 from train.dist import DistInfo
 from train.zero import gathered
+
+log = logging.getLogger("train")
+EXPORT_DIR, RUN_CONFIG = "export", "config.yaml"  # config.yaml: the resolved config train.app writes
 
 
 def export_model(module: nn.Module, ema, kind: str, run_dir: Path, step: int, info: DistInfo,
@@ -22,7 +47,164 @@ def export_model(module: nn.Module, ema, kind: str, run_dir: Path, step: int, in
     model.load_state_dict(state)
     if ema is not None:
         ema.copy_to(model)
-    path = save_model(model, run_dir / "export" / kind, kind=kind,
+    path = save_model(model, run_dir / EXPORT_DIR / kind, kind=kind,
                       extra={"step": step, "ema": ema is not None, **(extra or {})})
     print(f"exported the {'EMA ' if ema is not None else ''}{kind} to {path}", flush=True)
     return path
+
+
+class ExportError(Exception):
+    """A run directory or checkpoint that cannot be exported; the message says what is there."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # the export's kind (infd.export.MODEL_KINDS)
+    engine: str  # the checkpointed engine that holds the exported model
+    module: str  # the stage's module and its config dataclass, as the run's config.yaml was built from
+    config: str
+    model_key: str  # the model's config within it
+
+
+STAGES = (Stage("autoencoder", "generator", "train.autoencoder", "AutoencoderTrainConfig", "model"),
+          Stage("unet", "unet", "train.diffusion", "DiffusionTrainConfig", "unet"))
+
+
+def checkpoint_meta(task) -> dict:
+    """What a checkpoint's state.json must hold for its export besides the run's config: the
+    diffusion stage's latent scale, estimated at start when diffusion.latent_scale=auto."""
+    scale = getattr(task, "latent_scale", None)
+    return {} if scale is None else {"latent_scale": scale}
+
+
+def unet_extra(cfg, latent_scale: float) -> dict:
+    """The UNet export's metadata (the end-of-run export and train.export both record this)."""
+    s = cfg.samples
+    return {"latent_scale": latent_scale, "diffusion": to_mapping(cfg.diffusion), "text": to_mapping(cfg.text),
+            "autoencoder": cfg.data.autoencoder,
+            "sampling": {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "spacing": s.spacing}}
+
+
+def checkpoint_steps(ckpt_root: Path) -> list[int]:
+    """Steps of the complete checkpoints (a .tmp one is still being written, or was cut short)."""
+    return sorted(int(p.name[5:]) for p in ckpt_root.glob("step_*")
+                  if not p.name.endswith(".tmp") and (p / "state.json").exists())
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {run_dir} does not exist")
+    root = run_dir / "checkpoints"
+    steps = checkpoint_steps(root)
+    if not steps:
+        raise ExportError(f"no checkpoint in {root}")
+    path = root / step_dir_name(steps[-1] if step is None else step)
+    if not (path / "state.json").exists():
+        raise ExportError(f"no checkpoint of step {step} in {root}; available steps: {', '.join(map(str, steps))}")
+    return path
+
+
+def _run_config(run_dir: Path, stage: Stage):
+    path = run_dir / RUN_CONFIG
+    if not path.exists():
+        raise ExportError(f"{path} not found: the run's resolved config rebuilds the model")
+    cls = getattr(importlib.import_module(stage.module), stage.config)  # lazy: both stages import this module
+    try:
+        return from_mapping(cls, yaml.safe_load(path.read_text()))
+    except ConfigError as err:
+        raise ExportError(f"{path}: {err}") from err
+
+
+def _latent_scale(cfg, state: dict, run_dir: Path) -> float:
+    if "latent_scale" in state:
+        return state["latent_scale"]
+    if cfg.diffusion.latent_scale != "auto":
+        return float(cfg.diffusion.latent_scale)
+    # Checkpoints written before state.json recorded it: the run logged the scale with every step.
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else ():
+        entry = json.loads(line)
+        if entry.get("step") == state["step"] and "latent_scale" in entry:
+            return entry["latent_scale"]
+    raise ExportError(f"the latent scale of step {state['step']} is neither in its state.json nor in {metrics}")
+
+
+def _weights(ckpt: Path, stage: Stage, use_ema: bool) -> tuple[dict, bool]:
+    """The full fp32 weights rank 0 wrote (whatever the ZeRO stage and world size), with the EMA's
+    in their place when asked for and kept. The exported models hold no buffers, only parameters."""
+    state = load_file(str(ckpt / "portable" / f"{stage.engine}.safetensors"))
+    ema = ckpt / "ema.safetensors"
+    if use_ema and ema.exists():
+        return state | load_file(str(ema)), True
+    return state, False
+
+
+def export_checkpoint(run_dir: Path, ckpt: Path, out: Path | None = None, use_ema: bool = True) -> Path:
+    """Write the export of checkpoint `ckpt` (default: run_dir/export/step_XXXXXXX/<kind>/), equal
+    to the one the run writes at its end had it ended there. One process, no DeepSpeed."""
+    state = json.loads((ckpt / "state.json").read_text())
+    stage = next((s for s in STAGES if s.engine in state["engines"]), None)
+    if stage is None:
+        raise ExportError(f"{ckpt}: engines {state['engines']} are none of a known stage's")
+    cfg = _run_config(run_dir, stage)
+    weights, ema = _weights(ckpt, stage, use_ema)
+    extra = unet_extra(cfg, _latent_scale(cfg, state, run_dir)) if stage.kind == "unet" else {}
+    model_cls = MODEL_KINDS[stage.kind][1]
+    with torch.device("meta"):  # no random init of weights about to be replaced (seconds for the paper UNet)
+        model = model_cls(getattr(cfg, stage.model_key))
+    model.load_state_dict(weights, strict=True, assign=True)
+    out = out or run_dir / EXPORT_DIR / step_dir_name(state["step"]) / stage.kind
+    # Written beside and renamed: a run killed mid-export leaves no half export under the final name.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, kind=stage.kind, extra={"step": state["step"], "ema": ema, **extra})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"exported the {'EMA ' if ema else ''}{stage.kind} of step {state['step']} to {out}", flush=True)
+    return out
+
+
+def export_after_checkpoint(run_dir: Path, ckpt: Path, step: int, cfg: TrainerConfig, info: DistInfo,
+                            stopping: bool) -> Path | None:
+    """trainer.export_every: rank 0 exports the checkpoint just saved when its step is a multiple
+    (the last step's export is the end of the run's, export/<kind>), and the one saved on a stop
+    signal when the grace period has room for it. Rank 0 alone reads the checkpoint from disk:
+    nothing collective, the other ranks go on (or exit) meanwhile."""
+    if not info.is_main or cfg.export_every == 0:
+        return None
+    if not stopping and (step % cfg.export_every or step == cfg.max_steps):
+        return None
+    later = f"make it later with: python -m train.export {run_dir} --step {step}"
+    if stopping:
+        # The export reads and writes one model's weights, a fraction of what the save wrote
+        # (every engine's weights, Adam moments and DeepSpeed's own files): with half of the
+        # grace period left it fits; with less, SIGKILL could cut the export and the exit short.
+        save_s = json.loads((ckpt / "state.json").read_text()).get("save_s", 0.0)
+        if save_s > cfg.grace_s / 2:
+            log.warning("export of the stop checkpoint skipped: its save took %.1f s of trainer.grace_s=%g; %s",
+                        save_s, cfg.grace_s, later)
+            return None
+    try:
+        return export_checkpoint(run_dir, ckpt)
+    except Exception:  # a side product: a failed export must not end a long run, but it is reported
+        log.exception("export of step %d failed; %s", step, later)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="the run directory (runs/<run.name>)")
+    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    parser.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
+    parser.add_argument("--out", type=Path, help="export directory (default: RUN_DIR/export/step_XXXXXXX/<kind>)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = find_checkpoint(args.run_dir, args.step)
+        export_checkpoint(args.run_dir, ckpt, args.out, use_ema=not args.no_ema)
+    except ExportError as err:
+        parser.error(str(err))  # "train.export: error: ...", exit status 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

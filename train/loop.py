@@ -18,6 +18,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainerConfig
 from infd.data.loader import Loader
 from train.dist import DistInfo, any_rank
+from train.export import checkpoint_meta, export_after_checkpoint
 from train.logger import Logger, Throughput, grad_norm
 from train.signals import PreemptionFlag
 
@@ -115,10 +116,11 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
     samples = StepLog(run_dir / "samples" / f"rank{info.rank:05d}.jsonl", cfg.sample_log, step)
     batches, meter, saved = iter(data), Throughput(), step
 
-    def checkpoint(data_state: dict) -> None:
-        save_checkpoint(ckpt_root, step, task.engines, {}, info, cfg.keep_last,
-                        ema=task.ema.state_dict() if task.ema else None, meta={"data": data_state},
-                        grace_s=cfg.grace_s)
+    def checkpoint(data_state: dict, stopping: bool = False) -> None:
+        path = save_checkpoint(ckpt_root, step, task.engines, {}, info, cfg.keep_last,
+                               ema=task.ema.state_dict() if task.ema else None,
+                               meta={"data": data_state, **checkpoint_meta(task)}, grace_s=cfg.grace_s)
+        export_after_checkpoint(run_dir, path, step, cfg, info, stopping)  # trainer.export_every; rank 0
 
     try:
         while step < cfg.max_steps:
@@ -126,13 +128,14 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             micro = fetch_micro_batches(batches, grad_accum, preempt)
             if any_rank(micro is None or preempt.raised, info.device):
                 if step > saved:
-                    checkpoint(position)
+                    checkpoint(position, stopping=True)
                 log.warning("stopped by signal at step %d (%s)", step,
                             "checkpoint saved" if step else "before the first step: nothing to save")
                 return step
             meter.data_wait(time.perf_counter() - start, sum(len(b["keys"]) for b in micro))
             out = task.train_step(micro, step)
             step += 1
+            logger.step_done(step)
             metrics.write(step, out.logs)
             if samples.enabled:
                 samples.write(step, {"keys": [k for b in micro for k in b["keys"]]} | out.draws)
