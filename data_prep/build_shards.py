@@ -202,25 +202,42 @@ def _report(index: dict, dest: Destination, args) -> dict:
     return index
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    from infd.cli_common import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.build_shards", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="image folder, img2dataset output dir, or LAION-style parquet")
     p.add_argument("--output", required=True, help="directory or s3://bucket/prefix")
-    p.add_argument("--format", choices=["folder", "img2dataset", "parquet"], help="default: detected")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=max(1, mp.cpu_count()))
+    p.add_argument("--format", choices=["folder", "img2dataset", "parquet"],
+                   help="layout of --input (default: detected)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="images per output tar")
+    p.add_argument("--workers", type=int, default=max(1, mp.cpu_count()),
+                   help="processes converting images (default: the number of CPUs, here %(default)s)")
     p.add_argument("--path-column", help="parquet: column with the image path (default: path/filepath/...)")
     p.add_argument("--staging", help="s3 output: local staging directory (default: a temporary one)")
     defaults = FilterConfig()
-    p.add_argument("--min-side", type=int, default=defaults.min_side)
-    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
-    p.add_argument("--max-aspect", type=float, default=defaults.max_aspect)
-    p.add_argument("--max-punsafe", type=float, default=defaults.max_punsafe)
-    p.add_argument("--max-pwatermark", type=float, default=defaults.max_pwatermark)
-    p.add_argument("--min-aesthetic", type=float, default=defaults.min_aesthetic)
-    p.add_argument("--hr-threshold", type=int, default=defaults.hr_threshold)
+    p.add_argument("--min-side", type=int, default=defaults.min_side, help="drop images whose short side is "
+                   "smaller (px)")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                   help="drop images with more pixels (decompression bombs)")
+    p.add_argument("--max-aspect", type=float, default=defaults.max_aspect, help="drop images whose long/short "
+                   "side ratio is larger")
+    p.add_argument("--max-punsafe", type=float, default=defaults.max_punsafe, help="LAION metadata: drop images "
+                   "whose NSFW probability is larger (kept when the column is missing)")
+    p.add_argument("--max-pwatermark", type=float, default=defaults.max_pwatermark, help="LAION metadata: drop "
+                   "images whose watermark probability is larger (kept when the column is missing)")
+    p.add_argument("--min-aesthetic", type=float, default=defaults.min_aesthetic, help="LAION metadata: drop "
+                   "images whose aesthetic score is lower (default: no aesthetic filter)")
+    p.add_argument("--hr-threshold", type=int, default=defaults.hr_threshold,
+                   help="long side (px, upright) from which a sample counts as high-res")
     p.add_argument("--no-verify", action="store_true", help="skip the test decode of kept images")
     add_part_args(p, "build and index")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return check_part_args(p, p.parse_args(argv))
 
 
@@ -228,7 +245,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if not Path(args.input).exists():
-        print(f"build_shards: error: --input {args.input} does not exist", file=sys.stderr)
+        print(f"python -m data_prep.build_shards: error: --input {args.input} does not exist", file=sys.stderr)
         return 2
     build(args)
     return 0

@@ -90,8 +90,9 @@ def pool(workers: int):
 
 
 def add_part_args(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--part", type=int, help=f"{what} only this part (0-based) of the shards, then stop")
-    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shards are split into (default: 1)")
+    p.add_argument("--part", type=int, help=f"{what} only this part (0-based) of the shards, then stop "
+                   "(default: all parts)")
+    p.add_argument("--num-parts", type=int, default=1, help="how many parts the shards are split into")
     p.add_argument("--merge", action="store_true", help="merge the finished parts' indexes into the index")
 
 
@@ -101,14 +102,21 @@ def check_part_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return args
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    from infd.cli_common import HelpFormatter
+
     p = argparse.ArgumentParser(prog="python -m data_prep.index_shards", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("shards", nargs="+", help="tar patterns, directories or s3:// prefixes")
     p.add_argument("--output", required=True, help="local index directory")
     p.add_argument("--hr-threshold", type=int, default=1024, help="long side (px, upright) of a high-res sample")
-    p.add_argument("--workers", type=int, default=4, help="processes scanning shards in parallel (default: 4)")
+    p.add_argument("--workers", type=int, default=4, help="processes scanning shards in parallel")
     add_part_args(p, "index")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     return check_part_args(p, p.parse_args(argv))
 
 
@@ -120,7 +128,7 @@ def main(argv=None) -> int:
     else:
         urls = sorted(expand_urls(args.shards))
         if not urls:
-            print(f"index_shards: {args.shards} matches no shard", file=sys.stderr)
+            print(f"python -m data_prep.index_shards: error: {args.shards} matches no shard", file=sys.stderr)
             return 2
         if args.part is not None:
             index_part(urls, out, args.part, args.num_parts, args.hr_threshold, args.workers)

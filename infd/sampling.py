@@ -28,11 +28,12 @@ def unet_fn(unet, schedule):
 @torch.no_grad()
 def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, prompts: list[str] | None = None,
                      text_encoder=None, cfg_scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
-                     seed: int = 0, device=None, progress: bool = False, labels: Tensor | None = None,
+                     seed: int | list[int] = 0, device=None, progress: bool = False, labels: Tensor | None = None,
                      eta: float = 0.0, spacing: str = "linspace") -> Tensor:
     """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet; with a
     class-conditional UNet, labels (B,). cfg_scale > 1 guides away from the empty prompt and the
-    "no label" class. eta and spacing are ddim's (spacing also ddpm's), see samplers.sample."""
+    "no label" class. eta and spacing are ddim's (spacing also ddpm's), see samplers.sample.
+    seed: one for the batch, or B (one per sample: sample i is then the same in any batch)."""
     schedule = build_schedule(diffusion_cfg)
     cond = uncond = None
     if text_encoder is not None:
@@ -44,7 +45,12 @@ def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, pro
         cond, uncond = (cond or {}) | {"labels": labels}, (uncond or {}) | {"labels": null}
     uncond = uncond if cfg_scale != 1.0 else None
     fn = guided(unet_fn(unet, schedule), cond, uncond, cfg_scale)
-    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+    def make(s: int) -> torch.Generator:
+        return torch.Generator(device=device or "cpu").manual_seed(s)
+
+    if isinstance(seed, (list, tuple)) and len(seed) != shape[0]:
+        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]}")
+    generator = [make(s) for s in seed] if isinstance(seed, (list, tuple)) else make(seed)
     z = sample(fn, schedule, shape, sampler, steps, generator=generator, device=device, eta=eta, progress=progress,
                spacing=spacing)
     return z / latent_scale

@@ -93,6 +93,14 @@ def _progress(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, unit="step", leave=False)
 
 
+def randn(shape, generator=None, device=None, dtype=None) -> Tensor:
+    """Gaussian noise of `shape` (B, ...). generator: one torch.Generator for the whole batch, or a
+    list of B, one per sample, so that sample i does not depend on the batch it is drawn in."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 @torch.no_grad()
 def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float = 0.0,
          generator: torch.Generator | None = None, progress: bool = False,
@@ -113,7 +121,7 @@ def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float =
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
     return x
 
 
@@ -169,7 +177,7 @@ def euler(model_fn, noise: Tensor, steps: int, heun: bool = False, progress: boo
     return x
 
 
-def sample(model_fn, schedule, shape, sampler: str, steps: int, generator: torch.Generator | None = None,
+def sample(model_fn, schedule, shape, sampler: str, steps: int, generator=None,
            device=None, eta: float = 0.0, progress: bool = False, spacing: str = "linspace") -> Tensor:
     """Draw samples of `shape` (B, ...) from noise with the named sampler (see SAMPLERS).
 
@@ -178,7 +186,7 @@ def sample(model_fn, schedule, shape, sampler: str, steps: int, generator: torch
     its steps in log-SNR; euler; heun) refuse a non-default eta or spacing rather than ignore it.
     """
     check_options(schedule, sampler, eta, spacing)
-    noise = torch.randn(shape, generator=generator, device=device)
+    noise = randn(shape, generator, device)
     if sampler == "ddpm":
         return ddpm(model_fn, schedule, noise, steps, generator, progress, spacing)
     if sampler == "ddim":
