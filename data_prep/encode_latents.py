@@ -7,7 +7,7 @@
 SPEC: brace patterns, directories or s3:// prefixes. Their sample index (--index; default beside
 the shards, as the loader's data.index; data_prep.build_shards writes one, for other shards run
 python -m data_prep.index_shards SHARDS --output DIR) gives each shard's sample count (the
-progress bar) and the samples without a readable image, which are skipped unread.
+progress bar) and the samples without a readable image, which are skipped without a decode.
 DST: a directory or s3://bucket/prefix (tars are written to a local temporary directory, then
 uploaded).
 
@@ -30,7 +30,6 @@ import argparse
 import itertools
 import io
 import json
-import math
 import os
 import shutil
 import signal
@@ -39,22 +38,20 @@ import tarfile
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data_prep.build_shards import Destination
 from data_prep.index_shards import build_index
 from infd.config import ConfigError
-from infd.data.decode import SkipSample, open_image, oriented_size
+from infd.data.decode import SkipSample
 from infd.data.latents import npy_bytes
 from infd.data.sample_index import FILES, INDEX_NAME, SampleIndex, open_index
 from infd.data.tar_samples import TruncatedShard, image_bytes, iterate_tar
-from infd.data.transforms import DECODE_OVERSAMPLE, PatchConfig, PatchPlan, _dct_scale, _decode, to_unit_range
+from infd.data.transforms import centre_encoder_input, to_unit_range
 from infd.data.urls import dirname_url, expand_urls, join_url, open_stream
 from infd.data.workers import init_worker, preemption_signals_held
 from infd.export import load_model
-from infd.image import resize_antialiased
 from train.signals import PreemptionFlag
 
 
@@ -62,34 +59,13 @@ def shard_name(i: int) -> str:
     return f"latents-{i:06d}"
 
 
-def encoder_input(data: bytes, size: int) -> Image.Image:
-    """An image's centre square resized to size x size (resize_antialiased).
-
-    A JPEG is decoded at the smallest DCT scale that keeps DECODE_OVERSAMPLE x size pixels across
-    the square, with the loader's decode (the square's position is exact at any scale and EXIF
-    orientation). DCT scaling is a crude low-pass: keeping only `size` pixels was up to 9 levels
-    (mean) off a full decode on photos, 3x keeps it under 1 (tests/test_encode_latents.py).
-    Only the square's pixels are resampled, as from the cropped full decode: an image decoded
-    at full size gives exactly centre_square + resize_antialiased."""
-    img = open_image(data)
-    width, height = oriented_size(img)
-    side = min(width, height)
-    cfg = PatchConfig(encoder_size=size)
-    decoded = _decode(data, (width, height), _dct_scale(img, side, size, cfg, DECODE_OVERSAMPLE), cfg, img)
-    square = PatchPlan(((height - side) // 2, (width - side) // 2, side), side, (0, 0), False)
-    x0, y0, x1, y1 = decoded.box(square, (0, 0, side, side))
-    cut = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
-    box = (x0 - cut[0], y0 - cut[1], x1 - cut[0], y1 - cut[1])
-    return resize_antialiased(decoded.rgb.crop(cut), (size, size), box=box)
-
-
 def count(skipped: dict, reason: str) -> None:
     skipped[reason] = skipped.get(reason, 0) + 1
 
 
 def read_images(url: str, wanted: np.ndarray, size: int, skipped: dict):
-    """(key, uint8 image tensor (3, size, size), metadata) of the samples of a shard that `wanted` (bool per sample, in
-    tar order: the index's) keeps; the others are counted as excluded_by_index, not decoded."""
+    """(key, image (3, size, size) uint8, metadata) of the samples of a shard that `wanted` (bool per
+    sample, in tar order: the index's) keeps; the others are counted as excluded_by_index, not decoded."""
     stream = open_stream(url)
     try:
         for j, raw in enumerate(iterate_tar(stream)):
@@ -100,7 +76,7 @@ def read_images(url: str, wanted: np.ndarray, size: int, skipped: dict):
                 count(skipped, "excluded_by_index")
                 continue
             try:
-                img = encoder_input(image_bytes(raw), size)
+                img = centre_encoder_input(image_bytes(raw), size)
             except SkipSample as err:
                 count(skipped, err.reason)
                 continue
