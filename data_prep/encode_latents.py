@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from data_prep.build_shards import Destination
 from data_prep.index_shards import build_index
+from infd.cli_common import HelpFormatter
 from infd.config import ConfigError
 from infd.data.decode import SkipSample
 from infd.data.latents import npy_bytes
@@ -255,19 +256,24 @@ def load_text_encoder(args, device):
     return build_text_encoder(cfg).to(device)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.encode_latents", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ae", required=True, help="autoencoder export directory")
     p.add_argument("--shards", required=True, nargs="+", help="image shards (patterns, directories, s3://)")
     p.add_argument("--index", help="the shards' index directory (default: beside the shards)")
     p.add_argument("--output", required=True, help="directory or s3://bucket/prefix")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images (0: in this process)")
     p.add_argument("--flip", action="store_true", help="also store the latent of the mirrored image")
-    p.add_argument("--text-model", help="OpenCLIP model for cached text embeddings (e.g. ViT-B-32)")
+    p.add_argument("--text-model", help="OpenCLIP model for cached text embeddings (e.g. ViT-B-32); none: no text")
     p.add_argument("--text-pretrained", default="laion2b_s34b_b79k", help="tag, file, or none (random init: tests)")
-    p.add_argument("--device")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     return p.parse_args(argv)
 
 

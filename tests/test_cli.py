@@ -129,10 +129,11 @@ def walk(parser):
 
 
 def test_every_option_has_help_and_shows_its_default():
-    from data_prep import build_shards, index_shards
+    from data_prep import build_shards, encode_latents, index_shards
     from infd.cli import build_parser
 
-    parsers = [*walk(build_parser()), build_shards.build_parser(), index_shards.build_parser()]
+    parsers = [*walk(build_parser()), build_shards.build_parser(), index_shards.build_parser(),
+               encode_latents.build_parser()]
     assert {p.prog for p in parsers} >= {"infd sample", "infd upsample", "infd data stats"}
     for parser in parsers:
         formatter = parser._get_formatter()
