@@ -103,7 +103,8 @@ class SampleIndex:
         return fds[name]
 
     def ext(self, sample_id: int) -> str:
-        return self.meta["exts"][int(self.samples["ext"][sample_id])]
+        """The indexed member's extension (its record by pread, as `record`)."""
+        return self.meta["exts"][int(self.record(sample_id)["ext"])]
 
     def __getstate__(self):  # processes that unpickle it (spawned workers) map the files themselves
         return {"root": self.root}

@@ -115,9 +115,10 @@ class ShardSource:
         except ShortRead as err:
             raise SkipSample("truncated_shard", str(err)) from None
         raw = {"__key__": key, "__url__": url} | members_of(span, key)
-        if self.index.ext(sample_id) not in raw:
-            raise SkipSample("index_mismatch", f"{url}: no {key}.{self.index.ext(sample_id)} where the index "
-                             "says; the shard changed after indexing: re-index the shards")
+        ext = self.index.meta["exts"][int(rec["ext"])]
+        if ext not in raw:
+            raise SkipSample("index_mismatch", f"{url}: no {key}.{ext} where the index says; the shard changed "
+                             "after indexing: re-index the shards")
         return raw
 
     def decode(self, raw: dict, rng: np.random.Generator, cfg) -> dict:
