@@ -208,6 +208,8 @@ class RankBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:  # a forked worker starts with its parent's counts
+            RANGE_READS.update(bytes=0, reads=0)
         threads = self.cfg.read_threads
         with ThreadPoolExecutor(threads) if threads > 1 else InProcess() as pool:
             for j, (epoch, first, batch, after) in enumerate(self.plans()):
