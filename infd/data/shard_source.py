@@ -19,7 +19,7 @@ from infd.config import ConfigError
 from infd.data.decode import SkipSample
 from infd.data.epoch_plan import BlockOrder
 from infd.data.sample_index import CAPTION_NONE, INDEX_NAME, SampleIndex, open_index
-from infd.data.tar_samples import split_key
+from infd.data.tar_samples import sample_members
 from infd.data.urls import ShortRead, dirname_url, expand_urls, read_range
 
 HEADER = 512
@@ -140,9 +140,8 @@ def members_of(span: bytes, key: str) -> dict:
     out = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(span), mode="r:") as tar:
-            for member in tar:
-                k, ext = split_key(member.name)
-                if member.isfile() and k == key and ext:
+            for k, ext, member in sample_members(tar):
+                if k == key:
                     out[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError) as err:
         if not out:
