@@ -1,7 +1,7 @@
 """The `infd` command: inspect models and render with them.
 
     infd --version
-    infd describe MODEL_CONFIG [--json] [--input-size 256]
+    infd describe [MODEL_CONFIG] [--init SD_OR_LDM_PATH [--format auto|diffusers|ldm]] [--json] [--input-size 256]
     infd upsample IMAGE --ckpt EXPORT (--scale S | --size WxH) --out OUT [--region x0,y0,x1,y1]
     infd eval-ae --ckpt EXPORT --data SHARDS [--limit N] [--lpips pretrained|random|PATH]
     infd sample --unet EXPORT [--ae EXPORT] [--prompt TEXT | --prompts FILE] [--label K] --size WxH
@@ -30,15 +30,26 @@ def cmd_describe(args) -> int:
     from infd.describe import describe_autoencoder
     from infd.models import AutoencoderConfig
 
-    info = describe_autoencoder(from_mapping(AutoencoderConfig, load_mapping(args.config)), args.input_size)
+    if args.config is None and args.init is None:
+        raise ConfigError("give a MODEL_CONFIG, or --init PATH to describe a converted autoencoder")
+    raw = load_mapping(args.config) if args.config else {}
+    if args.init is not None:  # the shortcut: model.init on the given (or default) config
+        raw["init"] = {**raw.get("init", {}), "autoencoder": args.init, "format": args.format}
+    info = describe_autoencoder(from_mapping(AutoencoderConfig, raw), args.input_size)
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"{args.config}: {info['bottleneck']} bottleneck, {info['renderer']} renderer")
+    name = args.config or "default config"
+    print(f"{name}: {info['bottleneck']} bottleneck, {info['renderer']} renderer")
+    if info["source"]:
+        src = info["source"]
+        print(f"  converted from {src['path']} ({src['format']}, {src['class']}; weights {src['weights']})")
+        print(f"  dropped decoder tail: {', '.join(src['dropped_tail']) or 'none found'}; "
+              f"renderer {src['renderer']}; freeze_encoder {info['freeze_encoder']}")
     for name, count in info["params"].items():
         print(f"  {name:<11s}{count / 1e6:10.3f} M")
     size = args.input_size
-    print(f"  input {size}x{size} -> latent {'x'.join(map(str, info['latent_shape']))}"
+    print(f"  input {size}x{size} -> latent {'x'.join(map(str, info['latent_shape']))} (f{info['downsample_factor']})"
           f" -> phi {'x'.join(map(str, info['phi_shape']))}")
     return 0
 
@@ -106,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     device = "torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)"
     p = command(sub, "describe", "parameter counts and latent/feature shapes of a model config", cmd_describe)
-    p.add_argument("config", help="model config (YAML or JSON), e.g. conf/model/infd_paper.yaml")
+    p.add_argument("config", nargs="?", help="model config (YAML or JSON), e.g. conf/model/infd_paper.yaml; "
+                   "optional with --init (default: the built-in AutoencoderConfig)")
+    p.add_argument("--init", help="describe the autoencoder converted from this SD/LDM source (sets model.init."
+                   "autoencoder): a diffusers folder or an LDM checkpoint file (default: the config's)")
+    p.add_argument("--format", choices=["auto", "diffusers", "ldm"], default="auto",
+                   help="layout of --init: auto = a directory is diffusers, a file is ldm")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--input-size", type=int, default=256, help="side of the square input image, in pixels")
 
@@ -134,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "sample", "generate images at any resolution (or a region) from a trained UNet",
                 cli_sample.cmd_sample)
-    p.add_argument("--unet", required=True, help="UNet export (carries its latent scale, objective, text encoder)")
+    p.add_argument("--unet", required=True, help="UNet export (carries its latent scale, objective, text encoder), "
+                   "or a Stable Diffusion folder (diffusers layout) used as it is, with --ae")
     p.add_argument("--ae", help="autoencoder export (default: the one the UNet export records)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text prompt, for text-conditioned UNets (default: the empty prompt)")
@@ -144,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "whatever the batch size (its own noise, seed --seed + k)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of each output image")
     p.add_argument("--region", help="x0,y0,x1,y1: render only this box of each output (default: all of it)")
+    p.add_argument("--latent-size", type=int, help="side of the sampled latent (default: a diffusers UNet's "
+                   "sample_size, else the autoencoder's latent at its input size); --size stays free")
     # Sampling options default to None: unset ones come from the export, else SAMPLING_DEFAULTS.
     recorded = "default: the UNet export's recorded choice, else"
     p.add_argument("--steps", type=int, help=f"sampling steps ({recorded} 50)")

@@ -92,3 +92,12 @@ def test_paper_decoder_and_renderer_run_on_a_small_latent():
         assert phi.shape == (1, 128, 32, 32)
         coords, cells = crop_queries((48, 48), (0, 0, 48, 48))
         assert model.render(phi, coords, cells).shape == (1, 3, 48, 48)
+
+
+def test_norm_groups_set_every_groupnorm_of_encoder_and_decoder():
+    model = NeuralFieldAutoencoder(tiny_cfg(net={"norm_groups": 4}))
+    norms = [m for part in (model.encoder, model.decoder) for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 4 for m in norms)
+    # Groups that do not divide a width fall back to its largest divisor below them.
+    model = NeuralFieldAutoencoder(tiny_cfg(net={"norm_groups": 24}))
+    assert {m.num_groups for m in model.encoder.modules() if isinstance(m, torch.nn.GroupNorm)} == {16}

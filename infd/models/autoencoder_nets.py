@@ -22,10 +22,13 @@ class ConvNetConfig:
     z_channels: int = 3
     resolution: int = 256  # encoder input size; fixes where attn_resolutions apply
     dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm groups everywhere (LDM: 32; diffusers: norm_num_groups)
 
     def validate(self, prefix: str = "") -> None:
         if not self.ch_mult:
             raise ConfigError(f"config key '{prefix}ch_mult' must not be empty")
+        if self.norm_groups < 1:
+            raise ConfigError(f"config key '{prefix}norm_groups' must be >= 1, got {self.norm_groups}")
 
     @property
     def downsample_factor(self) -> int:
@@ -41,16 +44,16 @@ class Encoder(nn.Module):
         layers, ch, res = [], cfg.ch, cfg.resolution
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(ch, cfg.ch * mult, cfg.dropout))
+                layers.append(ResBlock(ch, cfg.ch * mult, cfg.dropout, cfg.norm_groups))
                 ch = cfg.ch * mult
                 if res in cfg.attn_resolutions:
-                    layers.append(AttnBlock(ch))
+                    layers.append(AttnBlock(ch, cfg.norm_groups))
             if level != len(cfg.ch_mult) - 1:
                 layers.append(Downsample(ch))
                 res //= 2
         self.down = nn.Sequential(*layers)
-        self.mid = MidBlock(ch, cfg.dropout)
-        self.norm_out = group_norm(ch)
+        self.mid = MidBlock(ch, cfg.dropout, cfg.norm_groups)
+        self.norm_out = group_norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,14 +72,14 @@ class Decoder(nn.Module):
         ch = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsample_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch, cfg.dropout)
+        self.mid = MidBlock(ch, cfg.dropout, cfg.norm_groups)
         layers = []
         for level in reversed(range(len(cfg.ch_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                layers.append(ResBlock(ch, cfg.ch * cfg.ch_mult[level], cfg.dropout))
+                layers.append(ResBlock(ch, cfg.ch * cfg.ch_mult[level], cfg.dropout, cfg.norm_groups))
                 ch = cfg.ch * cfg.ch_mult[level]
                 if res in cfg.attn_resolutions:
-                    layers.append(AttnBlock(ch))
+                    layers.append(AttnBlock(ch, cfg.norm_groups))
             if level != 0:
                 layers.append(Upsample(ch))
                 res *= 2

@@ -5,8 +5,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32 if channels % 32 == 0 else _largest_divisor(channels, 32),
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups (LDM: 32; diffusers' norm_num_groups). When `groups` does not
+    divide `channels` (narrow test widths), the largest divisor below it, so any width builds."""
+    return nn.GroupNorm(num_groups=groups if channels % groups == 0 else _largest_divisor(channels, groups),
                         num_channels=channels, eps=1e-6)
 
 
@@ -17,11 +19,11 @@ def _largest_divisor(n: int, limit: int) -> int:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with a 1x1 shortcut when the width changes. (B, Cin, H, W) -> (B, Cout, H, W)."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -33,11 +35,14 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with a residual. (B, C, H, W) -> same."""
+    """Single-head spatial self-attention with a residual. (B, C, H, W) -> same.
 
-    def __init__(self, channels: int):
+    qkv is LDM's three 1x1 convs q, k, v fused along the output channels (q first); the
+    converters in infd.convert concatenate the source weights in that order."""
+
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -73,11 +78,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """ResBlock, attention, ResBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float = 0.0):
+    def __init__(self, channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, dropout)
-        self.attn = AttnBlock(channels)
-        self.res2 = ResBlock(channels, channels, dropout)
+        self.res1 = ResBlock(channels, channels, dropout, groups)
+        self.attn = AttnBlock(channels, groups)
+        self.res2 = ResBlock(channels, channels, dropout, groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.res2(self.attn(self.res1(x)))

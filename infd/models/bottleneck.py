@@ -106,7 +106,11 @@ class Bottleneck(nn.Module):
     def forward(self, h: Tensor, rand: KeyedRandom | None = None) -> BottleneckOutput:
         """h (B, z_channels, h, w). rand: per-sample keys for the KL sample (training); without
         it the sample comes from the global RNG."""
-        moments = self.quant_conv(h)
+        return self.from_moments(self.quant_conv(h), rand)
+
+    def from_moments(self, moments: Tensor, rand: KeyedRandom | None = None) -> BottleneckOutput:
+        """forward after quant_conv: moments (B, moments * embed_dim, h, w) -> decoder input and loss.
+        Split out so a frozen encoder can run quant_conv without autograd."""
         if self.kind == "vq":
             z, loss, stats = self.quantizer(moments)
         elif self.kind == "kl":
