@@ -33,7 +33,16 @@ def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, pro
     """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet; with a
     class-conditional UNet, labels (B,). cfg_scale > 1 guides away from the empty prompt and the
     "no label" class. eta and spacing are ddim's (spacing also ddpm's), see samplers.sample.
-    seed: one for the batch, or B (one per sample: sample i is then the same in any batch)."""
+    seed: one for the batch, or B (one per sample: sample i is then the same in any batch); the
+    initial noise is samplers.randn(shape, generator(s) seeded with it, device).
+
+    unet: our UNet or a DiffusersUNet (Stable Diffusion's UNet2DConditionModel, from
+    models.unet.build_unet), both called as unet(x, t, context, labels). diffusion_cfg's schedule
+    keys (beta_schedule, steps_offset, set_alpha_to_one) are honoured; for SD take them and
+    latent_scale from convert.stable_diffusion.read_sd_settings(folder)["diffusion"] (and its
+    "spacing"): with the folder's text encoder (text kind hf_clip), DDIM then matches diffusers'
+    StableDiffusionPipeline with a DDIMScheduler and the same initial noise as `latents`, whose
+    output_type="latent" result is this z times latent_scale."""
     schedule = build_schedule(diffusion_cfg)
     cond = uncond = None
     if text_encoder is not None:

@@ -44,10 +44,13 @@ def vp_timesteps(schedule: VPSchedule, steps: int, spacing: str = "linspace") ->
 
     linspace  round(linspace(T-1, 0, steps)): both ends, T-1 and 0.
     leading   the official LDM / INFD DDIM stride (CompVis latent-diffusion `make_ddim_timesteps`,
-              ddim_discr_method="uniform"): c = T // steps, t = 0, c, 2c, ... < T, plus 1; for T = 1000
-              and 200 steps 996, 991, ..., 1. The list has ceil(T / c) entries, which is `steps`
-              when steps divides T (more otherwise, as in the official code); a list that would
-              reach t = T (e.g. 300 or 1000 of 1000 steps: the official code fails there) is refused.
+              ddim_discr_method="uniform"): c = T // steps, t = 0, c, 2c, ... < T, plus the
+              schedule's steps_offset (1 by default, as the official code; diffusers' key of that
+              name); for T = 1000 and 200 steps 996, 991, ..., 1. The list has ceil(T / c) entries,
+              which is `steps` when steps divides T: then it equals diffusers' DDIMScheduler list.
+              Otherwise it has more, as in the official code (diffusers keeps `steps` entries); a
+              list that would reach t = T (e.g. 300 or 1000 of 1000 steps with offset 1: the
+              official code fails there) is refused.
     trailing  round(T - i T / steps) - 1, i = 0..steps-1: starts at T-1 (diffusers' "trailing").
     """
     T = schedule.timesteps
@@ -61,11 +64,12 @@ def vp_timesteps(schedule: VPSchedule, steps: int, spacing: str = "linspace") ->
         # i * T / steps rather than diffusers' arange(T, 0, -T / steps): same values, and always
         # exactly `steps` of them (a float stop can add one more).
         return [int(round(T - i * (T / steps))) - 1 for i in range(steps)]
-    ts = [t + 1 for t in range(0, T, T // steps)]  # the official +1: it never samples at t = 0
+    offset = getattr(schedule.cfg, "steps_offset", 1)
+    ts = [t + offset for t in range(0, T, T // steps)]  # the official offset 1 never samples at t = 0
     if ts[-1] >= T:
         fits = [d for d in range(min(steps, T - 1), 0, -1) if T % d == 0][:1]  # a divisor below T always fits
         raise ValueError(f"spacing 'leading' with {steps} of {T} steps would need t = {ts[-1]} "
-                         f"(stride {T} // {steps} = {T // steps}, then the official offset of 1); use a step "
+                         f"(stride {T} // {steps} = {T // steps}, then steps_offset {offset}); use a step "
                          f"count below {T} that divides it{f' (e.g. {fits[0]})' if fits else ''} or spacing "
                          "'linspace' / 'trailing'")
     return ts[::-1]
@@ -82,7 +86,8 @@ def logsnr_timesteps(schedule: VPSchedule, steps: int) -> list[int]:
 
 
 def _abar(schedule: VPSchedule, t: int) -> float:
-    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
+    """abar_t; t = -1 is the end of the chain: 1, or alphas_cumprod[0] without set_alpha_to_one."""
+    return schedule.final_alpha_cumprod if t < 0 else float(schedule.alphas_cumprod[t])
 
 
 def _progress(items, progress: bool, desc: str):
@@ -109,8 +114,13 @@ def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float =
     steps, spacing). eta = 1 is DDPM's ancestral sampler on the same timesteps.
 
     The last step goes to the clean data (abar = 1), also after 'leading' timesteps, whose last
-    is t = 1; the official LDM sampler stops at abar_0 there instead (a difference of sqrt(abar_0)
-    = 0.9992 in scale and beta_0 in variance for the paper's schedule)."""
+    is t = 1; with the schedule's set_alpha_to_one=False it stops at abar_0 instead, as the
+    official LDM sampler and diffusers' DDIMScheduler with SD's configs (a difference of
+    sqrt(abar_0) = 0.9992 in scale and beta_0 in variance for the paper's schedule).
+
+    Step i goes from ts[i] to ts[i + 1]. diffusers' DDIMScheduler goes to t - T // steps instead:
+    the same for 'leading' and 'trailing' when steps divides T, not for 'linspace'. With eta > 0
+    the noise of each step is drawn by `randn` from `generator` after the model call."""
     x = noise
     ts = vp_timesteps(schedule, steps, spacing)
     for i in _progress(range(len(ts)), progress, "ddim" if eta == 0 else "ddpm"):

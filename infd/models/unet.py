@@ -3,11 +3,15 @@ and cross-attention to text tokens. Paper configuration: 224 channels, mult (1, 
 blocks per level, self-attention at downsample factors 2, 4, 8 with 32 channels per head.
 
 forward(x (B, C, h, w), t (B,), context (B, L, D) or None, labels (B,) or None) -> (B, C, h, w)
+
+build_unet(cfg) builds this UNet (kind "infd") or diffusers' UNet2DConditionModel behind the same
+call (kind "diffusers": a Stable Diffusion UNet, see infd.convert.stable_diffusion).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +34,26 @@ class UNetConfig:
     context_dim: int = 0  # text token width for cross-attention; 0 = none
     num_classes: int = 0  # class labels (index num_classes = "no label" for guidance); 0 = none
     grad_checkpointing: bool = False
+    # "diffusers": diffusers' UNet2DConditionModel (Stable Diffusion); the keys above except
+    # grad_checkpointing then do not apply, and in_channels / context_dim are filled from
+    # diffusers_config (in_channels, cross_attention_dim).
+    kind: Literal["infd", "diffusers"] = "infd"
+    pretrained: str = ""  # kind diffusers: an SD diffusers folder with unet/, or that unet/ folder
+    # kind diffusers: the UNet2DConditionModel config (unet/config.json); read from `pretrained`
+    # when empty. Exports record it, so an export rebuilds without the source folder.
+    diffusers_config: dict = field(default_factory=dict)
 
     def validate(self, prefix: str = "") -> None:
+        if not isinstance(self.diffusers_config, dict):
+            raise ConfigError(f"config key '{prefix}diffusers_config' must be a mapping, got {self.diffusers_config!r}")
+        if self.kind == "diffusers":
+            if not (self.pretrained or self.diffusers_config):
+                raise ConfigError(f"config key '{prefix}pretrained': unet kind 'diffusers' needs a diffusers "
+                                  f"folder (or '{prefix}diffusers_config')")
+            if self.num_classes:
+                raise ConfigError(f"config key '{prefix}num_classes' = {self.num_classes}: a diffusers "
+                                  "UNet2DConditionModel takes no class labels here; use 0")
+            return
         for mult in self.ch_mult:
             if (self.ch * mult) % self.head_channels:
                 raise ConfigError(f"config key '{prefix}head_channels' = {self.head_channels} must divide every "
@@ -176,3 +198,15 @@ class UNet(nn.Module):
                 continue
             h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_unet(cfg: UNetConfig, load_pretrained: bool = False) -> nn.Module:
+    """The UNet of cfg.kind: UNet(cfg) ("infd"), or a DiffusersUNet ("diffusers") built from
+    cfg.diffusers_config (else cfg.pretrained's config.json), with cfg.pretrained's weights only
+    when load_pretrained (kind "infd" has no pretrained weights: it ignores load_pretrained). The
+    module's .cfg has diffusers_config, in_channels, context_dim filled."""
+    if cfg.kind == "diffusers":
+        from infd.convert.stable_diffusion import build_diffusers_unet
+
+        return build_diffusers_unet(cfg, load_pretrained)
+    return UNet(cfg)
