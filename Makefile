@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   install, then run the main job on embedded data
 #   make test   install, then run the test suite
+#   make demo-sd  the Stable Diffusion conversion path on tiny random-init models
 # Override TORCH to pick another build, e.g. make test TORCH="torch==2.5.1 torchvision==0.20.1".
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-sd test clean
 
 install: $(STAMP)
 
@@ -16,13 +17,19 @@ $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
+	# CompVis's reference encoder/decoder modules, which the conversion tests compare against; without
+	# its dependencies (they pin a training stack those two modules do not import).
+	$(PY) -m pip install --quiet --no-deps taming-transformers==0.0.1
 	touch $(STAMP)
 
 demo: install
 	$(PY) -m train.demo
 
+demo-sd: install
+	$(PY) -m train.demo_sd
+
 test: install
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache demo_out
+	rm -rf $(VENV) *.egg-info .pytest_cache demo_out demo_sd_out

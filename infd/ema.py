@@ -1,4 +1,7 @@
-"""Exponential moving average of a model's parameters (kept in fp32, on the model's device)."""
+"""Exponential moving average of a model's trainable parameters (kept in fp32, on the model's device).
+
+Frozen parameters (requires_grad False, e.g. a converted autoencoder's encoder) are not averaged:
+they cannot move, and a shadow copy of them would only cost memory and time each step."""
 from __future__ import annotations
 
 import torch
@@ -8,12 +11,13 @@ from torch import Tensor, nn
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.shadow
@@ -24,6 +28,7 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged weights into `model` (buffers are left as they are)."""
+        """Write the averaged weights into `model` (buffers and frozen parameters are left as they are)."""
         for name, p in model.named_parameters():
-            p.copy_(self.shadow[name].to(p.dtype))
+            if name in self.shadow:
+                p.copy_(self.shadow[name].to(p.dtype))

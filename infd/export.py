@@ -13,11 +13,12 @@ from torch import nn
 
 from infd.config import from_mapping, to_mapping
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
-from infd.models.unet import UNet, UNetConfig
+from infd.models.unet import UNetConfig, build_unet
 
 FORMAT_VERSION = 1
 # The model kinds an export can hold: name -> (config class, model class).
-MODEL_KINDS = {"autoencoder": (AutoencoderConfig, NeuralFieldAutoencoder), "unet": (UNetConfig, UNet)}
+# (build_unet: our UNet, or diffusers' UNet2DConditionModel rebuilt from the config the export records.)
+MODEL_KINDS = {"autoencoder": (AutoencoderConfig, NeuralFieldAutoencoder), "unet": (UNetConfig, build_unet)}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 

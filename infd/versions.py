@@ -11,8 +11,11 @@ TESTED = {
     "open_clip_torch": ">=3.0,<4",  # the text tower relies on its module layout (infd/text.py)
     "hydra-core": ">=1.3,<1.4",  # the config composition and the submitit launcher plugin
     "torch": ">=2.14,<2.15",
+    # Stable Diffusion folders: UNet2DConditionModel and the VAE/scheduler config keys (infd/convert/).
+    "diffusers": ">=0.42,<0.43",
+    "transformers": ">=5.0,<6",  # the SD text encoder (CLIPTextModel) and its tokenizer
 }
-PINNED = ("deepspeed", "open_clip_torch", "hydra-core")
+PINNED = ("deepspeed", "open_clip_torch", "hydra-core", "diffusers", "transformers")
 
 
 def untested_versions() -> list[str]:

@@ -19,7 +19,9 @@ STAGES = {"autoencoder": (AutoencoderTrainConfig, "ae_"), "diffusion": (Diffusio
 REFUSED = {("autoencoder", "data=latents"): "stage 1 trains on images",
            ("autoencoder", "deepspeed=zero3"): "not supported for the autoencoder"}
 # What an option needs from the command line to be complete.
-NEEDS = {("diffusion", "data=shards"): ["data.autoencoder=/exports/ae"]}
+NEEDS = {("diffusion", "data=shards"): ["data.autoencoder=/exports/ae"],
+         ("autoencoder", "experiment=ae_from_sd"): ["model.init.autoencoder=/models/sd"],
+         ("diffusion", "experiment=diffusion_from_sd"): ["unet.pretrained=/models/sd"]}
 
 
 def groups(stage: str) -> list[str]:

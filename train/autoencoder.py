@@ -10,14 +10,16 @@ adaptive GAN weight uses gradients averaged over ranks.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from infd.config import ConfigError
+from infd.convert.autoencoder import ConversionError, build_autoencoder, converted_config
 from infd.losses import Stage1Loss, Stage1LossConfig
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
 from infd.models.discriminator import DiscriminatorConfig, PatchDiscriminator
@@ -29,7 +31,10 @@ from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank
 from train.engines import build_engine, deepspeed_config
 from train.export import export_model
 from train.loop import StepOutput
+from train.warm_start import export_model_config, load_export_weights
 from train.zero import GatheredEMA
+
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -78,7 +83,7 @@ class AutoencoderTask:
     def __init__(self, cfg: AutoencoderTrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (random-init LPIPS too)
-        model = NeuralFieldAutoencoder(cfg.model).to(info.device)
+        model = self._model(cfg).to(info.device)
         disc = PatchDiscriminator(cfg.disc).to(info.device)
         if cfg.disc.norm == "sync_batch":
             disc = synchronise_batchnorm(disc)  # again on the device: torch's SyncBatchNorm on CUDA
@@ -89,6 +94,18 @@ class AutoencoderTask:
         self.disc = build_engine(disc, cfg.disc_optim, deepspeed_config(cfg.deepspeed, micro, info))
         self.engines = {"generator": self.gen, "discriminator": self.disc}
         self.ema = GatheredEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
+
+    def _model(self, cfg: AutoencoderTrainConfig) -> NeuralFieldAutoencoder:
+        """The model with its starting weights: an export's (trainer.init_from), a converted
+        autoencoder's encoder and decoder (model.init.autoencoder, new renderer), or random."""
+        if cfg.trainer.init_from:
+            model = NeuralFieldAutoencoder(cfg.model)
+            load_export_weights(model, cfg.trainer.init_from)
+            return model
+        model, report = build_autoencoder(cfg.model)
+        if report is not None and self.info.is_main:
+            log.info("converted %s", report)
+        return model
 
     def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
         totals: dict[str, float] = {}
@@ -152,9 +169,29 @@ def build_data(cfg: AutoencoderTrainConfig, info: DistInfo):
     return build_batches(cfg.data, info, cfg.deepspeed.grad_accum)
 
 
+def resolve_model(cfg: AutoencoderTrainConfig) -> AutoencoderTrainConfig:
+    """The config with the model the run builds: the shape of trainer.init_from's export, or of
+    the autoencoder model.init.autoencoder converts (its encoder and decoder, with this config's
+    renderer). The run directory's config.yaml records this one, so exports rebuild the model."""
+    if cfg.trainer.init_from:
+        model = export_model_config(cfg.trainer.init_from, "autoencoder", freeze_encoder=cfg.model.freeze_encoder)
+    elif cfg.model.init.autoencoder:
+        model = converted_config(cfg.model)
+    else:
+        return cfg
+    resolved = replace(cfg, model=model)
+    resolved.validate()
+    return resolved
+
+
 def run(cfg: AutoencoderTrainConfig, raw: dict) -> int:
     from train.app import run_stage
 
+    try:
+        cfg = resolve_model(cfg)
+    except (ConfigError, ConversionError) as err:
+        print(f"config error: {err}", file=sys.stderr)  # every rank alike, before the process group
+        sys.exit(2)
     return run_stage(cfg, raw, lambda info: AutoencoderTask(cfg, info), lambda info: build_data(cfg, info))
 
 

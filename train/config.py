@@ -38,6 +38,9 @@ class TrainerConfig:
     # Also export (export/step_XXXXXXX/<kind>/) the checkpoints of the steps that are multiples of it, and
     # the one a stop signal saves when the grace period has room; 0: only at the end. train.export does any.
     export_every: int = 0
+    # An export directory (infd.export layout) whose weights start the run, with a fresh optimizer:
+    # fine-tuning. The model's shape comes from the export; a checkpoint to resume from wins over it.
+    init_from: str = ""
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from infd.config import ConfigError
+from infd.config import ConfigError, from_mapping
 from infd.data.transforms import to_unit_range
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
 from infd.export import load_model
 from infd.keyed_random import KeyedRandom
-from infd.models.unet import UNet, UNetConfig
+from infd.models.unet import UNetConfig, build_unet
 from infd.render import render_tiles
 from infd.sampling import generate_latents, unet_fn
 from infd.text import TextEncoderConfig, build_text_encoder
@@ -32,6 +32,7 @@ from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank
 from train.engines import build_engine, deepspeed_config
 from train.export import export_model, unet_extra
 from train.loop import StepOutput
+from train.warm_start import export_meta, export_model_config, load_export_weights
 from train.zero import GatheredEMA
 
 log = logging.getLogger("train")
@@ -67,9 +68,9 @@ class DiffusionTrainConfig:
         if self.data.kind == "shards" and not self.data.autoencoder:
             raise ConfigError("config key 'data.autoencoder' is empty: data.kind=shards encodes images on the fly "
                               "and needs an autoencoder export (or use data.kind=latents with a latent cache)")
-        if self.text.kind == "openclip" and self.unet.context_dim == 0:
-            raise ConfigError("config key 'unet.context_dim' is 0 but text.kind=openclip: set it to the text "
-                              "encoder's width (512 for ViT-B-32)")
+        if self.text.kind != "none" and self.unet.kind == "infd" and self.unet.context_dim == 0:
+            raise ConfigError(f"config key 'unet.context_dim' is 0 but text.kind={self.text.kind}: set it to the "
+                              "text encoder's width (512 for OpenCLIP ViT-B-32, 768 for SD 1.x's CLIP ViT-L/14)")
 
 
 def estimate_latent_scale(batches, ae, count: int, device) -> float:
@@ -89,7 +90,10 @@ class DiffusionTask:
     def __init__(self, cfg: DiffusionTrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (random-init text tower too)
-        unet = UNet(cfg.unet).to(info.device)
+        unet = build_unet(cfg.unet, load_pretrained=not cfg.trainer.init_from)
+        if cfg.trainer.init_from:
+            load_export_weights(unet, cfg.trainer.init_from)
+        unet = unet.to(info.device)
         self.text = build_text_encoder(cfg.text)
         seed_rank_stream(cfg.trainer.seed, info)
         self.text = self.text.to(info.device) if self.text is not None else None
@@ -189,9 +193,40 @@ def build_data(cfg: DiffusionTrainConfig, info: DistInfo, shuffle: bool = True):
     return build_batches(data, info, cfg.deepspeed.grad_accum, latent_channels=cfg.unet.in_channels)
 
 
+def resolve_models(cfg: DiffusionTrainConfig) -> DiffusionTrainConfig:
+    """The config with the UNet and schedule the run trains: trainer.init_from's export (its
+    shape, schedule and latent scale), or a pretrained diffusers UNet's (unet.kind=diffusers: its
+    config, and with diffusion.from_source its scheduler's betas, objective, timestep spacing and
+    offset and its VAE's scaling factor). config.yaml records the result, so exports rebuild the
+    UNet and sample with its schedule without the source folder."""
+    if cfg.trainer.init_from:
+        extra = export_meta(cfg.trainer.init_from, "unet").get("extra", {})
+        unet = export_model_config(cfg.trainer.init_from, "unet", grad_checkpointing=cfg.unet.grad_checkpointing)
+        diffusion = from_mapping(DiffusionConfig, extra.get("diffusion", {}), prefix="trainer.init_from:diffusion.")
+        diffusion = replace(diffusion, latent_scale=extra.get("latent_scale", diffusion.latent_scale))
+        return replace(cfg, unet=unet, diffusion=diffusion)
+    if cfg.unet.kind != "diffusers":
+        return cfg
+    from infd.convert.stable_diffusion import fill_unet_config, read_sd_settings
+
+    settings = read_sd_settings(cfg.unet.pretrained)
+    unet = fill_unet_config(cfg.unet)  # the source's in_channels, context_dim and diffusers_config
+    if not cfg.diffusion.from_source:
+        return replace(cfg, unet=unet)
+    log.info("schedule and latent scale from %s: %s, timestep spacing %s", cfg.unet.pretrained,
+             settings["diffusion"], settings["spacing"])
+    return replace(cfg, unet=unet, diffusion=replace(cfg.diffusion, **settings["diffusion"]),
+                   samples=replace(cfg.samples, spacing=settings["spacing"]))
+
+
 def run(cfg: DiffusionTrainConfig, raw: dict) -> int:
     from train.app import run_stage
 
+    try:
+        cfg = resolve_models(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)  # every rank alike, before the process group
+        sys.exit(2)
     return run_stage(cfg, raw, lambda info: DiffusionTask(cfg, info), lambda info: build_data(cfg, info))
 
 

@@ -43,7 +43,7 @@ def export_model(module: nn.Module, ema, kind: str, run_dir: Path, step: int, in
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if not info.is_main:
         return None
-    model = type(module)(module.cfg)  # a fresh copy on the CPU: the EMA is written into it, not the engine's
+    model = MODEL_KINDS[kind][1](module.cfg)  # a fresh copy on the CPU: the EMA is written into it, not the engine's
     model.load_state_dict(state)
     if ema is not None:
         ema.copy_to(model)

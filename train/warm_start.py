@@ -1,0 +1,59 @@
+"""trainer.init_from: start a run from an export's weights, with a fresh optimizer (fine-tuning).
+
+The model's shape comes from the export's config.json, so a run needs no copy of the model
+section that trained it; settings that do not change the weights (which parts are frozen,
+gradient checkpointing) stay the run's own. A checkpoint to resume from replaces these weights
+afterwards: a preempted fine-tuning run resumes, it does not start over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from infd.config import ConfigError, from_mapping
+from infd.export import MODEL_KINDS, WEIGHTS, read_export_config
+
+log = logging.getLogger("train")
+KEY = "trainer.init_from"
+
+
+def export_meta(path: str, kind: str) -> dict:
+    """The export's config.json, checked to hold a model of `kind`; ConfigError naming the key otherwise."""
+    try:
+        meta = read_export_config(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config key '{KEY}' = {path}: {err}") from None
+    if meta.get("kind") != kind:
+        raise ConfigError(f"config key '{KEY}' = {path} holds a {meta.get('kind')} export; this stage "
+                          f"fine-tunes a {kind}")
+    return meta
+
+
+def export_model_config(path: str, kind: str, **keep):
+    """The model config of export `path` (kind `kind`), with the fields in `keep` taken from the run."""
+    cfg = from_mapping(MODEL_KINDS[kind][0], export_meta(path, kind)["config"], prefix=f"{KEY}:config.")
+    return dataclasses.replace(cfg, **keep)
+
+
+def load_export_weights(module: nn.Module, path: str) -> None:
+    """Copy the export's weights into `module` (built from export_model_config); every key must match."""
+    state = load_file(str(Path(path) / WEIGHTS))
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ
+        raise ConfigError(f"config key '{KEY}' = {path}: its weights do not fit the model: {err}") from None
+    if missing or unexpected:
+        raise ConfigError(f"config key '{KEY}' = {path}: its weights do not fit the model "
+                          f"(missing: {_listed(missing)}; unexpected: {_listed(unexpected)})")
+    log.info("weights from %s (%s=%s); the optimizer starts fresh", path, KEY, path)
+
+
+def _listed(keys: list[str], limit: int = 10) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
