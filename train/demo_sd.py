@@ -52,7 +52,7 @@ def stage2(out: Path, sd: Path, ae: Path, steps: int) -> Path:
                     f"run.root={out / 'runs'}", "run.name=demo_sd_diffusion", f"data.loader.shards={out / 'latents'}",
                     f"data.autoencoder={ae}", f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}",
                     "trainer.log_every=10", "trainer.image_every=1000", "trainer.ema_decay=0.99", "optim.lr=1e-4",
-                    "data.loader.num_workers=0", "samples.latent_size=16"], check=True)
+                    "data.loader.num_workers=0", "samples.latent_size=32"], check=True)
     return out / "runs" / "demo_sd_diffusion" / "export" / "unet"
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     out, start = Path(args.out).resolve(), time.time()
     print(f"== make demo-sd: {RANDOM}", flush=True)
     print("== 1. a tiny random-init Stable Diffusion folder (diffusers layout) and the demo's photographs", flush=True)
-    sd = write_tiny_sd(out / "tiny_sd")
+    sd = write_tiny_sd(out / "tiny_sd", sample_size=32)  # the UNet is trained and sampled on 32x32 latents
     write_dataset(out / "photos")
     subprocess.run([sys.executable, "-m", "data_prep.build_shards", "--input", str(out / "photos"), "--output",
                     str(out / "shards"), "--samples-per-shard", "12", "--min-side", "128", "--workers", "2"],
