@@ -8,12 +8,14 @@
                 [--num-images N] [--batch-size B] [--region x0,y0,x1,y1] [--steps N]
                 [--sampler ddim|ddpm|dpmpp|euler|heun] [--eta E] [--spacing linspace|leading|trailing]
                 [--cfg S] [--seed K] --out FILE.png|DIR
+    infd eval-gen --unet EXPORT [--ae EXPORT] --data REAL_SHARDS --num-samples N --out DIR [--features inception|randinit]
+                  [--patches 256 512 1024] [--fid-size 256] [--prompts FILE] [--seed K]   (torchrun for ranks)
     infd data stats INDEX_OR_SHARDS [--png HIST.png] [--json]
     infd data preview SHARDS --out GRID.png [--n 8] [--p-hr 0.5] [--index DIR] [--patch-size 256]
 
 Every option's default is in `infd CMD --help`. A user mistake (a missing or unreadable input, a
 bad option value, options that do not fit the model) ends as `infd CMD: error: MESSAGE` on
-stderr with exit code 2, never a traceback. The commands live in cli_render and cli_sample.
+stderr with exit code 2, never a traceback. The commands live in cli_render, cli_sample and cli_eval.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import argparse
 import json
 import sys
 
-from infd import cli_render, cli_sample
+from infd import cli_eval, cli_render, cli_sample
 from infd.cli_common import HelpFormatter
 from infd.config import ConfigError, from_mapping, load_mapping
 
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")
     p.add_argument("--device", help=device)
 
+    cli_eval.add_parser(sub, command, device)
+
     data = command(sub, "data", "look at a dataset: index statistics, loader preview", None).add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")
     p = command(data, "stats", "totals, resolution histogram, exclusion and build counts of a sample index",
@@ -191,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_data_preview)
     p.add_argument("shards", nargs="+", help="shards: patterns, directories or s3:// prefixes")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--n", type=int, default=8, help="samples shown")
+    p.add_argument("--num-samples", type=int, default=8, help="samples shown")
     p.add_argument("--p-hr", type=float, default=0.5, help="share drawn from the high-res stream")
     p.add_argument("--index", help="index directory (default: beside the shards)")
     p.add_argument("--seed", type=int, default=0, help="loader seed")

@@ -259,15 +259,16 @@ def test_clip_score_formula_matches_torchmetrics(clip_randinit):
 
 def test_cache_key_is_filename_safe_readable_and_exact():
     key_of = stats_cache.cache_key
-    key = key_of("s3://bucket/laion 2b/{000..099}.tar", 256, 50000, "inception-d2048")
+    key = key_of("s3://bucket/laion 2b/{000..099}.tar", "pfid_256_1k", 50000, "inception-d2048")
     assert all(c.isalnum() or c in "._-" for c in key), key
-    assert "p256" in key and "n50000" in key and "inception" in key
-    assert key == key_of("s3://bucket/laion 2b/{000..099}.tar", 256, 50000, "inception-d2048")
-    others = {key_of("s3://bucket/laion_2b/{000..099}.tar", 256, 50000, "inception-d2048"),  # same readable part
-              key_of("s3://bucket/laion 2b/{000..099}.tar", 512, 50000, "inception-d2048"),
-              key_of("s3://bucket/laion 2b/{000..099}.tar", 256, 5000, "inception-d2048"),
-              key_of("s3://bucket/laion 2b/{000..099}.tar", 256, 50000, "randinit-v1-d2048-s0")}
-    assert key not in others and len(others) == 4
+    assert "pfid-256-1k" in key and "n50000" in key and "inception" in key
+    assert key == key_of("s3://bucket/laion 2b/{000..099}.tar", "pfid_256_1k", 50000, "inception-d2048")
+    others = {key_of("s3://bucket/laion_2b/{000..099}.tar", "pfid_256_1k", 50000, "inception-d2048"),  # same readable
+              key_of("s3://bucket/laion 2b/{000..099}.tar", "pfid_512_1k", 50000, "inception-d2048"),
+              key_of("s3://bucket/laion 2b/{000..099}.tar", "fid_256", 50000, "inception-d2048"),
+              key_of("s3://bucket/laion 2b/{000..099}.tar", "pfid_256_1k", 5000, "inception-d2048"),
+              key_of("s3://bucket/laion 2b/{000..099}.tar", "pfid_256_1k", 50000, "randinit-v1-d2048-s0")}
+    assert key not in others and len(others) == 5
 
 
 def test_load_or_compute_computes_once_and_writes_atomically(tmp_path):
@@ -278,7 +279,7 @@ def test_load_or_compute_computes_once_and_writes_atomically(tmp_path):
         calls.append(1)
         return mu, sigma, {"used": 10, "skipped": 2}
 
-    key = stats_cache.cache_key("photos", 256, 10, "randinit-v1-d3-s0")
+    key = stats_cache.cache_key("photos", "pfid_256_1k", 10, "randinit-v1-d3-s0")
     first = stats_cache.load_or_compute(tmp_path / "cache", key, compute)
     second = stats_cache.load_or_compute(tmp_path / "cache", key, compute)
     assert len(calls) == 1

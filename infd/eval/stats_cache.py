@@ -26,16 +26,17 @@ def _readable(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")[:limit] or "x"
 
 
-def cache_key(index_id: str, patch: int, n: int, feature_id: str) -> str:
-    """Key of the statistics of `n` real images of dataset `index_id`, crops of `patch` pixels
-    (the FID size for whole images), under feature network `feature_id`.
+def cache_key(index_id: str, view: str, n: int, feature_id: str) -> str:
+    """Key of the statistics of `n` real images of dataset `index_id`, seen as `view` (the
+    metric's base name: "pfid_256_1k" = 256 crops of the 1024 square, "fid_256" = whole images
+    at 256), under feature network `feature_id`.
 
     Readable parts for a person listing the folder, plus a hash of the exact values, so two
     inputs that read alike after sanitising still get different keys.
     """
-    exact = json.dumps([FORMAT, index_id, int(patch), int(n), feature_id])
+    exact = json.dumps([FORMAT, index_id, view, int(n), feature_id])
     digest = hashlib.sha256(exact.encode()).hexdigest()[:16]
-    return f"{_readable(index_id)}_p{int(patch)}_n{int(n)}_{_readable(feature_id)}_{digest}"
+    return f"{_readable(index_id)}_{_readable(view)}_n{int(n)}_{_readable(feature_id)}_{digest}"
 
 
 def _paths(cache_dir: str | Path, key: str) -> tuple[Path, Path]:
