@@ -47,10 +47,17 @@ def iterate_images(shards, limit: int | None = None):
             stream.close()
 
 
+def metric_keys(scales=(1, 2, 4), lpips: bool = True) -> list[str]:
+    """The sums `reconstruction_sums` fills for these scales (fixed order: ranks add them up)."""
+    keys = [f"psnr_{s}x" for s in scales] + (["lpips_1x"] if lpips and 1 in scales else [])
+    return keys + [f"scale_consistency_psnr_{s}x" for s in scales if 2 * s in scales]
+
+
 @torch.no_grad()
-def evaluate_autoencoder(model, images, device, scales=(1, 2, 4), base: int = 256, lpips_net=None,
-                         progress: bool = True) -> dict:
-    """Mean metrics over `images` (an iterable of (key, PIL square)). Returns a flat dict."""
+def reconstruction_sums(model, images, device, scales=(1, 2, 4), base: int = 256, lpips_net=None,
+                        progress: bool = True) -> tuple[dict, dict]:
+    """(sums, counts) of the per-image metrics over `images` (an iterable of (key, PIL square));
+    counts also holds `skipped_<s>x_too_small`. Sums from several ranks add up to the whole set's."""
     sums, counts = defaultdict(float), defaultdict(int)
     items = images
     if progress:
@@ -78,6 +85,13 @@ def evaluate_autoencoder(model, images, device, scales=(1, 2, 4), base: int = 25
                 down = downsample_area(renders[2 * s], (base * s, base * s))
                 sums[f"scale_consistency_psnr_{s}x"] += psnr(down, renders[s]).item()
                 counts[f"scale_consistency_psnr_{s}x"] += 1
+    return sums, counts
+
+
+def evaluate_autoencoder(model, images, device, scales=(1, 2, 4), base: int = 256, lpips_net=None,
+                         progress: bool = True) -> dict:
+    """Mean metrics over `images` (an iterable of (key, PIL square)). Returns a flat dict."""
+    sums, counts = reconstruction_sums(model, images, device, scales, base, lpips_net, progress)
     out = {k: sums[k] / counts[k] for k in sums}
     out.update({k: v for k, v in counts.items() if k.startswith("skipped")})
     out["images"] = max([counts[f"psnr_{scales[0]}x"]] + [0])

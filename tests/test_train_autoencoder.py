@@ -61,7 +61,9 @@ def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, ep
     the uninterrupted run's (the order and the crops do not depend on the world size)."""
     common = (*TINY, "trainer.max_steps=6", "trainer.ckpt_every=4", "deepspeed=zero2", "trainer.sample_log=true",
               "data.kind=shards", f"data.loader.shards={epoch_shards}", "data.loader.num_workers=2",
-              "data.loader.p_hr=0.5", "data.loader.patch.r_max=96")
+              "data.loader.p_hr=0.5", "data.loader.patch.r_max=96",
+              # Step 6 is also evaluated (4 held-out images, sharded over the ranks there are).
+              "trainer.eval_every=6", f"eval.shards=[{epoch_shards}]", "eval.num_images=4", "eval.scales=[1]")
     run(AE, tmp_path, "first", *common, f"data.loader.batch_size={4 // first}", nproc=first)
     # A new run directory holding only the first run's checkpoint of step 4.
     ckpts = tmp_path / "then" / "checkpoints"
@@ -74,6 +76,7 @@ def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, ep
     assert sorted(resumed) == [5, 6]
     for step in (5, 6):  # same global batches, same weights and Adam moments
         assert_close(full[step], resumed[step], COMPARED, rtol=1e-4)
+    assert_close(full[6], resumed[6], ["eval/psnr_1x", "eval/lpips_1x_randinit"], rtol=1e-4)  # 1 or 2 ranks
     before, after = sample_keys(tmp_path, "first"), sample_keys(tmp_path, "then")
     assert {s: sorted(k) for s, k in after.items()} == {s: sorted(before[s]) for s in (5, 6)}
     index = SampleIndex.open(epoch_shards)
@@ -102,7 +105,8 @@ def test_wandb_offline_run_holds_scalars_and_image_panels(tmp_path):
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64")
     run(AE, tmp_path, "wb", "experiment=ae_cpu_tiny", "logger=wandb", "data=shards",
         f"data.loader.shards={tmp_path / 'shards'}", "data.loader.num_workers=1", "data.loader.batch_size=2",
-        "trainer.max_steps=2", "trainer.image_every=2", "trainer.ckpt_every=100", "data.loader.patch.r_max=128")
+        "trainer.max_steps=2", "trainer.image_every=2", "trainer.ckpt_every=100", "data.loader.patch.r_max=128",
+        "trainer.eval_every=2", f"eval.shards=[{tmp_path / 'shards'}]", "eval.num_images=2", "eval.scales=[1,2]")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     history, config = history_and_config(next(runs[0].glob("*.wandb")))
@@ -115,6 +119,11 @@ def test_wandb_offline_run_holds_scalars_and_image_panels(tmp_path):
     for panel, size in (("input", 64), ("recon_256", 256), ("recon_512", 512), ("recon_1024", 1024),
                         ("zoom_4096_center_256", 256)):
         assert last[f"images/{panel}/count"] == 2 and last[f"images/{panel}/width"] == size, panel
+    # Reconstruction of 2 held-out images by the EMA model at 64 and 128 (the images' short side is 180).
+    evals = sorted(k for k in last if k.startswith("eval/"))
+    assert evals == ["eval/lpips_1x_randinit", "eval/psnr_1x", "eval/psnr_2x", "eval/scale_consistency_psnr_1x",
+                     "eval/seconds"], evals
+    assert 0 < last["eval/psnr_1x"] < 60 and 0 < last["eval/psnr_2x"] < 60
     media = list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     assert len(media) == 10  # 5 panels x 2 images
     assert config["loss"]["lpips_backbone"] == "random" and config["deepspeed"]["zero_stage"] == 2

@@ -45,7 +45,7 @@ def sample_log(root, name: str, rank: int) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, lines)}
 
 
-def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path):
+def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path, cache):
     # Synthetic latents: sample i depends only on (seed, i), so the global batch is the same at
     # any world size; noise, timesteps and caption dropout are keyed by the global sample index.
     # Class-conditional (labels dropped with p 0.5, keyed too); no text tower, to keep the test short.
@@ -53,9 +53,12 @@ def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path):
             "trainer.image_every=1000", "trainer.sample_log=true", "diffusion.latent_scale_samples=16",
             "text.kind=none", "unet.context_dim=0", "unet.num_classes=4", "text.caption_dropout=0.5")
     run(DIFF, tmp_path, "one", *args, "data.loader.batch_size=4")
-    run(DIFF, tmp_path, "two", *args, "data.loader.batch_size=2", nproc=2)
+    # The 2-rank run also evaluates at step 2 (sharded, EMA weights): its training must not change.
+    run(DIFF, tmp_path, "two", *args, "data.loader.batch_size=2", f"data.autoencoder={cache / 'ae'}",
+        *eval_args(cache, tmp_path / "stats"), "eval.num_samples=6", nproc=2)
     one, two = metrics(tmp_path, "one"), metrics(tmp_path, "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
+    assert two[2]["eval/fid_64_randinit"] > 0 and "eval/fid_64_randinit" not in two[3]
     for step in (1, 2):  # the same global batch and draws: equal up to fp32 reduction order
         assert_close(one[step], two[step], ("loss",), rtol=1e-4)
     assert_close(one[3], two[3], ("loss",), rtol=2e-3)
@@ -112,11 +115,26 @@ def _log_time(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def test_wandb_sample_panels_and_sampling_the_export(tmp_path, cache):
+def eval_args(cache, stats) -> tuple[str, ...]:
+    """In-training evaluation on the cache's source images (short side 70): FID at 64, 4 samples."""
+    return ("trainer.eval_every=2", f"eval.shards=[{cache / 'shards'}]", "eval.patches=[]", "eval.fid_size=64",
+            "eval.num_samples=4", "eval.batch_size=2", "eval.features.kind=randinit", "eval.features.dim=8",
+            f"eval.stats_cache={stats}")
+
+
+def test_wandb_sample_panels_eval_metrics_and_sampling_the_export(tmp_path, cache):
     run(DIFF, tmp_path, "wb", *common(cache, "logger=wandb", "trainer.max_steps=2", "trainer.image_every=2",
-                                      "trainer.ckpt_every=100", "diffusion.latent_scale=1.0"))
+                                      "trainer.ckpt_every=100", "diffusion.latent_scale=1.0",
+                                      *eval_args(cache, tmp_path / "stats"), "eval.clip_score=true",
+                                      "eval.clip.model=ViT-S-32", "eval.clip.pretrained=null"))
     history, config = history_and_config(next((tmp_path / "wb" / "wandb").glob("offline-run-*/*.wandb")))
     last = history[-1]
+    # Evaluated at step 2 with the EMA UNet: random-init feature and CLIP networks, named so.
+    evals = {k: v for k, v in last.items() if k.startswith("eval/")}
+    assert sorted(evals) == ["eval/clip_score_randinit", "eval/fid_64_randinit", "eval/seconds"], evals
+    assert evals["eval/fid_64_randinit"] > 0 and 0 <= evals["eval/clip_score_randinit"] <= 100
+    logged = metrics(tmp_path, "wb")
+    assert "eval/fid_64_randinit" in logged[2] and not [k for k in logged[1] if k.startswith("eval/")]
     assert isinstance(last["loss"], float) and last["samples/64/width"] == 64 and last["samples/128/width"] == 128
     assert last["latent_scale"] == 1.0  # the paper's raw latents, not the estimate
     assert last["samples/64/count"] == 2  # one image per prompt, captioned with it

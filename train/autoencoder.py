@@ -29,6 +29,7 @@ from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimC
 from train.data import build_batches, to_device
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
+from train.evaluation import ReconstructionEval, ReconstructionEvalConfig, own_rng
 from train.export import export_model
 from train.loop import StepOutput
 from train.warm_start import export_model_config, load_export_weights
@@ -48,6 +49,7 @@ class AutoencoderTrainConfig:
     disc_optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    eval: ReconstructionEvalConfig = field(default_factory=ReconstructionEvalConfig)  # trainer.eval_every
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self, prefix: str = "") -> None:
@@ -94,6 +96,9 @@ class AutoencoderTask:
         self.disc = build_engine(disc, cfg.disc_optim, deepspeed_config(cfg.deepspeed, micro, info))
         self.engines = {"generator": self.gen, "discriminator": self.disc}
         self.ema = GatheredEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
+        self.evaluator = None
+        if cfg.trainer.eval_every:
+            self.evaluator = ReconstructionEval(cfg.eval, cfg.model.net.resolution, info)
 
     def _model(self, cfg: AutoencoderTrainConfig) -> NeuralFieldAutoencoder:
         """The model with its starting weights: an export's (trainer.init_from), a converted
@@ -160,6 +165,12 @@ class AutoencoderTask:
                                                              region=(1920, 1920, 2176, 2176))
         model.train(was_training)
         return panels
+
+    def evaluate(self) -> dict:
+        """Reconstruction PSNR at eval.scales, LPIPS (the loss's network) and scale consistency of
+        the EMA autoencoder on the held-out eval.shards; rank 0 gets them."""
+        with own_rng(self.info.device):
+            return self.evaluator(self.gen.module, self.ema, self.loss.lpips)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
         return export_model(self.gen.module, self.ema, "autoencoder", run_dir, step, self.info)

@@ -41,6 +41,9 @@ class TrainerConfig:
     # An export directory (infd.export layout) whose weights start the run, with a fresh optimizer:
     # fine-tuning. The model's shape comes from the export; a checkpoint to resume from wins over it.
     init_from: str = ""
+    # Evaluate every this many steps with the EMA weights (stage 2: FID/pFID, stage 1: reconstruction
+    # PSNR/LPIPS; the `eval` section says on what), logged as eval/* to W&B and metrics.jsonl; 0: never.
+    eval_every: int = 0
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):
@@ -50,6 +53,8 @@ class TrainerConfig:
             raise ConfigError(f"config key '{prefix}grace_s' must be > 0 (seconds from a stop signal to SIGKILL)")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"config key '{prefix}ema_decay' must be in (0, 1)")
+        if self.eval_every < 0:
+            raise ConfigError(f"config key '{prefix}eval_every' must be >= 0 (0: no evaluation in training)")
         if self.export_every < 0:
             raise ConfigError(f"config key '{prefix}export_every' must be >= 0 (0: export only at the end)")
 

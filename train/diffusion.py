@@ -30,6 +30,7 @@ from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimC
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
+from train.evaluation import GenerativeEval, GenerativeEvalConfig, own_rng
 from train.export import export_model, unet_extra
 from train.loop import StepOutput
 from train.warm_start import export_meta, export_model_config, load_export_weights
@@ -61,10 +62,14 @@ class DiffusionTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.6e-5, betas=(0.9, 0.999), weight_decay=0.01))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(kind="latents"))
-    samples: SamplePanelConfig = field(default_factory=SamplePanelConfig)
+    samples: SamplePanelConfig = field(default_factory=SamplePanelConfig)  # also how trainer.eval_every samples
+    eval: GenerativeEvalConfig = field(default_factory=lambda: GenerativeEvalConfig(num_samples=64))
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self, prefix: str = "") -> None:
+        if self.trainer.eval_every and not self.data.autoencoder:
+            raise ConfigError("config key 'data.autoencoder' is empty but trainer.eval_every > 0: evaluation renders "
+                              "samples with the autoencoder export; set it (or trainer.eval_every=0)")
         if self.data.kind == "shards" and not self.data.autoencoder:
             raise ConfigError("config key 'data.autoencoder' is empty: data.kind=shards encodes images on the fly "
                               "and needs an autoencoder export (or use data.kind=latents with a latent cache)")
@@ -104,6 +109,11 @@ class DiffusionTask:
         self.schedule = build_schedule(cfg.diffusion)
         self.ae = load_model(cfg.data.autoencoder, info.device) if cfg.data.autoencoder else None
         self.latent_scale = self._latent_scale()
+        self.evaluator = None
+        if cfg.trainer.eval_every:
+            with own_rng(info.device):
+                self.evaluator = GenerativeEval(cfg.eval, cfg.samples, info,
+                                                cfg.data.loader.shards if cfg.data.kind == "shards" else [])
 
     def _latent_scale(self) -> float:
         cfg = self.cfg.diffusion
@@ -179,6 +189,11 @@ class DiffusionTask:
         phi = self.ae.decode(z)
         base = self.ae.cfg.net.resolution
         return {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
+
+    def evaluate(self) -> dict:
+        """FID-256 / pFID (eval section) of the EMA UNet's samples; rank 0 gets them."""
+        with own_rng(self.info.device):
+            return self.evaluator(self.unet.module, self.ema, self.ae, self.text, self.cfg.diffusion, self.latent_scale)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
         return export_model(self.unet.module, self.ema, "unet", run_dir, step, self.info,

@@ -35,18 +35,27 @@ log = logging.getLogger("train")
 EXPORT_DIR, RUN_CONFIG = "export", "config.yaml"  # config.yaml: the resolved config train.app writes
 
 
+def averaged_copy(module: nn.Module, ema, kind: str) -> nn.Module:
+    """A fresh CPU copy of `module` with the EMA weights (the module's own without an EMA), in
+    eval mode; the engine's module is left alone. Collective (ZeRO-3 gathers the weights)."""
+    with gathered(module):
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    model = MODEL_KINDS[kind][1](module.cfg)
+    model.load_state_dict(state)
+    if ema is not None:
+        ema.copy_to(model)
+    return model.eval()
+
+
 def export_model(module: nn.Module, ema, kind: str, run_dir: Path, step: int, info: DistInfo,
                  extra: dict | None = None) -> Path | None:
     """Write run_dir/export/<kind>/ with the EMA weights when there is an EMA. Collective (ZeRO-3
     gathers the weights on every rank); rank 0 writes and returns the path, the others None."""
-    with gathered(module):
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if not info.is_main:
+        with gathered(module):  # the other ranks' part of the collective
+            pass
         return None
-    model = MODEL_KINDS[kind][1](module.cfg)  # a fresh copy on the CPU: the EMA is written into it, not the engine's
-    model.load_state_dict(state)
-    if ema is not None:
-        ema.copy_to(model)
+    model = averaged_copy(module, ema, kind)
     path = save_model(model, run_dir / EXPORT_DIR / kind, kind=kind,
                       extra={"step": step, "ema": ema is not None, **(extra or {})})
     print(f"exported the {'EMA ' if ema is not None else ''}{kind} to {path}", flush=True)

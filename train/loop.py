@@ -47,6 +47,9 @@ class Task(Protocol):
     def export(self, run_dir: Path, step: int) -> Path | None:
         """Write the trained model to run_dir/export/; collective, rank 0 writes."""
 
+    def evaluate(self) -> dict:
+        """{"eval/<metric>": value} of the EMA model on rank 0 ({} elsewhere); collective."""
+
 
 def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "never":
@@ -136,7 +139,10 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             out = task.train_step(micro, step)
             step += 1
             logger.step_done(step)
-            metrics.write(step, out.logs)
+            evals = task.evaluate() if cfg.eval_every and step % cfg.eval_every == 0 else {}
+            metrics.write(step, out.logs | evals)
+            if evals:
+                logger.log_scalars(evals, step)
             if samples.enabled:
                 samples.write(step, {"keys": [k for b in micro for k in b["keys"]]} | out.draws)
             if step % cfg.log_every == 0:

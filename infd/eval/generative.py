@@ -24,6 +24,7 @@ from infd.eval.pfid import FID_SIZE, PATCHES, PFID_SIZE, fid_name, pfid_crops, p
 from infd.eval.real_set import RealSet, batches_of_rank, read_or_skip
 from infd.eval.samples import ImageSampler, SampleStore, samples_of
 
+METRIC_PREFIXES = ("fid_", "pfid_", "clip_score")  # the metrics in evaluate_generator's result; the rest is info
 REAL_CROP_SEED = 0  # real crops are fixed (the cache key does not hold a seed); samples use cfg.seed
 
 
