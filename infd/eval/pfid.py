@@ -13,8 +13,7 @@ not depend on batching, worker order or world size.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -83,32 +82,3 @@ def real_square(img: Image.Image, size: int) -> Tensor | None:
     if square.size != (size, size):
         square = resize_antialiased(square, (size, size), reducing_gap=None)
     return pil_to_tensor(square)
-
-
-def real_square_1024(img: Image.Image) -> Tensor | None:
-    """PIL image -> (3, 1024, 1024) in [-1, 1] for pFID, or None when its short side < 1024."""
-    return real_square(img, PFID_SIZE)
-
-
-@dataclass
-class SkipCount:
-    """Real images used and skipped (short side below the evaluation size)."""
-    used: int = 0
-    skipped: int = 0
-
-
-def real_pfid_crops(images: Iterable[tuple[int, Image.Image]], seed: int, counts: SkipCount,
-                    patches: Iterable[int] = PATCHES, size: int = PFID_SIZE) -> Iterator[tuple[int, dict[int, Tensor]]]:
-    """(global index, PIL image) pairs -> (index, {P: (3, P, P)}) for the images large enough.
-
-    The index is the image's position in the real set (the same on every rank), so a crop does
-    not depend on which rank reads the image. Skipped images are counted in `counts`.
-    """
-    patches = tuple(patches)
-    for index, img in images:
-        square = real_square(img, size)
-        if square is None:
-            counts.skipped += 1
-            continue
-        counts.used += 1
-        yield index, pfid_crops(square, seed, index, patches)
