@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from infd.config import ConfigError
 from infd.image import tensor_to_pil
 
 
@@ -50,9 +51,10 @@ def _create_model(cfg: ClipScoreConfig, prefix: str):
     try:
         return open_clip.create_model(cfg.model, pretrained=cfg.pretrained)
     except Exception as err:  # noqa: BLE001  offline hub, bad tag or path: say which knob to turn
-        raise RuntimeError(f"could not load OpenCLIP {cfg.model} weights {cfg.pretrained!r} ({err}); put them in "
-                           f"the hub cache, give a local file as config key '{prefix}pretrained', or set it to "
-                           "null for a random-init model (offline only; the metric becomes clip_score_randinit)"
+        raise ConfigError(f"could not load OpenCLIP {cfg.model} weights {cfg.pretrained!r} ({err}); put them in "
+                           f"the hub cache, give a local file as config key '{prefix}pretrained' (infd eval-gen: "
+                           "--clip-pretrained), or set it to null (--clip-pretrained none) for a random-init model "
+                           "(offline only; the metric becomes clip_score_randinit)"
                            ) from err
 
 

@@ -143,8 +143,8 @@ def _check_inception_weights(path: Path, prefix: str) -> None:
         raise FileNotFoundError(
             f"FID Inception weights not found at {path}. Download {INCEPTION_FILE} from {INCEPTION_URL} and put "
             f"it in {Path(torch.hub.get_dir()) / 'checkpoints'}/ (the torch hub cache, where torch-fidelity looks), "
-            f"or give its path as config key '{prefix}weights'. Offline, set '{prefix}kind=randinit' "
-            "(metric names then carry _randinit).")
+            f"or give its path as config key '{prefix}weights' (infd eval-gen: --inception-weights). Offline, set "
+            f"'{prefix}kind=randinit' (infd eval-gen: --features randinit; metric names then carry _randinit).")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  pickle with code, truncated file, not a checkpoint
