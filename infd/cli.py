@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_data_preview)
     p.add_argument("shards", nargs="+", help="shards: patterns, directories or s3:// prefixes")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--num-samples", type=int, default=8, help="samples shown")
+    p.add_argument("--n", type=int, default=8, help="samples shown")
     p.add_argument("--p-hr", type=float, default=0.5, help="share drawn from the high-res stream")
     p.add_argument("--index", help="index directory (default: beside the shards)")
     p.add_argument("--seed", type=int, default=0, help="loader seed")
