@@ -42,11 +42,14 @@ def init_ranks(requested: str | None):
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def finish_ranks() -> None:
+def finish_ranks(ok: bool) -> None:
+    """Barrier and teardown; after an error no barrier (the other ranks may wait in a collective:
+    torchrun stops them when this rank exits non-zero)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -68,16 +71,33 @@ def eval_config(args):
     return cfg
 
 
-def check_out_matches(out: Path, identity: dict, write: bool) -> None:
-    """Samples in --out are reused only if they were drawn the same way: every rank refuses a
-    mismatch alike; rank 0 (write) then records the identity."""
+def fingerprint(path: str) -> str:
+    """Names the weights in an export or SD folder (every file's name, size and mtime): an export
+    rewritten in place (trainer.export_every) is another model."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    text = "\n".join(f"{p.relative_to(path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_out_matches(out: Path, identity: dict, rank: int, dev) -> None:
+    """Samples in --out are reused only if they were drawn the same way: rank 0 compares with the
+    recorded identity (and records it, atomically), then tells every rank, which all refuse alike."""
+    import torch
+
+    from infd.eval.generative import all_reduce_sum
+
     path = out / "samples" / "identity.json"
-    if path.is_file() and json.loads(path.read_text()) != identity:
-        raise ConfigError(f"--out {out} holds samples drawn with other options ({path}): use a new --out, or "
-                          "delete its samples/ folder to draw them again")
-    if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    mismatch = 0.0
+    if rank == 0:
+        mismatch = float(path.is_file() and json.loads(path.read_text()) != identity)
+        if not mismatch:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+    if all_reduce_sum(torch.tensor([mismatch], dtype=torch.float64), dev).item():
+        raise ConfigError(f"--out {out} holds samples drawn with another model or other options ({path}): use a "
+                          "new --out, or delete its samples/ folder to draw them again")
 
 
 def build_sampler(args, cfg, dev, rank: int):
@@ -102,6 +122,7 @@ def build_sampler(args, cfg, dev, rank: int):
     note(f"sampler {options['sampler']}, {options['steps']} steps (unset options: {source}); autoencoder {ae_path}",
          rank)
     identity = {"unet": str(Path(args.unet).resolve()), "ae": str(Path(ae_path).resolve()), "seed": cfg.seed,
+                "weights": {"unet": fingerprint(args.unet), "ae": fingerprint(ae_path)},
                 "sampling": {k: v for k, v in vars(spec).items() if k != "prompts"},
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     return ImageSampler(unet, ae, text.to(dev) if text is not None else None, diffusion_cfg, extra["latent_scale"],
@@ -124,12 +145,13 @@ def cmd_eval_gen(args) -> int:
 
     cfg = eval_config(args)  # user mistakes first, before any model loads or process group starts
     rank, world, dev = init_ranks(args.device)
+    ok = False
     try:
         out = Path(args.out)
         real = choose_real_set(open_source(args.data, args.index), cfg.real_count,
                                PFID_SIZE if cfg.patches else cfg.fid_size)
         sampler, identity = build_sampler(args, cfg, dev, rank)
-        check_out_matches(out, identity, write=rank == 0)
+        check_out_matches(out, identity, rank, dev)
         store = SampleStore(out / "samples", cfg.render_sizes())
         note(f"{cfg.num_samples} samples over {world} rank(s); real set: {len(real.ids)} of {cfg.real_count} images "
              f"({real.skipped_small} smaller ones skipped)", rank)
@@ -138,8 +160,9 @@ def cmd_eval_gen(args) -> int:
             result["grid"] = str(write_grid(store, cfg.num_samples, out))
             (out / "metrics.json").write_text(json.dumps(result, indent=1))
             print(json.dumps(result), flush=True)
+        ok = True
     finally:
-        finish_ranks()
+        finish_ranks(ok)
     return 0
 
 

@@ -64,12 +64,16 @@ def test_real_set_is_the_first_large_images_in_tar_order(setup):
     assert real.skipped_small == large[1] - 1  # the small ones before the second large one
     everything = choose_real_set(open_source([str(setup / "shards")]), 100, 1024)
     assert len(everything.ids) == 3 and everything.skipped_small == 2
+    # Another size rule is another real set: never the same statistics cache entry.
+    assert choose_real_set(open_source([str(setup / "shards")]), 100, 256).index_id != everything.index_id
 
 
 def test_two_ranks_give_the_samples_and_metrics_of_one(setup, capsys):
     one = run_in_process(capsys, args(setup, "one"))
+    # Its own statistics cache: the 2 ranks compute the real statistics too (sharded, summed).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "infd.cli", *args(setup, "two")]
+           "--master_port", str(free_port()), "-m", "infd.cli", *args(setup, "two"), "--stats-cache",
+           str(setup / "cache_two")]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
@@ -81,7 +85,7 @@ def test_two_ranks_give_the_samples_and_metrics_of_one(setup, capsys):
         assert abs(one[name] - two[name]) <= 1e-6 * max(abs(one[name]), 1e-12), (name, one[name], two[name])
         assert one[name] > 0
     assert (one["world_size"], two["world_size"], one["num_real"], one["real_skipped_small"]) == (1, 2, 3, 2)
-    assert one["real_stats"] == "computed" and two["real_stats"] == "cache"  # the second run reused the stats
+    assert one["real_stats"] == two["real_stats"] == "computed"
     for size in (256, 1024):
         for i in range(N):
             a, b = (setup / run / "samples" / str(size) / f"{i:06d}.png" for run in ("one", "two"))
@@ -98,9 +102,14 @@ def test_a_rerun_reuses_written_samples_and_refuses_other_options(setup, capsys)
     killed.with_name(".000002.png.999.tmp").write_bytes(b"half a png")
     again = run_in_process(capsys, args(setup, "resume"))
     assert again["samples_reused"] == N - 2 and first["samples_reused"] == 0
+    assert first["real_stats"] == "cache"  # the real statistics of the first test's run
     assert {k: v for k, v in again.items() if k != "samples_reused"} == \
         {k: v for k, v in first.items() if k != "samples_reused"}
     assert np.array_equal(np.asarray(Image.open(killed)), np.asarray(Image.open(setup / "one" / "samples" / "1024" /
                                                                                   "000002.png")))
     assert main(args(setup, "resume", "--seed", "5")) == 2  # other samples: refused, nothing overwritten
-    assert "holds samples drawn with other options" in capsys.readouterr().err
+    assert "holds samples drawn with another model or other options" in capsys.readouterr().err
+    weights = setup / "unet" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # the export rewritten in place (trainer.export_every)
+    assert main(args(setup, "resume")) == 2
+    assert "holds samples drawn with another model" in capsys.readouterr().err

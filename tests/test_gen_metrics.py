@@ -114,6 +114,7 @@ def test_randinit_extractor_is_seeded_batch_independent_and_labelled():
     assert not torch.allclose(fa, other(images))
     torch.testing.assert_close(torch.cat([a(images[i:i + 1]) for i in range(3)]), fa, rtol=1e-5, atol=1e-6)
     assert metric_suffix(cfg) == "_randinit" and metric_suffix(FeatureConfig()) == ""
+    assert metric_suffix(FeatureConfig(dim=768)) == "_d768"  # not pool3: not the standard FID
     assert feature_id(cfg) != feature_id(FeatureConfig(kind="randinit", dim=32, seed=6)) != feature_id(FeatureConfig())
 
 

@@ -52,8 +52,11 @@ class FeatureConfig:
 
 
 def metric_suffix(cfg: FeatureConfig) -> str:
-    """"_randinit" for the random-init net, so its numbers can never pass for real FIDs."""
-    return "_randinit" if cfg.kind == "randinit" else ""
+    """"_randinit" for the random-init net, so its numbers can never pass for real FIDs; "_d768"
+    (...) for an Inception layer other than pool3 (2048), whose distance is not the standard FID."""
+    if cfg.kind == "randinit":
+        return "_randinit"
+    return "" if cfg.dim == 2048 else f"_d{cfg.dim}"
 
 
 def feature_id(cfg: FeatureConfig) -> str:

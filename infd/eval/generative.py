@@ -103,7 +103,7 @@ def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: Gen
     bar.close()
     for m in moments.values():
         m.all_reduce(device)
-    totals = _all_reduce(totals, device)
+    totals = all_reduce_sum(totals, device)
     return moments, {"clip_sum": float(totals[0]), "clip_count": int(totals[1]), "reused": int(totals[2])}
 
 
@@ -130,9 +130,7 @@ def real_moments(real: RealSet, cfg: GenEvalConfig, views: dict, extractor, rank
     bar.close()
     for m in moments.values():
         m.all_reduce(device)
-    names = sorted({"unreadable", "smaller_than_indexed", *skips})
-    counts = _all_reduce(torch.tensor([float(skips.get(k, 0)) for k in names], dtype=torch.float64), device)
-    return moments, {k: int(v) for k, v in zip(names, counts.tolist()) if v}
+    return moments, _sum_counts(skips)
 
 
 def _real_squares(real: RealSet, position: int, sizes: list[int], skips: dict) -> dict | None:
@@ -147,7 +145,24 @@ def _real_squares(real: RealSet, position: int, sizes: list[int], skips: dict) -
     return squares
 
 
-def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+def _sum_counts(counts: dict) -> dict:
+    """{reason: count} summed over ranks (ranks see different reasons: gathered as objects)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(counts)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
+    """t summed over the ranks of the default process group (t itself without one), on the CPU;
+    `device` is where the collective runs (a GPU for NCCL)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -158,13 +173,15 @@ def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
 
 def cached_real_stats(real: RealSet, cfg: GenEvalConfig, extractor, rank: int, world: int, device,
                       progress: bool = True) -> tuple[dict, dict]:
-    """({view: (mu, sigma)} on rank 0 ({} elsewhere), real-set info). Cache misses are computed
-    by all ranks together; every rank agrees on which views miss (one all-reduce)."""
+    """({view: (mu, sigma)} on rank 0 ({} elsewhere), real-set info). Rank 0 alone reads the
+    cache and tells the others which views miss (one all-reduce); those are computed by all ranks
+    together and stored by rank 0."""
     fid = feature_id(cfg.features)
     keys = {name: stats_cache.cache_key(real.index_id, name, cfg.real_count, fid) for name in cfg.views()}
     folder = Path(cfg.stats_cache).expanduser() if cfg.stats_cache else None
-    hits = {name: stats_cache.load(folder, key) if folder else None for name, key in keys.items()}
-    missing = _all_reduce(torch.tensor([float(hits[n] is None) for n in keys], dtype=torch.float64), device)
+    hits = {name: stats_cache.load(folder, key) if folder and rank == 0 else None for name, key in keys.items()}
+    flags = [float(hits[n] is None) if rank == 0 else 0.0 for n in keys]
+    missing = all_reduce_sum(torch.tensor(flags, dtype=torch.float64), device)
     todo = {name: cfg.views()[name] for name, miss in zip(keys, missing.tolist()) if miss}
     info = {"num_real": len(real.ids), "real_skipped_small": real.skipped_small, "real_index": real.index_id}
     stats = {}

@@ -25,7 +25,8 @@ from infd.data.tar_samples import image_bytes
 @dataclass
 class RealSet:
     """ids: int64 (n,) sample ids of the chosen images, in order; skipped_small: samples passed
-    over for their size before the n-th; index_id: names the dataset for the statistics cache."""
+    over for their size before the n-th; index_id: names the dataset and the choice (its shards,
+    index and min_side) for the statistics cache."""
 
     source: object  # an infd.data.shard_source.ShardSource
     ids: np.ndarray
@@ -81,7 +82,7 @@ def choose_real_set(source, n: int, min_side: int) -> RealSet:
         if len(take) == need:
             break
     ids = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
-    return RealSet(source, ids.astype(np.int64), skipped, dataset_id(source), n)
+    return RealSet(source, ids.astype(np.int64), skipped, f"{dataset_id(source)}-min{min_side}", n)
 
 
 def batches_of_rank(count: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
