@@ -113,7 +113,8 @@ class DiffusionTask:
         if cfg.trainer.eval_every:
             with own_rng(info.device):
                 self.evaluator = GenerativeEval(cfg.eval, cfg.samples, info,
-                                                cfg.data.loader.shards if cfg.data.kind == "shards" else [])
+                                                cfg.data.loader.shards if cfg.data.kind == "shards" else [],
+                                                text=self.text is not None)
 
     def _latent_scale(self) -> float:
         cfg = self.cfg.diffusion

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infd.config import ConfigError
-from infd.eval.features import build_feature_extractor
-from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, evaluate_generator
+from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, build_networks, evaluate_generator
 from infd.eval.pfid import PFID_SIZE
 from infd.eval.real_set import RealSet, batches_of_rank, choose_real_set, open_source, read_or_skip
 from infd.eval.samples import ImageSampler, SamplingSpec
@@ -79,14 +78,15 @@ def prefixed(metrics: dict | None, elapsed: float) -> dict:
 
 
 class GenerativeEval:
-    """Stage 2: the real set is chosen (and the feature network checked) once, at start."""
+    """Stage 2: the real set is chosen and the feature (and CLIP) networks are built once, at
+    start (missing weights fail then, not at the first evaluation); they wait on the CPU."""
 
-    def __init__(self, cfg: GenerativeEvalConfig, samples, info: DistInfo, fallback_shards: list[str]):
+    def __init__(self, cfg: GenerativeEvalConfig, samples, info: DistInfo, fallback_shards: list[str], text: bool):
         self.cfg, self.samples, self.info = cfg, samples, info
         shards = list(cfg.shards) or list(fallback_shards)
         self.real = open_real_set(shards, cfg.index, cfg.real_count, PFID_SIZE if cfg.patches else cfg.fid_size,
                                   "eval.shards")
-        build_feature_extractor(cfg.features, "eval.features.")  # missing Inception weights: fail now, not at eval
+        self.networks = build_networks(cfg, text, "eval.")
 
     def __call__(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float) -> dict:
         start = time.perf_counter()
@@ -96,7 +96,10 @@ class GenerativeEval:
                             latent_size=s.latent_size, prompts=list(s.prompts))
         sampler = ImageSampler(unet, ae, text, diffusion_cfg, latent_scale, spec, self.cfg.seed, self.info.device)
         metrics = evaluate_generator(sampler, self.real, self.cfg, self.info.device, self.info.rank,
-                                     self.info.world_size, store=None, progress=False)
+                                     self.info.world_size, store=None, progress=False, networks=self.networks)
+        for net in self.networks:
+            if net is not None:
+                net.to("cpu")  # off the accelerator between evaluations
         if metrics is not None:
             metrics = {k: v for k, v in metrics.items() if k.startswith(METRIC_PREFIXES)}
         return prefixed(metrics, time.perf_counter() - start)

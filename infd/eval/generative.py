@@ -202,16 +202,26 @@ def cached_real_stats(real: RealSet, cfg: GenEvalConfig, extractor, rank: int, w
     return (stats if rank == 0 else {}), info
 
 
+def build_networks(cfg: GenEvalConfig, text: bool, prefix: str = "") -> tuple:
+    """(feature extractor, ClipScorer or None), on the CPU: built once, they serve many
+    evaluations. The CLIP model only for a text-conditioned generator (text) with cfg.clip_score."""
+    extractor = build_feature_extractor(cfg.features, prefix + "features.")
+    return extractor, ClipScorer(cfg.clip, prefix + "clip.") if cfg.clip_score and text else None
+
+
 def evaluate_generator(sampler: ImageSampler, real: RealSet, cfg: GenEvalConfig, device, rank: int = 0,
-                       world: int = 1, store: SampleStore | None = None, progress: bool = True) -> dict | None:
+                       world: int = 1, store: SampleStore | None = None, progress: bool = True,
+                       networks: tuple | None = None) -> dict | None:
     """{metric name: value, ...} on rank 0 (None on the others). Names carry `_randinit` when
-    the feature network (or the CLIP model) is random-init."""
+    the feature network (or the CLIP model) is random-init. networks: `build_networks(cfg)`'s
+    result, moved to `device` here (built here when None)."""
     cfg.validate()
     if len(real.ids) < 2:
-        raise ConfigError(f"the real set has {len(real.ids)} image(s) with a short side >= {PFID_SIZE if cfg.patches else cfg.fid_size} "
-                          f"({real.skipped_small} smaller ones skipped): evaluation needs at least 2")
-    extractor = build_feature_extractor(cfg.features).to(device)
-    clip = ClipScorer(cfg.clip).to(device) if cfg.clip_score and sampler.text is not None else None
+        raise ConfigError(f"the real set has {len(real.ids)} image(s) large enough ({real.skipped_small} smaller "
+                          "ones skipped): evaluation needs at least 2")
+    extractor, clip = networks or build_networks(cfg, text=sampler.text is not None)
+    extractor = extractor.to(device)
+    clip = clip.to(device) if clip is not None else None
     gen, totals = generated_moments(sampler, store, cfg, extractor, rank, world, device, progress, clip)
     real_stats, info = cached_real_stats(real, cfg, extractor, rank, world, device, progress)
     if rank != 0:
