@@ -100,8 +100,8 @@ def check_out_matches(out: Path, identity: dict, rank: int, dev) -> None:
                           "new --out, or delete its samples/ folder to draw them again")
 
 
-def build_sampler(args, cfg, dev, rank: int):
-    """(ImageSampler, identity of the samples) from the command line."""
+def build_sampler(args, cfg, real, dev, rank: int):
+    """(ImageSampler, identity of the samples) from the command line; real: the RealSet (--captions)."""
     from infd.diffusion.schedule import DiffusionConfig
     from infd.eval.samples import ImageSampler, SamplingSpec
     from infd.text import TextEncoderConfig, build_text_encoder
@@ -115,8 +115,7 @@ def build_sampler(args, cfg, dev, rank: int):
     ae = load_export(ae_path, "autoencoder", "--ae" if args.ae else "the UNet export's autoencoder", dev)
     text = build_text_encoder(from_mapping(TextEncoderConfig, extra.get("text", {})))
     prompts = read_lines(args.prompts, "--prompts") if args.prompts else []
-    if text is not None and not prompts:
-        raise ConfigError("--prompts FILE is needed for a text-conditioned UNet (sample i takes line i mod lines)")
+    captions = prompt_captions(args, real, text is not None, bool(prompts), rank)
     spec = SamplingSpec(**options, cfg_scale=args.cfg, latent_size=latent_size(args, unet, ae), prompts=prompts,
                         tile=args.tile)
     note(f"sampler {options['sampler']}, {options['steps']} steps (unset options: {source}); autoencoder {ae_path}",
@@ -124,9 +123,29 @@ def build_sampler(args, cfg, dev, rank: int):
     identity = {"unet": str(Path(args.unet).resolve()), "ae": str(Path(ae_path).resolve()), "seed": cfg.seed,
                 "weights": {"unet": fingerprint(args.unet), "ae": fingerprint(ae_path)},
                 "sampling": {k: v for k, v in vars(spec).items() if k != "prompts"},
-                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+                "captions": [real.index_id, len(real.ids)] if captions else None}
     return ImageSampler(unet, ae, text.to(dev) if text is not None else None, diffusion_cfg, extra["latent_scale"],
-                        spec, cfg.seed, dev), identity
+                        spec, cfg.seed, dev, captions), identity
+
+
+def prompt_captions(args, real, text: bool, prompts: bool, rank: int):
+    """The RealSet whose captions are the prompts (--captions), or None (--prompts; unconditional)."""
+    from infd.eval.real_set import require_captions
+
+    if args.captions and prompts:
+        raise ConfigError("--prompts and --captions both given: the prompts come from one of them")
+    if not text:
+        if args.captions or prompts:
+            note("the UNet is not text-conditioned: --prompts / --captions are not used", rank)
+        return None
+    if not args.captions and not prompts:
+        raise ConfigError("a text-conditioned UNet needs prompts: --captions (sample i takes real image i's "
+                          "caption) or --prompts FILE (sample i takes line i mod lines)")
+    if args.captions:
+        require_captions(real, "--captions", "give --prompts FILE instead")
+        return real
+    return None
 
 
 def write_grid(store, n: int, out: Path) -> Path:
@@ -150,7 +169,7 @@ def cmd_eval_gen(args) -> int:
         out = Path(args.out)
         real = choose_real_set(open_source(args.data, args.index), cfg.real_count,
                                PFID_SIZE if cfg.patches else cfg.fid_size)
-        sampler, identity = build_sampler(args, cfg, dev, rank)
+        sampler, identity = build_sampler(args, cfg, real, dev, rank)
         check_out_matches(out, identity, rank, dev)
         store = SampleStore(out / "samples", cfg.render_sizes())
         note(f"{cfg.num_samples} samples over {world} rank(s); real set: {len(real.ids)} of {cfg.real_count} images "
@@ -191,6 +210,8 @@ def add_parser(sub, command, device_help: str) -> None:
     p.add_argument("--stats-cache", default="~/.cache/infd/fid_stats", help="folder of cached real-image "
                    "statistics (\"\": recompute)")
     p.add_argument("--prompts", help="text models: file with one prompt per line; sample i takes line i mod lines")
+    p.add_argument("--captions", action="store_true", help="text models: sample i takes the caption of real image "
+                   "i mod --num-real (the COCO protocol: FID and CLIP score on the real set's own captions)")
     p.add_argument("--no-clip-score", action="store_true", help="text models: skip the CLIP score")
     p.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP model of the CLIP score")
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k", help="its OpenCLIP weights tag or file; "

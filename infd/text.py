@@ -2,6 +2,8 @@
 
 kind "openclip": `pretrained` is an OpenCLIP tag (from the usual hub cache), a local weights
 file, or None for a random-init encoder: only for offline tests, and flagged by `is_random_init`.
+Random init is seeded (`create_openclip`), so that training, `infd sample` and `infd eval-gen`
+rebuild the same text tower from an export's config.
 kind "hf_clip": `pretrained` is a diffusers folder (Stable Diffusion 1.x / 2.x: transformers'
 CLIPTextModel in text_encoder/, CLIPTokenizer in tokenizer/) or its text_encoder/ folder; the
 tokens are StableDiffusionPipeline.encode_prompt's. transformers is imported only then.
@@ -36,6 +38,18 @@ class TextEncoderConfig:
             raise ConfigError(f"config key '{prefix}clip_skip' applies to kind 'hf_clip' only (kind is {self.kind!r})")
 
 
+def create_openclip(model: str, pretrained: str | None, seed: int = 0):
+    """open_clip.create_model; random init (pretrained None) from `seed` on a forked RNG: the same
+    weights in every process and every run, and the caller's RNG left as it was."""
+    import open_clip
+
+    if pretrained is not None:
+        return open_clip.create_model(model, pretrained=pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.create_model(model, pretrained=None)
+
+
 class FrozenOpenCLIPText(nn.Module):
     """captions -> per-token features (B, 77, width) after the final LayerNorm, no gradient."""
 
@@ -44,7 +58,7 @@ class FrozenOpenCLIPText(nn.Module):
         import open_clip
 
         try:
-            clip = open_clip.create_model(cfg.model, pretrained=cfg.pretrained)
+            clip = create_openclip(cfg.model, cfg.pretrained)
         except Exception as err:  # noqa: BLE001  offline hub, bad tag or path: say which knob to turn
             raise RuntimeError(f"could not load OpenCLIP {cfg.model} weights {cfg.pretrained!r} ({err}); put them "
                                "in the hub cache, give a local file as text.pretrained, or set text.pretrained=null "

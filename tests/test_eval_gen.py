@@ -113,3 +113,52 @@ def test_a_rerun_reuses_written_samples_and_refuses_other_options(setup, capsys)
     weights.write_bytes(weights.read_bytes())  # the export rewritten in place (trainer.export_every)
     assert main(args(setup, "resume")) == 2
     assert "holds samples drawn with another model" in capsys.readouterr().err
+
+
+def tar_order_captions(shard, min_side: int) -> list[str]:
+    """Captions of the images with short side >= min_side, in tar order, read from the tar itself."""
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        out = []
+        for name in sorted(members, key=lambda n: members[n].offset):
+            if name.endswith(".jpg") and min(Image.open(tar.extractfile(members[name])).size) >= min_side:
+                out.append(json.load(tar.extractfile(members[name[:-4] + ".json"]))["caption"])
+        return out
+
+
+def test_captions_are_the_prompts_of_a_text_model(setup, capsys, tmp_path):
+    from infd.config import from_mapping
+    from infd.text import FrozenOpenCLIPText, TextEncoderConfig
+
+    text = {"kind": "openclip", "model": "ViT-S-32", "pretrained": None}
+    width = FrozenOpenCLIPText(from_mapping(TextEncoderConfig, text)).width
+    torch.manual_seed(1)
+    unet = UNetConfig(ch=32, ch_mult=(1,), attn_ds=(1,), head_channels=16, context_dim=width)
+    model = UNet(unet)
+    with torch.no_grad():  # its zero-init output layers (cross-attention's too) as after training: text counts
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    save_model(model, tmp_path / "unet", kind="unet",
+               extra={"latent_scale": 1.0, "diffusion": {}, "autoencoder": str(setup / "ae"), "text": text})
+    # FID at 64 only: all 5 real images qualify, and samples 0-3 answer the first 4 captions.
+    small = ["--unet", str(tmp_path / "unet"), "--patches", "--fid-size", "64", "--clip-model", "ViT-S-32",
+             "--clip-pretrained", "none", "--stats-cache", str(tmp_path / "stats")]
+    captions = tar_order_captions(setup / "shards" / "shard-000000.tar", 64)[:N]
+    assert len(set(captions)) == N
+    captioned = run_in_process(capsys, args(setup, tmp_path / "captions", *small, "--captions"))
+    (tmp_path / "same.txt").write_text("\n".join(captions) + "\n")
+    listed = run_in_process(capsys, args(setup, tmp_path / "listed", *small, "--prompts", str(tmp_path / "same.txt")))
+    (tmp_path / "other.txt").write_text("\n".join(reversed(captions)) + "\n")
+    other = run_in_process(capsys, args(setup, tmp_path / "other", *small, "--prompts", str(tmp_path / "other.txt")))
+    png = {run: [(tmp_path / run / "samples" / "64" / f"{i:06d}.png").read_bytes() for i in range(N)]
+           for run in ("captions", "listed", "other")}
+    # --captions draws exactly what the same captions as a prompt file draw; other prompts draw others.
+    assert png["captions"] == png["listed"] and png["other"][0] != png["captions"][0]
+    assert captioned["clip_score_randinit"] == listed["clip_score_randinit"]
+    assert captioned["fid_64_randinit"] == listed["fid_64_randinit"] != other["fid_64_randinit"]
+    # Real images without captions cannot be the prompts: a clear error, not empty prompts.
+    write_folder(tmp_path / "bare", REAL_SIZES, captions=False)
+    build(tmp_path / "bare", str(tmp_path / "bare_shards"))
+    assert main(args(setup, tmp_path / "bare_out", *small, "--captions", "--data", str(tmp_path / "bare_shards"))) == 2
+    assert "the real images have no captions" in capsys.readouterr().err
+    assert main(args(setup, tmp_path / "both", *small, "--captions", "--prompts", str(tmp_path / "same.txt"))) == 2

@@ -95,11 +95,22 @@ def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
 def test_random_init_text_encoder_embeds_captions():
     from infd.text import TextEncoderConfig, build_text_encoder
 
+    before = torch.random.get_rng_state()
     enc = build_text_encoder(TextEncoderConfig(kind="openclip", pretrained=None))
     assert enc.is_random_init
     out = enc(["a photo of a cat", ""])
     assert out.shape == (2, 77, enc.width) and not torch.allclose(out[0], out[1])
     assert build_text_encoder(TextEncoderConfig(kind="none")) is None
+    # Seeded, on a forked RNG: a rebuild from the export's config (infd sample) is the tower the UNet
+    # trained with, and the caller's RNG is untouched.
+    torch.rand(3)
+    again = build_text_encoder(TextEncoderConfig(kind="openclip", pretrained=None))
+    assert torch.equal(again(["a photo of a cat", ""]), out)
+    torch.random.set_rng_state(before)
+    expected = torch.rand(3)
+    torch.random.set_rng_state(before)
+    build_text_encoder(TextEncoderConfig(kind="openclip", pretrained=None))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_class_labels_flow_from_sidecars_to_batches_and_guide_sampling(tmp_path):

@@ -96,20 +96,16 @@ def stage2(out: Path, ae_export: Path, steps: int) -> list[Path]:
     return [full, region]
 
 
-EVAL_PROMPTS = ["astronaut (512x512)", "camera (512x512)", "moon (512x512)", "retina (1411x1411)"]
-
-
 def eval_gen(out: Path, ae_export: Path, n: int) -> None:
     """The last step: its JSON object is the demo's last line."""
     print(f"\n== 6. infd eval-gen: {n} samples at 1024 against the dataset's >= 1024 px images", flush=True)
-    prompts = out / "eval_prompts.txt"
-    prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")
     print("   offline, the feature and CLIP networks are random-init: the metrics are named *_randinit and only\n"
           "   show that the pipeline runs (they are not comparable with published FIDs; with the Inception weights\n"
-          "   and --features inception the same command gives fid_256, pfid_256_1k, ...)", flush=True)
+          "   and --features inception the same command gives fid_256, pfid_256_1k, ...); sample i is prompted\n"
+          "   with the caption of real image i (--captions)", flush=True)
     subprocess.run([sys.executable, "-m", "infd.cli", "eval-gen", "--unet", str(out / "runs" / "demo_diffusion" /
                     "export" / "unet"), "--ae", str(ae_export), "--data", str(out / "shards"), "--num-samples", str(n),
-                    "--prompts", str(prompts), "--steps", "20", "--features", "randinit", "--clip-pretrained", "none",
+                    "--captions", "--steps", "20", "--features", "randinit", "--clip-pretrained", "none",
                     "--stats-cache", str(out / "fid_stats"), "--out", str(out / "eval_gen")], check=True)
 
 

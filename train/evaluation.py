@@ -19,7 +19,8 @@ import torch
 from infd.config import ConfigError
 from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, build_networks, evaluate_generator
 from infd.eval.pfid import PFID_SIZE
-from infd.eval.real_set import RealSet, batches_of_rank, choose_real_set, open_source, read_or_skip
+from infd.eval.real_set import (RealSet, batches_of_rank, choose_real_set, open_source, read_or_skip,
+                                 require_captions)
 from infd.eval.samples import ImageSampler, SamplingSpec
 from infd.evaluate import centre_square, metric_keys, reconstruction_sums
 from train.dist import DistInfo
@@ -28,12 +29,23 @@ from train.export import averaged_copy
 log = logging.getLogger("train")
 
 
+PROMPT_SOURCES = ("captions", "samples")
+
+
 @dataclass
 class GenerativeEvalConfig(GenEvalConfig):
     """Stage 2's eval section: GenEvalConfig (num_samples, patches, features, ...) plus the real images."""
 
     shards: list[str] = field(default_factory=list)  # indexed real-image shards; default: data.loader.shards (images)
     index: str | None = None
+    # Text models' prompts: "captions" (sample i takes real image i's caption, the COCO protocol) or
+    # "samples" (samples.prompts cycle).
+    prompts: str = "captions"
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        if self.prompts not in PROMPT_SOURCES:
+            raise ConfigError(f"config key '{prefix}prompts' = {self.prompts!r}: expected one of {PROMPT_SOURCES}")
 
 
 @dataclass
@@ -87,6 +99,10 @@ class GenerativeEval:
         self.real = open_real_set(shards, cfg.index, cfg.real_count, PFID_SIZE if cfg.patches else cfg.fid_size,
                                   "eval.shards")
         self.networks = build_networks(cfg, text, "eval.")
+        self.captions = self.real if text and cfg.prompts == "captions" else None
+        if self.captions is not None:
+            require_captions(self.real, "config key 'eval.prompts' = captions",
+                             "set eval.prompts=samples to cycle samples.prompts")
 
     def __call__(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float) -> dict:
         start = time.perf_counter()
@@ -94,7 +110,8 @@ class GenerativeEval:
         s = self.samples
         spec = SamplingSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.spacing, cfg_scale=s.cfg_scale,
                             latent_size=s.latent_size, prompts=list(s.prompts))
-        sampler = ImageSampler(unet, ae, text, diffusion_cfg, latent_scale, spec, self.cfg.seed, self.info.device)
+        sampler = ImageSampler(unet, ae, text, diffusion_cfg, latent_scale, spec, self.cfg.seed, self.info.device,
+                               self.captions)
         metrics = evaluate_generator(sampler, self.real, self.cfg, self.info.device, self.info.rank,
                                      self.info.world_size, store=None, progress=False, networks=self.networks)
         for net in self.networks:

@@ -41,15 +41,10 @@ def clip_metric_name(cfg: ClipScoreConfig) -> str:
 
 
 def _create_model(cfg: ClipScoreConfig, prefix: str):
-    import open_clip
+    from infd.text import create_openclip
 
-    if cfg.pretrained is None:
-        # open_clip initialises from the global RNG: seed a forked copy, leave the caller's alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return open_clip.create_model(cfg.model, pretrained=None)
     try:
-        return open_clip.create_model(cfg.model, pretrained=cfg.pretrained)
+        return create_openclip(cfg.model, cfg.pretrained, cfg.seed)
     except Exception as err:  # noqa: BLE001  offline hub, bad tag or path: say which knob to turn
         raise ConfigError(f"could not load OpenCLIP {cfg.model} weights {cfg.pretrained!r} ({err}); put them in "
                            f"the hub cache, give a local file as config key '{prefix}pretrained' (infd eval-gen: "

@@ -96,7 +96,7 @@ def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: Gen
         for name, feats in _features(extractor, views, images, cfg.seed, indices, device).items():
             moments[name].add(feats)
         if clip is not None:
-            scores = clip(images[max(sizes)], [sampler.prompt(i) for i in indices])
+            scores = clip(images[max(sizes)], sampler.prompts(indices))
             totals += torch.tensor([float(scores.double().sum()), len(indices), 0], dtype=torch.float64)
         totals[2] += reused
         bar.update(len(indices))

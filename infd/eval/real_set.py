@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from PIL import Image
 from infd.config import ConfigError, from_mapping
 from infd.data.decode import SkipSample, decode_rgb, open_image
 from infd.data.tar_samples import image_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,9 +43,23 @@ class RealSet:
         return decode_rgb(open_image(image_bytes(raw)))
 
     def caption(self, position: int) -> str:
+        """The caption of the image at `position`: "" when it has none, or when its sample cannot be
+        read (the image is then skipped, and counted, in the real statistics too; a warning names it)."""
         from infd.data.image_samples import caption_of
 
-        return caption_of(self.source.read(int(self.ids[position])))
+        try:
+            return caption_of(self.source.read(int(self.ids[position])))
+        except SkipSample as err:
+            log.warning("real image %d (sample %d) is unreadable (%s): its caption is taken as ''", position,
+                        int(self.ids[position]), err.reason)
+            return ""
+
+
+def require_captions(real: RealSet, what: str, fix: str) -> None:
+    """Refuse captions as prompts when the real images have none (checked on the first one)."""
+    if len(real.ids) and not real.caption(0):
+        raise ConfigError(f"{what}: the real images have no captions (a .txt member, or \"caption\" in the .json; "
+                          f"the first one's is empty), so they cannot be the prompts; {fix}")
 
 
 def open_source(shards: list[str], index: str | None = None):

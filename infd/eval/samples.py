@@ -1,8 +1,9 @@
 """Generated images for evaluation: sample i from (seed, i) alone, rendered at several sizes.
 
 Sample i draws its initial noise from seed + i (as image i of `infd sample --seed S`), takes
-prompt i mod len(prompts) for a text model and label i mod num_classes for a class-conditional
-one, so it is the same in any batch, on any rank, at any world size. Its latent is decoded once
+prompt i mod len(prompts) for a text model (or, with captions, the caption of real image i mod n:
+the COCO protocol, where each sample answers a real image's caption) and label i mod num_classes
+for a class-conditional one, so it is the same in any batch, on any rank, at any world size. Its latent is decoded once
 and the field rendered at every evaluation size (1024 for pFID, 256 for FID-256): the image at
 256 is a render at 256, not a downsampled 1024.
 
@@ -43,14 +44,26 @@ class ImageSampler:
     """unet + autoencoder (+ text encoder) -> renders of samples by index.
 
     diffusion_cfg, latent_scale: the UNet's schedule and latent scale (its export records both).
+    captions: a RealSet whose captions are the prompts (sample i: real image i mod its size), read
+    by the rank that draws the sample; None: spec.prompts cycle.
     """
 
-    def __init__(self, unet, ae, text, diffusion_cfg, latent_scale: float, spec: SamplingSpec, seed: int, device):
+    def __init__(self, unet, ae, text, diffusion_cfg, latent_scale: float, spec: SamplingSpec, seed: int, device,
+                 captions=None):
         self.unet, self.ae, self.text, self.spec = unet, ae, text, spec
         self.diffusion_cfg, self.latent_scale, self.seed, self.device = diffusion_cfg, latent_scale, seed, device
+        self.captions, self._batch_captions = captions, {}
 
-    def prompt(self, index: int) -> str:
-        return self.spec.prompts[index % len(self.spec.prompts)] if self.spec.prompts else ""
+    def prompts(self, indices: list[int]) -> list[str]:
+        """The prompts of samples `indices` ("" without any)."""
+        if self.captions is None:
+            p = self.spec.prompts
+            return [p[i % len(p)] if p else "" for i in indices]
+        key = tuple(indices)
+        if key not in self._batch_captions:  # read once per batch: for its render and its CLIP score
+            n = len(self.captions.ids)
+            self._batch_captions = {key: [self.captions.caption(i % n) for i in indices]}
+        return self._batch_captions[key]
 
     def _labels(self, indices: list[int]) -> Tensor | None:
         n = getattr(self.unet.cfg, "num_classes", 0)
@@ -61,7 +74,7 @@ class ImageSampler:
         """{size: (B, 3, size, size) in [-1, 1], on the CPU} for samples `indices`."""
         s = self.spec
         shape = (len(indices), self.unet.cfg.in_channels, s.latent_size, s.latent_size)
-        prompts = [self.prompt(i) for i in indices] if self.text is not None else None
+        prompts = self.prompts(indices) if self.text is not None else None
         z = generate_latents(self.unet, self.diffusion_cfg, self.latent_scale, shape, prompts, self.text,
                              s.cfg_scale, s.sampler, s.steps, seed=[self.seed + i for i in indices],
                              device=self.device, labels=self._labels(indices), eta=s.eta, spacing=s.spacing)
