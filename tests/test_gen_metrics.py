@@ -306,3 +306,22 @@ def test_moment_sums_give_the_statistics_of_the_stacked_features():
     np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
         FeatureMoments(4).stats()
+
+
+def test_batches_of_ranks_cover_each_index_once_and_stop_at_the_same_round():
+    from infd.eval.real_set import EvaluationStopped, batches_of_rank, stoppable_batches
+
+    count, size, world = 7, 2, 3
+    mine = [batches_of_rank(count, size, r, world) for r in range(world)]
+    assert sorted(i for batches in mine for b in batches for i in b) == list(range(count))
+    assert mine[0] == [[0, 1], [6]] and mine[2] == [[4, 5]]  # the same batches at any world size
+    for rank in range(world):
+        calls = []
+        got = list(stoppable_batches(count, size, rank, world, lambda: calls.append(1) and False))
+        assert got == mine[rank] and len(calls) == 2  # every rank checks once per round, batch or not
+        stop_at = iter([False, True])
+        seen = []
+        with pytest.raises(EvaluationStopped):
+            for batch in stoppable_batches(count, size, rank, world, lambda: next(stop_at)):
+                seen.append(batch)
+        assert seen == mine[rank][:1]

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -18,7 +19,7 @@ from infd.export import save_model
 from infd.models import NeuralFieldAutoencoder
 from tests.images import build, write_folder
 from tests.test_models import tiny_cfg
-from tests.training import ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd, wait_for_step
+from tests.training import ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd
 from tests.wandb_reader import history_and_config
 
 DIFF = "train.diffusion"
@@ -71,15 +72,29 @@ def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path, cach
 
 def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
     """2 ranks x ZeRO-2 x 2 loader workers on the latent cache. SIGTERM goes to every process of the
-    job (scancel's way: launcher, ranks, data workers), then again to the ranks every 50 ms until
-    they exit, so that repeats land during the checkpoint; the checkpoint is whole and resuming
-    reproduces the uninterrupted run."""
+    job (scancel's way: launcher, ranks, data workers) while they evaluate after step 1 (a long
+    evaluation: 400 samples, captions as prompts), then again to the ranks every 50 ms until they
+    exit, so that repeats land during the checkpoint. The evaluation is abandoned (nothing logged),
+    the checkpoint of step 1 is whole, and resuming reproduces the uninterrupted run."""
     args = common(cache, "data.loader.batch_size=2", "data.loader.num_workers=2", "deepspeed=zero2",
                   "trainer.ckpt_every=100", "trainer.max_steps=6", "trainer.sample_log=true")
+    evals = (f"eval.shards=[{cache / 'shards'}]", "eval.patches=[]", "eval.fid_size=64", "eval.num_samples=400",
+             "eval.batch_size=2", "eval.features.kind=randinit", "eval.features.dim=8",
+             f"eval.stats_cache={tmp_path / 'stats'}")
     run(DIFF, tmp_path, "straight", *args, nproc=2)
-    proc = subprocess.Popen(train_cmd(DIFF, tmp_path, "stopped", *args, nproc=2), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = wait_for_step(tmp_path / "stopped" / "metrics.jsonl", 2, proc)
+    proc = subprocess.Popen(train_cmd(DIFF, tmp_path, "stopped", *args, *evals, "trainer.eval_every=1", nproc=2),
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, evaluating = [], threading.Event()
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if "evaluating at step 1" in line:
+                evaluating.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    assert evaluating.wait(300), "".join(lines)[-4000:]
     tree = step_tree(proc.pid)
     ranks = psutil.Process(proc.pid).children()
     for process in tree:
@@ -89,9 +104,13 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
             with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
         time.sleep(0.05)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=60)
+    out = "".join(lines)
     stopped = re.search(r"stopped at step (\d+) by SIGTERM", out)
-    assert stopped and int(stopped.group(1)) in (seen, seen + 1), out[-4000:]
+    assert stopped and int(stopped.group(1)) == 1, out[-4000:]
+    assert "evaluation stopped by the stop signal: nothing logged for it" in out, out[-4000:]
+    assert not [k for k in metrics(tmp_path, "stopped")[1] if k.startswith("eval/")]
     step = int(stopped.group(1))
     # A repeat reached rank 0 while it was writing the checkpoint (between its start and its log line).
     stamp = r"\[rank0\] (\S+ \S+) \w+ train\S*: "
@@ -100,7 +119,7 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
     repeats = [_log_time(t) for t in re.findall(stamp + "received SIGTERM again", out)]
     assert any(saved_at - save_s - 0.01 <= t <= saved_at for t in repeats), (repeats, saved_at, save_s)
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["latest", f"step_{step:07d}"]
-    run(DIFF, tmp_path, "stopped", *args, nproc=2)
+    run(DIFF, tmp_path, "stopped", *args, *evals, "trainer.eval_every=0", nproc=2)
     straight, resumed = metrics(tmp_path, "straight"), metrics(tmp_path, "stopped")
     assert sorted(resumed) == list(range(1, 7))
     for s in range(1, 7):

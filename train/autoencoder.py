@@ -166,11 +166,11 @@ class AutoencoderTask:
         model.train(was_training)
         return panels
 
-    def evaluate(self) -> dict:
+    def evaluate(self, should_stop) -> dict:
         """Reconstruction PSNR at eval.scales, LPIPS (the loss's network) and scale consistency of
         the EMA autoencoder on the held-out eval.shards; rank 0 gets them."""
         with own_rng(self.info.device):
-            return self.evaluator(self.gen.module, self.ema, self.loss.lpips)
+            return self.evaluator(self.gen.module, self.ema, self.loss.lpips, should_stop)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
         return export_model(self.gen.module, self.ema, "autoencoder", run_dir, step, self.info)

@@ -191,10 +191,11 @@ class DiffusionTask:
         base = self.ae.cfg.net.resolution
         return {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
 
-    def evaluate(self) -> dict:
+    def evaluate(self, should_stop) -> dict:
         """FID-256 / pFID (eval section) of the EMA UNet's samples; rank 0 gets them."""
         with own_rng(self.info.device):
-            return self.evaluator(self.unet.module, self.ema, self.ae, self.text, self.cfg.diffusion, self.latent_scale)
+            return self.evaluator(self.unet.module, self.ema, self.ae, self.text, self.cfg.diffusion, self.latent_scale,
+                                  should_stop)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
         return export_model(self.unet.module, self.ema, "unet", run_dir, step, self.info,

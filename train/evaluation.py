@@ -6,6 +6,10 @@ sharded over the ranks. Stage 1: reconstruction PSNR at several scales, LPIPS an
 consistency on `eval.num_images` held-out images, through the code of `infd eval-ae`
 (infd.evaluate), sharded over the ranks the same way. Both return {"eval/<metric>": value} on
 rank 0 ({} on the others); metric names carry `_randinit` when a network is random-init.
+
+A stop signal abandons an evaluation in progress: `should_stop` (the loop's all-reduced stop flag)
+is checked before every round of batches, on every rank alike, and an abandoned evaluation
+returns {} (nothing logged) so that the loop checkpoints within trainer.grace_s.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import torch
 from infd.config import ConfigError
 from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, build_networks, evaluate_generator
 from infd.eval.pfid import PFID_SIZE
-from infd.eval.real_set import (RealSet, batches_of_rank, choose_real_set, open_source, read_or_skip,
-                                 require_captions)
+from infd.eval.real_set import (EvaluationStopped, RealSet, choose_real_set, open_source, read_or_skip,
+                                 require_captions, stoppable_batches)
 from infd.eval.samples import ImageSampler, SamplingSpec
 from infd.evaluate import centre_square, metric_keys, reconstruction_sums
 from train.dist import DistInfo
@@ -82,6 +86,15 @@ def open_real_set(shards: list[str], index: str | None, n: int, min_side: int, k
     return real
 
 
+@contextmanager
+def stoppable(what: str):
+    """An evaluation that a stop signal abandons: EvaluationStopped ends it with a warning."""
+    try:
+        yield
+    except EvaluationStopped:
+        log.warning("%s stopped by the stop signal: nothing logged for it", what)
+
+
 def prefixed(metrics: dict | None, elapsed: float) -> dict:
     """The metrics under eval/ plus the time taken; {} on ranks other than 0."""
     if metrics is None:
@@ -104,8 +117,16 @@ class GenerativeEval:
             require_captions(self.real, "config key 'eval.prompts' = captions",
                              "set eval.prompts=samples to cycle samples.prompts")
 
-    def __call__(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float) -> dict:
-        start = time.perf_counter()
+    def __call__(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float, should_stop=None) -> dict:
+        start, metrics = time.perf_counter(), None
+        with stoppable("evaluation"):
+            metrics = self._evaluate(unet_module, ema, ae, text, diffusion_cfg, latent_scale, should_stop)
+        for net in self.networks:
+            if net is not None:
+                net.to("cpu")  # off the accelerator between evaluations
+        return prefixed(metrics, time.perf_counter() - start)
+
+    def _evaluate(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float, should_stop) -> dict | None:
         unet = averaged_copy(unet_module, ema, "unet").to(self.info.device)
         s = self.samples
         spec = SamplingSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.spacing, cfg_scale=s.cfg_scale,
@@ -113,13 +134,9 @@ class GenerativeEval:
         sampler = ImageSampler(unet, ae, text, diffusion_cfg, latent_scale, spec, self.cfg.seed, self.info.device,
                                self.captions)
         metrics = evaluate_generator(sampler, self.real, self.cfg, self.info.device, self.info.rank,
-                                     self.info.world_size, store=None, progress=False, networks=self.networks)
-        for net in self.networks:
-            if net is not None:
-                net.to("cpu")  # off the accelerator between evaluations
-        if metrics is not None:
-            metrics = {k: v for k, v in metrics.items() if k.startswith(METRIC_PREFIXES)}
-        return prefixed(metrics, time.perf_counter() - start)
+                                     self.info.world_size, store=None, progress=False, networks=self.networks,
+                                     should_stop=should_stop)
+        return {k: v for k, v in metrics.items() if k.startswith(METRIC_PREFIXES)} if metrics is not None else None
 
 
 class ReconstructionEval:
@@ -130,18 +147,23 @@ class ReconstructionEval:
         self.cfg, self.base, self.info = cfg, base, info
         self.real = open_real_set(cfg.shards, cfg.index, cfg.num_images, base, "eval.shards")
 
-    def _images(self, skips: dict):
-        for positions in batches_of_rank(len(self.real.ids), 1, self.info.rank, self.info.world_size):
+    def _images(self, skips: dict, should_stop):
+        for positions in stoppable_batches(len(self.real.ids), 1, self.info.rank, self.info.world_size, should_stop):
             img = read_or_skip(self.real, positions[0], skips)
             if img is not None:
                 yield positions[0], centre_square(img)
 
-    def __call__(self, module, ema, lpips_net) -> dict:
-        start = time.perf_counter()
+    def __call__(self, module, ema, lpips_net, should_stop=None) -> dict:
+        start, means = time.perf_counter(), None
+        with stoppable("evaluation"):
+            means = self._evaluate(module, ema, lpips_net, should_stop)
+        return prefixed(means, time.perf_counter() - start)
+
+    def _evaluate(self, module, ema, lpips_net, should_stop) -> dict | None:
         model = averaged_copy(module, ema, "autoencoder").to(self.info.device)
         scales = tuple(self.cfg.scales)
-        sums, counts = reconstruction_sums(model, self._images({}), self.info.device, scales, self.base, lpips_net,
-                                           progress=False)
+        sums, counts = reconstruction_sums(model, self._images({}, should_stop), self.info.device, scales, self.base,
+                                           lpips_net, progress=False)
         keys = metric_keys(scales, lpips_net is not None)
         totals = torch.tensor([[sums[k] for k in keys], [counts[k] for k in keys]], dtype=torch.float64)
         if self.info.world_size > 1:
@@ -150,7 +172,6 @@ class ReconstructionEval:
             totals = totals.to(self.info.device)
             dist.all_reduce(totals)
         if not self.info.is_main:
-            return {}
+            return None
         suffix = {"lpips_1x": "_randinit"} if getattr(lpips_net, "is_random_init", False) else {}
-        means = {k + suffix.get(k, ""): float(s / c) for k, s, c in zip(keys, *totals.cpu().tolist()) if c}
-        return prefixed(means, time.perf_counter() - start)
+        return {k + suffix.get(k, ""): float(s / c) for k, s, c in zip(keys, *totals.cpu().tolist()) if c}

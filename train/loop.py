@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from safetensors.torch import load_file
 
@@ -47,8 +47,9 @@ class Task(Protocol):
     def export(self, run_dir: Path, step: int) -> Path | None:
         """Write the trained model to run_dir/export/; collective, rank 0 writes."""
 
-    def evaluate(self) -> dict:
-        """{"eval/<metric>": value} of the EMA model on rank 0 ({} elsewhere); collective."""
+    def evaluate(self, should_stop: Callable[[], bool]) -> dict:
+        """{"eval/<metric>": value} of the EMA model on rank 0 ({} elsewhere); collective.
+        `should_stop()` (collective) is checked between its batches: True abandons it ({})."""
 
 
 def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
@@ -139,7 +140,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             out = task.train_step(micro, step)
             step += 1
             logger.step_done(step)
-            evals = task.evaluate() if cfg.eval_every and step % cfg.eval_every == 0 else {}
+            evals = evaluate(task, step, preempt, info) if cfg.eval_every and step % cfg.eval_every == 0 else {}
             metrics.write(step, out.logs | evals)
             if evals:
                 logger.log_scalars(evals, step)
@@ -160,6 +161,14 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
         batches.close()  # ends the DataLoader iterator: its workers are stopped here, not left to exit
     task.export(run_dir, step)  # collective; the task writes on rank 0
     return step
+
+
+def evaluate(task: Task, step: int, preempt: PreemptionFlag, info: DistInfo) -> dict:
+    """task.evaluate, abandoned at a stop signal (the flag all-reduced before each round of its
+    batches, so every rank abandons it at the same point): an evaluation never holds up the
+    checkpoint that the signal asks for. Not skipped on a local flag: ranks would part ways."""
+    log.info("evaluating at step %d", step)
+    return task.evaluate(lambda: any_rank(preempt.raised, info.device))
 
 
 def fetch_micro_batches(batches: Iterator[dict], n: int, preempt: PreemptionFlag) -> list[dict] | None:

@@ -7,6 +7,8 @@ and the result does not depend on W beyond the float64 rounding of that sum. Rea
 statistics come from the cache (stats_cache, keyed by dataset, view, N and feature network) or
 are computed once, sharded the same way, and stored by rank 0. Collective: every rank of the
 default process group calls `evaluate_generator`; rank 0 gets the metrics, the others None.
+`should_stop` (a collective callable, checked before every round of batches) abandons it with
+EvaluationStopped: a training run's stop signal is not held up by an evaluation.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from infd.eval.clip_score import ClipScoreConfig, ClipScorer, clip_metric_name
 from infd.eval.features import FeatureConfig, build_feature_extractor, feature_id, metric_suffix
 from infd.eval.frechet import FeatureMoments, frechet_distance
 from infd.eval.pfid import FID_SIZE, PATCHES, PFID_SIZE, fid_name, pfid_crops, pfid_name, real_square
-from infd.eval.real_set import RealSet, batches_of_rank, read_or_skip
+from infd.eval.real_set import RealSet, batches_of_rank, read_or_skip, stoppable_batches
 from infd.eval.samples import ImageSampler, SampleStore, samples_of
 
 METRIC_PREFIXES = ("fid_", "pfid_", "clip_score")  # the metrics in evaluate_generator's result; the rest is info
@@ -84,14 +86,15 @@ def _progress(items, desc: str, rank: int, progress: bool):
 
 
 def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: GenEvalConfig, extractor, rank: int,
-                      world: int, device, progress: bool = True, clip: ClipScorer | None = None) -> tuple[dict, dict]:
+                      world: int, device, progress: bool = True, clip: ClipScorer | None = None,
+                      should_stop=None) -> tuple[dict, dict]:
     """({view: FeatureMoments}, {"clip_sum", "clip_count", "reused"}) of this rank's samples, all-reduced."""
     views, sizes = cfg.views(), cfg.render_sizes()
     moments = {name: FeatureMoments(extractor.num_features) for name in views}
     totals = torch.zeros(3, dtype=torch.float64)  # clip score sum, clip count, samples reused
     batches = batches_of_rank(cfg.num_samples, cfg.batch_size, rank, world)
     bar = _progress(range(sum(map(len, batches))), "eval-gen samples", rank, progress)
-    for indices in batches:
+    for indices in stoppable_batches(cfg.num_samples, cfg.batch_size, rank, world, should_stop):
         images, reused = samples_of(sampler, store, indices, sizes)
         for name, feats in _features(extractor, views, images, cfg.seed, indices, device).items():
             moments[name].add(feats)
@@ -108,14 +111,14 @@ def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: Gen
 
 
 def real_moments(real: RealSet, cfg: GenEvalConfig, views: dict, extractor, rank: int, world: int, device,
-                 progress: bool = True) -> tuple[dict, dict]:
+                 progress: bool = True, should_stop=None) -> tuple[dict, dict]:
     """({view: FeatureMoments}, skip counts) of the real set for `views`, all-reduced."""
     moments = {name: FeatureMoments(extractor.num_features) for name in views}
     skips: dict[str, int] = {}
     sizes = sorted({size if kind == "whole" else PFID_SIZE for kind, size in views.values()})
     batches = batches_of_rank(len(real.ids), cfg.batch_size, rank, world)
     bar = _progress(range(sum(map(len, batches))), "eval-gen real", rank, progress)
-    for positions in batches:
+    for positions in stoppable_batches(len(real.ids), cfg.batch_size, rank, world, should_stop):
         kept = []
         for position in positions:
             squares = _real_squares(real, position, sizes, skips)
@@ -172,7 +175,7 @@ def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def cached_real_stats(real: RealSet, cfg: GenEvalConfig, extractor, rank: int, world: int, device,
-                      progress: bool = True) -> tuple[dict, dict]:
+                      progress: bool = True, should_stop=None) -> tuple[dict, dict]:
     """({view: (mu, sigma)} on rank 0 ({} elsewhere), real-set info). Rank 0 alone reads the
     cache and tells the others which views miss (one all-reduce); those are computed by all ranks
     together and stored by rank 0."""
@@ -186,7 +189,7 @@ def cached_real_stats(real: RealSet, cfg: GenEvalConfig, extractor, rank: int, w
     info = {"num_real": len(real.ids), "real_skipped_small": real.skipped_small, "real_index": real.index_id}
     stats = {}
     if todo:
-        moments, skips = real_moments(real, cfg, todo, extractor, rank, world, device, progress)
+        moments, skips = real_moments(real, cfg, todo, extractor, rank, world, device, progress, should_stop)
         info["real_skipped"] = skips
         for name, m in moments.items():
             meta = {"view": name, "n_requested": cfg.real_count, "n_used": m.count, "features": fid, **info}
@@ -211,7 +214,7 @@ def build_networks(cfg: GenEvalConfig, text: bool, prefix: str = "") -> tuple:
 
 def evaluate_generator(sampler: ImageSampler, real: RealSet, cfg: GenEvalConfig, device, rank: int = 0,
                        world: int = 1, store: SampleStore | None = None, progress: bool = True,
-                       networks: tuple | None = None) -> dict | None:
+                       networks: tuple | None = None, should_stop=None) -> dict | None:
     """{metric name: value, ...} on rank 0 (None on the others). Names carry `_randinit` when
     the feature network (or the CLIP model) is random-init. networks: `build_networks(cfg)`'s
     result, moved to `device` here (built here when None)."""
@@ -222,8 +225,8 @@ def evaluate_generator(sampler: ImageSampler, real: RealSet, cfg: GenEvalConfig,
     extractor, clip = networks or build_networks(cfg, text=sampler.text is not None)
     extractor = extractor.to(device)
     clip = clip.to(device) if clip is not None else None
-    gen, totals = generated_moments(sampler, store, cfg, extractor, rank, world, device, progress, clip)
-    real_stats, info = cached_real_stats(real, cfg, extractor, rank, world, device, progress)
+    gen, totals = generated_moments(sampler, store, cfg, extractor, rank, world, device, progress, clip, should_stop)
+    real_stats, info = cached_real_stats(real, cfg, extractor, rank, world, device, progress, should_stop)
     if rank != 0:
         return None
     suffix = metric_suffix(cfg.features)

@@ -112,6 +112,24 @@ def batches_of_rank(count: int, batch_size: int, rank: int, world_size: int) -> 
     return [list(range(s, min(s + batch_size, count))) for s in starts]
 
 
+class EvaluationStopped(Exception):
+    """`should_stop()` said to stop (a training run's stop signal): the evaluation is abandoned."""
+
+
+def stoppable_batches(count: int, batch_size: int, rank: int, world_size: int, should_stop=None):
+    """This rank's batches_of_rank, one per round of W batches, with `should_stop()` called before
+    each round on every rank alike (a collective, e.g. an all-reduce of a stop flag; a rank without
+    a batch in the last round still calls it). Raises EvaluationStopped when it returns True, on
+    every rank at the same round."""
+    mine = batches_of_rank(count, batch_size, rank, world_size)
+    rounds = -(-count // (batch_size * world_size))
+    for r in range(rounds):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
+        if r < len(mine):
+            yield mine[r]
+
+
 def read_or_skip(real: RealSet, position: int, skips: dict) -> Image.Image | None:
     """real.read(position), or None with skips[reason] += 1 (a corrupt file in a long evaluation)."""
     try:
