@@ -140,12 +140,13 @@ def test_captions_are_the_prompts_of_a_text_model(setup, capsys, tmp_path):
             param.add_(0.05 * torch.randn_like(param))
     save_model(model, tmp_path / "unet", kind="unet",
                extra={"latent_scale": 1.0, "diffusion": {}, "autoencoder": str(setup / "ae"), "text": text})
-    # FID at 64 only: all 5 real images qualify, and samples 0-3 answer the first 4 captions.
-    small = ["--unet", str(tmp_path / "unet"), "--patches", "--fid-size", "64", "--clip-model", "ViT-S-32",
-             "--clip-pretrained", "none", "--stats-cache", str(tmp_path / "stats")]
-    captions = tar_order_captions(setup / "shards" / "shard-000000.tar", 64)[:N]
-    assert len(set(captions)) == N
+    # FID at 64 only, so every real image qualifies; a real set of 2: samples 0-3 answer captions 0, 1, 0, 1.
+    small = ["--unet", str(tmp_path / "unet"), "--patches", "--fid-size", "64", "--num-real", "2", "--clip-model",
+             "ViT-S-32", "--clip-pretrained", "none", "--stats-cache", str(tmp_path / "stats")]
+    captions = tar_order_captions(setup / "shards" / "shard-000000.tar", 64)[:2]
+    assert len(set(captions)) == 2
     captioned = run_in_process(capsys, args(setup, tmp_path / "captions", *small, "--captions"))
+    assert captioned["num_real"] == 2 and captioned["prompts_empty"] == 0
     (tmp_path / "same.txt").write_text("\n".join(captions) + "\n")
     listed = run_in_process(capsys, args(setup, tmp_path / "listed", *small, "--prompts", str(tmp_path / "same.txt")))
     (tmp_path / "other.txt").write_text("\n".join(reversed(captions)) + "\n")
@@ -162,3 +163,23 @@ def test_captions_are_the_prompts_of_a_text_model(setup, capsys, tmp_path):
     assert main(args(setup, tmp_path / "bare_out", *small, "--captions", "--data", str(tmp_path / "bare_shards"))) == 2
     assert "the real images have no captions" in capsys.readouterr().err
     assert main(args(setup, tmp_path / "both", *small, "--captions", "--prompts", str(tmp_path / "same.txt"))) == 2
+    assert "--prompts and --captions both given" in capsys.readouterr().err
+
+
+def test_an_evaluation_abandoned_in_its_real_images_caches_nothing(setup, tmp_path):
+    from infd.config import from_mapping
+    from infd.eval.features import build_feature_extractor
+    from infd.eval.generative import GenEvalConfig, cached_real_stats
+    from infd.eval.real_set import EvaluationStopped
+
+    cfg = from_mapping(GenEvalConfig, {"num_samples": 4, "patches": [], "fid_size": 64, "batch_size": 2,
+                                       "features": {"kind": "randinit", "dim": 8}, "stats_cache": str(tmp_path)})
+    real = choose_real_set(open_source([str(setup / "shards")]), 4, 64)
+    extractor, cpu = build_feature_extractor(cfg.features), torch.device("cpu")
+    checks = []
+    with pytest.raises(EvaluationStopped):  # stopped before the second of 2 rounds of real images
+        cached_real_stats(real, cfg, extractor, 0, 1, cpu, progress=False,
+                          should_stop=lambda: checks.append(1) or len(checks) > 1)
+    assert len(checks) == 2 and not list(tmp_path.iterdir())
+    _, info = cached_real_stats(real, cfg, extractor, 0, 1, cpu, progress=False)
+    assert info["real_stats"] == "computed" and list(tmp_path.iterdir())

@@ -94,7 +94,10 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    assert evaluating.wait(300), "".join(lines)[-4000:]
+    if not evaluating.wait(300):
+        for process in step_tree(proc.pid):
+            process.kill()
+        pytest.fail("no evaluation started: " + "".join(lines)[-4000:])
     tree = step_tree(proc.pid)
     ranks = psutil.Process(proc.pid).children()
     for process in tree:
@@ -150,7 +153,9 @@ def test_wandb_sample_panels_eval_metrics_and_sampling_the_export(tmp_path, cach
     last = history[-1]
     # Evaluated at step 2 with the EMA UNet: random-init feature and CLIP networks, named so.
     evals = {k: v for k, v in last.items() if k.startswith("eval/")}
-    assert sorted(evals) == ["eval/clip_score_randinit", "eval/fid_64_randinit", "eval/seconds"], evals
+    assert sorted(evals) == ["eval/clip_score_randinit", "eval/fid_64_randinit", "eval/prompts_empty",
+                             "eval/seconds"], evals
+    assert evals["eval/prompts_empty"] == 0  # eval.prompts=captions: the real images' captions
     assert evals["eval/fid_64_randinit"] > 0 and 0 <= evals["eval/clip_score_randinit"] <= 100
     logged = metrics(tmp_path, "wb")
     assert "eval/fid_64_randinit" in logged[2] and not [k for k in logged[1] if k.startswith("eval/")]

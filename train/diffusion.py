@@ -94,7 +94,7 @@ def estimate_latent_scale(batches, ae, count: int, device) -> float:
 class DiffusionTask:
     def __init__(self, cfg: DiffusionTrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
-        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (random-init text tower too)
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         unet = build_unet(cfg.unet, load_pretrained=not cfg.trainer.init_from)
         if cfg.trainer.init_from:
             load_export_weights(unet, cfg.trainer.init_from)

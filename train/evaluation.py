@@ -8,8 +8,8 @@ consistency on `eval.num_images` held-out images, through the code of `infd eval
 rank 0 ({} on the others); metric names carry `_randinit` when a network is random-init.
 
 A stop signal abandons an evaluation in progress: `should_stop` (the loop's all-reduced stop flag)
-is checked before every round of batches, on every rank alike, and an abandoned evaluation
-returns {} (nothing logged) so that the loop checkpoints within trainer.grace_s.
+is checked before every round of batches, on every rank alike, and EvaluationStopped reaches the
+loop on every rank at the same point; it logs nothing for it and checkpoints.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 from infd.config import ConfigError
 from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, build_networks, evaluate_generator
 from infd.eval.pfid import PFID_SIZE
-from infd.eval.real_set import (EvaluationStopped, RealSet, choose_real_set, open_source, read_or_skip,
-                                 require_captions, stoppable_batches)
+from infd.eval.real_set import (RealSet, choose_real_set, open_source, read_or_skip, require_captions,
+                                 stoppable_batches)
 from infd.eval.samples import ImageSampler, SamplingSpec
 from infd.evaluate import centre_square, metric_keys, reconstruction_sums
 from train.dist import DistInfo
@@ -86,15 +86,6 @@ def open_real_set(shards: list[str], index: str | None, n: int, min_side: int, k
     return real
 
 
-@contextmanager
-def stoppable(what: str):
-    """An evaluation that a stop signal abandons: EvaluationStopped ends it with a warning."""
-    try:
-        yield
-    except EvaluationStopped:
-        log.warning("%s stopped by the stop signal: nothing logged for it", what)
-
-
 def prefixed(metrics: dict | None, elapsed: float) -> dict:
     """The metrics under eval/ plus the time taken; {} on ranks other than 0."""
     if metrics is None:
@@ -118,12 +109,13 @@ class GenerativeEval:
                              "set eval.prompts=samples to cycle samples.prompts")
 
     def __call__(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float, should_stop=None) -> dict:
-        start, metrics = time.perf_counter(), None
-        with stoppable("evaluation"):
+        start = time.perf_counter()
+        try:
             metrics = self._evaluate(unet_module, ema, ae, text, diffusion_cfg, latent_scale, should_stop)
-        for net in self.networks:
-            if net is not None:
-                net.to("cpu")  # off the accelerator between evaluations
+        finally:
+            for net in self.networks:
+                if net is not None:
+                    net.to("cpu")  # off the accelerator between evaluations
         return prefixed(metrics, time.perf_counter() - start)
 
     def _evaluate(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float, should_stop) -> dict | None:
@@ -136,7 +128,9 @@ class GenerativeEval:
         metrics = evaluate_generator(sampler, self.real, self.cfg, self.info.device, self.info.rank,
                                      self.info.world_size, store=None, progress=False, networks=self.networks,
                                      should_stop=should_stop)
-        return {k: v for k, v in metrics.items() if k.startswith(METRIC_PREFIXES)} if metrics is not None else None
+        if metrics is None:
+            return None
+        return {k: v for k, v in metrics.items() if k.startswith(METRIC_PREFIXES) or k == "prompts_empty"}
 
 
 class ReconstructionEval:
@@ -154,10 +148,8 @@ class ReconstructionEval:
                 yield positions[0], centre_square(img)
 
     def __call__(self, module, ema, lpips_net, should_stop=None) -> dict:
-        start, means = time.perf_counter(), None
-        with stoppable("evaluation"):
-            means = self._evaluate(module, ema, lpips_net, should_stop)
-        return prefixed(means, time.perf_counter() - start)
+        start = time.perf_counter()
+        return prefixed(self._evaluate(module, ema, lpips_net, should_stop), time.perf_counter() - start)
 
     def _evaluate(self, module, ema, lpips_net, should_stop) -> dict | None:
         model = averaged_copy(module, ema, "autoencoder").to(self.info.device)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainerConfig
 from infd.data.loader import Loader
+from infd.eval.real_set import EvaluationStopped
 from train.dist import DistInfo, any_rank
 from train.export import checkpoint_meta, export_after_checkpoint
 from train.logger import Logger, Throughput, grad_norm
@@ -49,7 +50,7 @@ class Task(Protocol):
 
     def evaluate(self, should_stop: Callable[[], bool]) -> dict:
         """{"eval/<metric>": value} of the EMA model on rank 0 ({} elsewhere); collective.
-        `should_stop()` (collective) is checked between its batches: True abandons it ({})."""
+        `should_stop()` (collective) is checked between its batches: True raises EvaluationStopped."""
 
 
 def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
@@ -141,6 +142,8 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             step += 1
             logger.step_done(step)
             evals = evaluate(task, step, preempt, info) if cfg.eval_every and step % cfg.eval_every == 0 else {}
+            stopping = evals is None  # the same on every rank: go straight to the checkpoint
+            evals = evals or {}
             metrics.write(step, out.logs | evals)
             if evals:
                 logger.log_scalars(evals, step)
@@ -152,7 +155,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
                                    {f"data/skipped/{k}": v for k, v in skips.items()} |
                                    {"data/skipped_total": sum(skips.values()),
                                     "data/read_mb": data.bytes_read() / 2**20}, step)
-            if step % cfg.image_every == 0:
+            if step % cfg.image_every == 0 and not stopping:
                 logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 checkpoint(data.state_dict())
@@ -163,12 +166,16 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
     return step
 
 
-def evaluate(task: Task, step: int, preempt: PreemptionFlag, info: DistInfo) -> dict:
-    """task.evaluate, abandoned at a stop signal (the flag all-reduced before each round of its
-    batches, so every rank abandons it at the same point): an evaluation never holds up the
-    checkpoint that the signal asks for. Not skipped on a local flag: ranks would part ways."""
+def evaluate(task: Task, step: int, preempt: PreemptionFlag, info: DistInfo) -> dict | None:
+    """task.evaluate, or None if a stop signal abandoned it (the flag is all-reduced before each
+    round of its batches, so every rank abandons it at the same point): an evaluation never holds
+    up the checkpoint that the signal asks for. Not skipped on a local flag: ranks would part ways."""
     log.info("evaluating at step %d", step)
-    return task.evaluate(lambda: any_rank(preempt.raised, info.device))
+    try:
+        return task.evaluate(lambda: any_rank(preempt.raised, info.device))
+    except EvaluationStopped:
+        log.warning("evaluation stopped by the stop signal: nothing logged for it")
+        return None
 
 
 def fetch_micro_batches(batches: Iterator[dict], n: int, preempt: PreemptionFlag) -> list[dict] | None:

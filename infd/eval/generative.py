@@ -88,10 +88,12 @@ def _progress(items, desc: str, rank: int, progress: bool):
 def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: GenEvalConfig, extractor, rank: int,
                       world: int, device, progress: bool = True, clip: ClipScorer | None = None,
                       should_stop=None) -> tuple[dict, dict]:
-    """({view: FeatureMoments}, {"clip_sum", "clip_count", "reused"}) of this rank's samples, all-reduced."""
+    """({view: FeatureMoments}, {"clip_sum", "clip_count", "reused", "prompts_empty"}) of this rank's
+    samples, all-reduced. prompts_empty: samples of a text model prompted with "" (a real image
+    without a caption, or unreadable, under captions as prompts)."""
     views, sizes = cfg.views(), cfg.render_sizes()
     moments = {name: FeatureMoments(extractor.num_features) for name in views}
-    totals = torch.zeros(3, dtype=torch.float64)  # clip score sum, clip count, samples reused
+    totals = torch.zeros(4, dtype=torch.float64)  # clip score sum, clip count, samples reused, empty prompts
     batches = batches_of_rank(cfg.num_samples, cfg.batch_size, rank, world)
     bar = _progress(range(sum(map(len, batches))), "eval-gen samples", rank, progress)
     for indices in stoppable_batches(cfg.num_samples, cfg.batch_size, rank, world, should_stop):
@@ -100,14 +102,18 @@ def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: Gen
             moments[name].add(feats)
         if clip is not None:
             scores = clip(images[max(sizes)], sampler.prompts(indices))
-            totals += torch.tensor([float(scores.double().sum()), len(indices), 0], dtype=torch.float64)
+            totals[0] += float(scores.double().sum())
+            totals[1] += len(indices)
         totals[2] += reused
+        if sampler.text is not None:
+            totals[3] += sum(not p for p in sampler.prompts(indices))
         bar.update(len(indices))
     bar.close()
     for m in moments.values():
         m.all_reduce(device)
     totals = all_reduce_sum(totals, device)
-    return moments, {"clip_sum": float(totals[0]), "clip_count": int(totals[1]), "reused": int(totals[2])}
+    return moments, {"clip_sum": float(totals[0]), "clip_count": int(totals[1]), "reused": int(totals[2]),
+                     "prompts_empty": int(totals[3])}
 
 
 def real_moments(real: RealSet, cfg: GenEvalConfig, views: dict, extractor, rank: int, world: int, device,
@@ -233,5 +239,7 @@ def evaluate_generator(sampler: ImageSampler, real: RealSet, cfg: GenEvalConfig,
     out = {name + suffix: frechet_distance(*gen[name].stats(), *real_stats[name]) for name in cfg.views()}
     if clip is not None:
         out[clip_metric_name(cfg.clip)] = totals["clip_sum"] / max(totals["clip_count"], 1)
+    if sampler.text is not None:
+        out["prompts_empty"] = totals["prompts_empty"]
     return out | {"num_samples": cfg.num_samples, "samples_reused": totals["reused"], "seed": cfg.seed,
                   "features": feature_id(cfg.features), "world_size": world} | info

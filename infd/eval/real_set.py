@@ -42,13 +42,18 @@ class RealSet:
         raw = self.source.read(int(self.ids[position]))
         return decode_rgb(open_image(image_bytes(raw)))
 
-    def caption(self, position: int) -> str:
-        """The caption of the image at `position`: "" when it has none, or when its sample cannot be
-        read (the image is then skipped, and counted, in the real statistics too; a warning names it)."""
+    def read_caption(self, position: int) -> str:
+        """The caption of the image at `position` ("" if it has none). Raises SkipSample if its
+        sample is unreadable. One ranged read of the whole sample (the image too)."""
         from infd.data.image_samples import caption_of
 
+        return caption_of(self.source.read(int(self.ids[position])))
+
+    def caption(self, position: int) -> str:
+        """read_caption, or "" when the sample cannot be read (the image is then skipped, and
+        counted, in the real statistics too; a warning names it). Evaluations count empty prompts."""
         try:
-            return caption_of(self.source.read(int(self.ids[position])))
+            return self.read_caption(position)
         except SkipSample as err:
             log.warning("real image %d (sample %d) is unreadable (%s): its caption is taken as ''", position,
                         int(self.ids[position]), err.reason)
@@ -57,7 +62,14 @@ class RealSet:
 
 def require_captions(real: RealSet, what: str, fix: str) -> None:
     """Refuse captions as prompts when the real images have none (checked on the first one)."""
-    if len(real.ids) and not real.caption(0):
+    if not len(real.ids):
+        return
+    try:
+        text = real.read_caption(0)
+    except SkipSample as err:
+        raise ConfigError(f"{what}: the first real image's sample cannot be read ({err.reason}: {err}); check the "
+                          f"shards and their index; {fix}") from None
+    if not text:
         raise ConfigError(f"{what}: the real images have no captions (a .txt member, or \"caption\" in the .json; "
                           f"the first one's is empty), so they cannot be the prompts; {fix}")
 
