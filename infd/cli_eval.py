@@ -211,7 +211,7 @@ def add_parser(sub, command, device_help: str) -> None:
                    "statistics (\"\": recompute)")
     p.add_argument("--prompts", help="text models: file with one prompt per line; sample i takes line i mod lines")
     p.add_argument("--captions", action="store_true", help="text models: sample i takes the caption of real image "
-                   "i mod --num-real (the COCO protocol: FID and CLIP score on the real set's own captions)")
+                   "i mod the real set's size (the COCO protocol: FID and CLIP score on the real set's own captions)")
     p.add_argument("--no-clip-score", action="store_true", help="text models: skip the CLIP score")
     p.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP model of the CLIP score")
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k", help="its OpenCLIP weights tag or file; "

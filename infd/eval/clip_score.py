@@ -8,7 +8,8 @@ the two agree whenever every cosine is positive (the case for real CLIP models o
 pairs). Report the mean of our per-pair scores.
 
 `pretrained` is an OpenCLIP tag (the usual hub cache), a local weights file, or None for a
-random-init model seeded by `seed` (offline only: the metric name then carries `_randinit`).
+random-init model seeded by `seed` (offline only: the metric name then carries `_randinit`; at seed 0
+its text tower is the random-init text encoder of the same model, infd.text.create_openclip).
 Images are preprocessed by OpenCLIP's own eval transform for the model (resize of the short side
 to the model's image size with its interpolation, centre crop, its mean/std), applied to the
 8-bit image, as for a saved sample.

@@ -3,9 +3,9 @@
 Sample i draws its initial noise from seed + i (as image i of `infd sample --seed S`), takes
 prompt i mod len(prompts) for a text model (or, with captions, the caption of real image i mod n:
 the COCO protocol, where each sample answers a real image's caption) and label i mod num_classes
-for a class-conditional one, so it is the same in any batch, on any rank, at any world size. Its latent is decoded once
-and the field rendered at every evaluation size (1024 for pFID, 256 for FID-256): the image at
-256 is a render at 256, not a downsampled 1024.
+for a class-conditional one, so it is the same in any batch, on any rank, at any world size. Its
+latent is decoded once and the field rendered at every evaluation size (1024 for pFID, 256 for
+FID-256): the image at 256 is a render at 256, not a downsampled 1024.
 
 `SampleStore` keeps the renders as PNGs (written to a temporary name and renamed, so a killed
 run leaves only whole files); a rerun reuses them. PNG holds exactly the 8-bit values the
