@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   install, then run the main job on embedded data
-#   make test   install, then run the test suite
+#   make test   install, then lint and run the test suite
+#   make test-fast  the inner loop: the tests not marked slow (under 3 minutes), every module imported
+#   make lint   ruff (ruff.toml) on the whole repository
 #   make demo-sd  the Stable Diffusion conversion path on tiny random-init models
 # Override TORCH to pick another build, e.g. make test TORCH="torch==2.5.1 torchvision==0.20.1".
 PYTHON ?= python3
@@ -9,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-sd test clean
+.PHONY: install demo demo-sd test test-fast lint clean
 
 install: $(STAMP)
 
@@ -28,8 +30,14 @@ demo: install
 demo-sd: install
 	$(PY) -m train.demo_sd
 
-test: install
+test: lint
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo_out demo_sd_out

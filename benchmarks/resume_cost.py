@@ -140,11 +140,13 @@ def main() -> None:
         cells = ", ".join(f"{pos}: {r['mb_read']:.2f} MB {r['resume_s']:.2f} s" for pos, r in res.items())
         print(f"{name:<28} {cells}; 90%/10%: {res['90%']['mb_read'] / max(res['10%']['mb_read'], 1e-9):.2f}x MB, "
               f"{res['90%']['resume_s'] / res['10%']['resume_s']:.2f}x s")
-    ok = (new["90%"]["mb_read"] <= 1.5 * new["10%"]["mb_read"] and new["90%"]["resume_s"] <= 1.5 * new["10%"]["resume_s"]
+    ok = (new["90%"]["mb_read"] <= 1.5 * new["10%"]["mb_read"]
+          and new["90%"]["resume_s"] <= 1.5 * new["10%"]["resume_s"]
           and all(r["mb_read"] < bound for r in new.values()))
     print(f"bound per worker: one shard + 4 x {BLOCK} samples = {bound:.2f} MB; target met: {ok}")
     print(json.dumps({"shards": SHARDS, "samples": SHARDS * PER_SHARD, "dataset_mb": round(shard_mb * SHARDS, 1),
-                      "ranks": RANKS, "workers": WORKERS, "shuffle_block": BLOCK, "bound_mb_per_worker": round(bound, 2),
+                      "ranks": RANKS, "workers": WORKERS, "shuffle_block": BLOCK,
+                      "bound_mb_per_worker": round(bound, 2),
                       "target_met": ok, "resume": new, "replay_baseline": old}))
 
 

@@ -66,7 +66,8 @@ def worker(stage: int, out: Path) -> None:
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     optimizer_bytes = tensor_bytes(t for state in base.state.values() for t in state.values())
     zero = engine.optimizer
-    masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
+    masters = (getattr(zero, "single_partition_of_fp32_groups", None)
+               or getattr(zero, "fp32_partitioned_groups_flat", []))
     result = {"rank": info.rank, "optimizer_bytes": optimizer_bytes, "master_bytes": tensor_bytes(masters),
               "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
     (out / f"stage{stage}_rank{info.rank}.json").write_text(json.dumps(result))

@@ -203,7 +203,7 @@ def _report(index: dict, dest: Destination, args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infd.cli_common import HelpFormatter
+    from infd.cli.common import HelpFormatter
 
     p = argparse.ArgumentParser(prog="python -m data_prep.build_shards", description=__doc__,
                                 formatter_class=HelpFormatter)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data_prep.build_shards import Destination
 from data_prep.index_shards import build_index
-from infd.cli_common import HelpFormatter
+from infd.cli.common import HelpFormatter
 from infd.config import ConfigError
 from infd.data.decode import SkipSample
 from infd.data.latents import npy_bytes
@@ -52,8 +52,8 @@ from infd.data.tar_samples import TruncatedShard, image_bytes, iterate_tar
 from infd.data.transforms import centre_encoder_input, to_unit_range
 from infd.data.urls import dirname_url, expand_urls, join_url, open_stream
 from infd.data.workers import init_worker, preemption_signals_held
-from infd.export import load_model
-from train.signals import PreemptionFlag
+from infd.export import load_export
+from infd.utils.signals import PreemptionFlag
 
 
 def shard_name(i: int) -> str:
@@ -299,7 +299,7 @@ def run(args, preempt: PreemptionFlag) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-    ae, text = load_model(args.ae, device), load_text_encoder(args, device)
+    ae, text = load_export(args.ae, device)[0], load_text_encoder(args, device)
     dest = Destination(args.output)
     try:
         mine = [(i, u, ids[i]) for i, u in enumerate(urls)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from infd.data.index import HISTOGRAM_EDGES
+from infd.data.histogram import HISTOGRAM_EDGES
 from infd.data.sample_index import INDEX_NAME, SAMPLE_DTYPE, merge_indexes, shard_records, write_index
 from infd.data.shard_scan import ShardScan, scan_shard
 from infd.data.tar_samples import IMAGE_EXTS
@@ -59,7 +59,8 @@ def build_index(urls: list[str], out: Path, hr_threshold: int, workers: int, pri
     meta = {"hr_threshold": hr_threshold, "exts": list(primary), "shards": [u.rsplit("/", 1)[-1] for u in urls],
             "skipped": dict(skipped), **(extra_meta or {}),
             "resolution_histogram": {"edges": HISTOGRAM_EDGES, "counts": histogram, "of": "long side, upright"}}
-    write_index(out, meta, shard_records(records, [s.bytes for s in scans]), samples, [k for s in scans for k in s.keys])
+    write_index(out, meta, shard_records(records, [s.bytes for s in scans]), samples,
+                [k for s in scans for k in s.keys])
     return json.loads((out / INDEX_NAME).read_text())
 
 
@@ -103,7 +104,7 @@ def check_part_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infd.cli_common import HelpFormatter
+    from infd.cli.common import HelpFormatter
 
     p = argparse.ArgumentParser(prog="python -m data_prep.index_shards", description=__doc__,
                                 formatter_class=HelpFormatter)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infd.data.decode import SkipSample, decode_rgb, needs_conversion, open_image, oriented_size
-from infd.data.index import HISTOGRAM_EDGES, histogram_bin
+from infd.data.histogram import HISTOGRAM_EDGES, histogram_bin
 
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 LAION_COLUMNS = {"punsafe": ("punsafe",), "pwatermark": ("pwatermark",),

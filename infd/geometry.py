@@ -1,4 +1,4 @@
-"""Coordinates, cells and nearest-feature queries (conventions in DESIGN.md).
+"""Coordinates, cells and nearest-feature queries (conventions in docs/design.md).
 
 Coordinates are pixel centres of the whole image in [-1, 1], ordered (y, x). A crop of an
 image rendered (or downsampled) at size H x W keeps the coordinates of its pixels in

@@ -1,4 +1,5 @@
-"""Stage-1 losses: L1 + LPIPS + adaptive-weight hinge GAN + bottleneck term (DESIGN.md)."""
+"""Stage-1 losses: L1 + LPIPS + adaptive-weight hinge GAN + bottleneck term
+(docs/design.md, reference configuration)."""
 from __future__ import annotations
 
 import warnings

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infd.export import save_model
+from tests.exports import save_ae, save_unet
 from infd.models import NeuralFieldAutoencoder
 from tests.images import bomb_png, build, exif_rotated_jpeg, noise_image, write_folder
 from tests.test_models import tiny_cfg
@@ -18,9 +18,10 @@ def infd(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "infd.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_upsample_by_scale_size_and_region(tmp_path):
     model = NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}))
-    save_model(model, tmp_path / "ae")
+    save_ae(model, tmp_path / "ae")
     noise_image(120, 80, 0).save(tmp_path / "in.png")
     res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--scale", "2.5",
                "--out", str(tmp_path / "x.png"))
@@ -40,9 +41,10 @@ def test_upsample_by_scale_size_and_region(tmp_path):
     assert res.returncode == 2 and "WIDTHxHEIGHT" in res.stderr
 
 
+@pytest.mark.slow
 def test_eval_ae_reports_scales_lpips_label_and_skips(tmp_path):
     model = NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}))
-    save_model(model, tmp_path / "ae")
+    save_ae(model, tmp_path / "ae")
     write_folder(tmp_path / "src", [(300, 260), (140, 150), (100, 90)])
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64")
     res = infd("eval-ae", "--ckpt", str(tmp_path / "ae"), "--data", str(tmp_path / "shards"), "--lpips", "random")
@@ -55,13 +57,15 @@ def test_eval_ae_reports_scales_lpips_label_and_skips(tmp_path):
     assert 0 < out["psnr_1x"] < 60
 
 
+@pytest.mark.slow
 def test_sample_uses_the_exports_sampling_defaults_and_refuses_bad_options(tmp_path):
+    from infd.diffusion.spec import SamplingSpec
     from infd.models.unet import UNet, UNetConfig
 
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
-    recorded = {"sampler": "ddim", "steps": 4, "eta": 1.0, "spacing": "leading"}  # leading: t = 751, 501, 251, 1
-    save_model(UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)), tmp_path / "unet", kind="unet",
-               extra={"latent_scale": 1.0, "diffusion": {}, "sampling": recorded})
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    recorded = SamplingSpec(sampler="ddim", steps=4, eta=1.0, spacing="leading")  # leading: t = 751, 501, 251, 1
+    save_unet(UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)), tmp_path / "unet",
+              sampling=recorded)
     common = ["sample", "--ae", str(tmp_path / "ae"), "--unet", str(tmp_path / "unet"), "--size", "48x32"]
     res = infd(*common, "--out", str(tmp_path / "s.png"))
     assert res.returncode == 0, res.stderr
@@ -104,12 +108,10 @@ def exports(tmp_path_factory):
     from infd.models.unet import UNet, UNetConfig
 
     root = tmp_path_factory.mktemp("exports")
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), root / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), root / "ae")
     unet = UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)
-    save_model(UNet(unet), root / "unet", kind="unet",
-               extra={"latent_scale": 1.0, "diffusion": {}, "autoencoder": str(root / "ae")})
-    save_model(UNet(unet), root / "flow", kind="unet",
-               extra={"latent_scale": 1.0, "diffusion": {"objective": "rectified_flow"}})
+    save_unet(UNet(unet), root / "unet", autoencoder=str(root / "ae"))
+    save_unet(UNet(unet), root / "flow", diffusion={"objective": "rectified_flow"})
     return root
 
 
@@ -241,6 +243,7 @@ def test_num_images_do_not_depend_on_the_batch_size(tmp_path, exports, capsys):
     assert np.array_equal(grid[2:26, 44:84], images[0][1])
 
 
+@pytest.mark.slow
 def test_errors_leave_no_traceback_in_a_subprocess(tmp_path, exports):
     (tmp_path / "text.jpg").write_text("not a JPEG\n")
     res = infd("upsample", str(tmp_path / "text.jpg"), "--ckpt", str(exports / "ae"), "--scale", "2",

@@ -9,6 +9,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import yaml
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTFILE = ROOT / "cluster" / "deepspeed" / "hostfile.example"
@@ -157,6 +158,7 @@ def test_torchrun_takes_the_operators_pet_variables(monkeypatch):
     assert args.training_script_args == command[3:]
 
 
+@pytest.mark.slow
 def test_pytorchjob_overrides_compose_against_the_real_config():
     """The manifest's overrides as they are (--cfg job composes and prints; it reads no data)."""
     overrides = containers(manifest())["Master"]["command"][3:]

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from infd.cli import main as infd_main
 from infd.config import from_mapping
 from infd.convert.autoencoder import ConversionError, build_autoencoder, converted_config
-from infd.export import load_model, save_model
+from infd.export import load_export
+from tests.exports import save_ae
 from infd.geometry import crop_queries
 from infd.models import AutoencoderConfig
 
@@ -89,6 +90,7 @@ def diffusers_phi(vae, z: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["sd_root", "vae_folder"])
 def test_diffusers_autoencoderkl_random_init_encodes_and_decodes_like_diffusers(diffusers_vae, where):
     root, vae = diffusers_vae
@@ -146,9 +148,9 @@ def test_converted_export_rebuilds_without_the_source(diffusers_vae, tmp_path):
     _, vae = diffusers_vae
     vae.save_pretrained(tmp_path / "src" / "vae")
     model, _ = converted(config(tmp_path / "src", 32, freeze_encoder=True))
-    save_model(model, tmp_path / "export")
-    shutil.rmtree(tmp_path / "src")  # load_model rebuilds from the recorded (converted) config alone
-    loaded = load_model(tmp_path / "export").double()
+    save_ae(model, tmp_path / "export")
+    shutil.rmtree(tmp_path / "src")  # load_export rebuilds from the recorded (converted) config alone
+    loaded = load_export(tmp_path / "export")[0].double()
     assert loaded.cfg == model.cfg and loaded.cfg.freeze_encoder
     x = images(32)
     with torch.no_grad():

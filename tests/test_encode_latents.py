@@ -19,8 +19,8 @@ from data_prep.index_shards import main as index_shards
 from infd.data.decode import decode_rgb, open_image
 from infd.data.sample_index import open_index
 from infd.data.transforms import DECODE_OVERSAMPLE
-from infd.evaluate import centre_square
-from infd.export import save_model
+from infd.eval.reconstruction import centre_square
+from tests.exports import save_ae
 from infd.image import resize_antialiased
 from infd.models import NeuralFieldAutoencoder
 from tests.images import build, jpeg_bytes, noise_image, write_folder
@@ -88,8 +88,9 @@ def latent_keys(tar: bytes) -> list[str]:
         return [m.name.split(".")[0] for m in t if m.name.endswith(".latent.npy")]
 
 
+@pytest.mark.slow
 def test_samples_the_index_excludes_are_not_decoded_and_a_missing_index_names_its_fix(tmp_path):
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
     good = [jpeg_bytes(noise_image(96, 80, i)) for i in range(4)]
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -121,8 +122,9 @@ def s3(monkeypatch, tmp_path):
     server.stop()
 
 
+@pytest.mark.slow
 def test_an_s3_output_is_indexed_and_a_rerun_redoes_only_unfinished_shards(tmp_path, s3):
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
     write_folder(tmp_path / "src", [(80 + 5 * i, 70) for i in range(6)])
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "2")
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # where the tars are staged

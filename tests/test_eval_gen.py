@@ -13,7 +13,7 @@ from PIL import Image
 
 from infd.cli import main
 from infd.eval.real_set import choose_real_set, open_source
-from infd.export import save_model
+from tests.exports import save_ae, save_unet
 from infd.models import NeuralFieldAutoencoder
 from infd.models.unet import UNet, UNetConfig
 from tests.images import build, write_folder
@@ -31,17 +31,17 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_gen")
     torch.manual_seed(0)
     # A narrow renderer: a 1024 render costs ~0.3 s on a CPU core instead of 2 s.
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}, renderer={"hidden": 8})), root / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}, renderer={"hidden": 8})), root / "ae")
     unet = UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)
-    save_model(UNet(unet), root / "unet", kind="unet",
-               extra={"latent_scale": 1.0, "diffusion": {}, "autoencoder": str(root / "ae")})
+    save_unet(UNet(unet), root / "unet", autoencoder=str(root / "ae"))
     write_folder(root / "src", REAL_SIZES)
     build(root / "src", str(root / "shards"))
     return root
 
 
 def args(root, out: str, *extra: str) -> list[str]:
-    return ["eval-gen", "--unet", str(root / "unet"), "--data", str(root / "shards"), "--num-samples", str(N), "--steps", "2",
+    return ["eval-gen", "--unet", str(root / "unet"), "--data", str(root / "shards"), "--num-samples", str(N),
+            "--steps", "2",
             "--features", "randinit", "--feature-dim", "8", "--stats-cache", str(root / "cache"),
             "--out", str(root / out), "--batch-size", "2", "--quiet", "--device", "cpu", *extra]
 
@@ -68,6 +68,7 @@ def test_real_set_is_the_first_large_images_in_tar_order(setup):
     assert choose_real_set(open_source([str(setup / "shards")]), 100, 256).index_id != everything.index_id
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_samples_and_metrics_of_one(setup, capsys):
     one = run_in_process(capsys, args(setup, "one"))
     # Its own statistics cache: the 2 ranks compute the real statistics too (sharded, summed).
@@ -95,6 +96,7 @@ def test_two_ranks_give_the_samples_and_metrics_of_one(setup, capsys):
     assert json.loads((setup / "two" / "metrics.json").read_text()) == two
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_written_samples_and_refuses_other_options(setup, capsys):
     first = run_in_process(capsys, args(setup, "resume"))
     killed = setup / "resume" / "samples" / "1024" / "000002.png"
@@ -126,20 +128,20 @@ def tar_order_captions(shard, min_side: int) -> list[str]:
         return out
 
 
+@pytest.mark.slow
 def test_captions_are_the_prompts_of_a_text_model(setup, capsys, tmp_path):
     from infd.config import from_mapping
     from infd.text import FrozenOpenCLIPText, TextEncoderConfig
 
-    text = {"kind": "openclip", "model": "ViT-S-32", "pretrained": None}
-    width = FrozenOpenCLIPText(from_mapping(TextEncoderConfig, text)).width
+    text = from_mapping(TextEncoderConfig, {"kind": "openclip", "model": "ViT-S-32", "pretrained": None})
+    width = FrozenOpenCLIPText(text).width
     torch.manual_seed(1)
     unet = UNetConfig(ch=32, ch_mult=(1,), attn_ds=(1,), head_channels=16, context_dim=width)
     model = UNet(unet)
     with torch.no_grad():  # its zero-init output layers (cross-attention's too) as after training: text counts
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    save_model(model, tmp_path / "unet", kind="unet",
-               extra={"latent_scale": 1.0, "diffusion": {}, "autoencoder": str(setup / "ae"), "text": text})
+    save_unet(model, tmp_path / "unet", autoencoder=str(setup / "ae"), text=text)
     # FID at 64 only, so every real image qualifies; a real set of 2: samples 0-3 answer captions 0, 1, 0, 1.
     small = ["--unet", str(tmp_path / "unet"), "--patches", "--fid-size", "64", "--num-real", "2", "--clip-model",
              "ViT-S-32", "--clip-pretrained", "none", "--stats-cache", str(tmp_path / "stats")]

@@ -9,24 +9,30 @@ import torch
 from safetensors.torch import load_file
 
 from infd.config import ConfigError, from_mapping
-from infd.export import WEIGHTS, load_model, read_export_config, save_model
+from infd.diffusion.schedule import DiffusionConfig
+from infd.diffusion.spec import SamplingSpec
+from infd.export import CONFIG, WEIGHTS, ExportRecord, load_export, read_record, save_export
+from infd.models.unet import UNet, UNetConfig
+from infd.text import TextEncoderConfig
 from infd.geometry import crop_queries
 from tests.test_models import tiny_cfg
 from tests.training import env, run
 from infd.models import NeuralFieldAutoencoder
 from train.config import TrainerConfig
 from train.dist import DistInfo
-from train.export import export_after_checkpoint, main as export_main
+from train.diffusion import DiffusionTrainConfig
+from train.export import main as export_main
+from train.run_exports import export_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_export_round_trip_gives_identical_renders(tmp_path):
     model = NeuralFieldAutoencoder(tiny_cfg(bottleneck={"kind": "kl"}, renderer={"kind": "liif"})).eval()
-    save_model(model, tmp_path / "ae", extra={"step": 7})
+    save_export(model, ExportRecord("autoencoder", model.cfg, step=7), tmp_path / "ae")
     assert sorted(p.name for p in (tmp_path / "ae").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = load_model(tmp_path / "ae")
-    assert loaded.export_extra == {"step": 7}
+    loaded, record = load_export(tmp_path / "ae")
+    assert record == ExportRecord("autoencoder", model.cfg, step=7)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     coords, cells = crop_queries((100, 80), (0, 0, 100, 80))
     with torch.no_grad():
@@ -35,16 +41,40 @@ def test_export_round_trip_gives_identical_renders(tmp_path):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_export_loads_without_training_code(tmp_path):
-    save_model(NeuralFieldAutoencoder(tiny_cfg()), tmp_path / "ae")
+    model = NeuralFieldAutoencoder(tiny_cfg())
+    save_export(model, ExportRecord("autoencoder", model.cfg), tmp_path / "ae")
     code = (
-        "import sys; from infd.export import load_model; m = load_model(sys.argv[1]);"
+        "import sys; from infd.export import load_export; m, _ = load_export(sys.argv[1]);"
         "bad = [n for n in sys.modules if n.split('.')[0] in ('train', 'data_prep', 'hydra', 'deepspeed', 'wandb')];"
         "assert not bad, bad; print(type(m).__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ae")], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "NeuralFieldAutoencoder"
+
+
+def test_an_export_of_format_1_loads_with_its_metadata_in_the_record(tmp_path):
+    """Exports written before the typed record kept an untyped "extra" mapping; the latent scale
+    stood beside a schedule that may say "auto". infd.compat reads them, once, into the record."""
+    unet = UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16))
+    save_export(unet, ExportRecord("unet", unet.cfg), tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / CONFIG).read_text())
+    extra = {"step": 3, "ema": True, "latent_scale": 0.5, "diffusion": {"objective": "v", "latent_scale": "auto"},
+             "text": {"kind": "none"}, "autoencoder": "runs/ae/export/autoencoder",
+             "sampling": {"sampler": "ddim", "steps": 10, "eta": 1.0, "spacing": "leading"}}
+    old = {"format_version": 1, "kind": "unet", "config": meta["config"], "extra": extra}
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(old))
+    loaded, record = load_export(tmp_path / "old")
+    assert record == ExportRecord("unet", unet.cfg, step=3, ema=True,
+                                  diffusion=DiffusionConfig(objective="v", latent_scale=0.5),
+                                  text=TextEncoderConfig(kind="none"), autoencoder="runs/ae/export/autoencoder",
+                                  sampling=SamplingSpec(steps=10, eta=1.0, spacing="leading"))
+    assert record.latent_scale == 0.5 and torch.equal(loaded.conv_in.weight, unet.conv_in.weight)
+    (tmp_path / "old" / CONFIG).write_text(json.dumps(old | {"format_version": 9}))
+    with pytest.raises(ConfigError, match="export format 9 is not supported"):
+        read_record(tmp_path / "old")
 
 
 # Exports from checkpoints (train.export, trainer.export_every): equal to the run's own export.
@@ -57,9 +87,10 @@ def assert_same_export(a: Path, b: Path) -> None:
     assert sorted(wa) == sorted(wb)
     for key in wa:
         assert wa[key].dtype == wb[key].dtype and torch.equal(wa[key], wb[key]), key
-    assert read_export_config(a) == read_export_config(b)
+    assert (a / CONFIG).read_text() == (b / CONFIG).read_text()
 
 
+@pytest.mark.slow
 def test_export_of_a_two_rank_zero2_checkpoint_equals_the_runs_own(tmp_path, capsys):
     run("train.autoencoder", tmp_path, "r", *AE_RUN, nproc=2)
     run_dir = tmp_path / "r"
@@ -69,7 +100,8 @@ def test_export_of_a_two_rank_zero2_checkpoint_equals_the_runs_own(tmp_path, cap
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert_same_export(run_dir / "export" / "step_0000002" / "autoencoder", run_dir / "export" / "autoencoder")
-    assert read_export_config(run_dir / "export" / "autoencoder")["extra"] == {"step": 2, "ema": True}
+    record = read_record(run_dir / "export" / "autoencoder")
+    assert (record.step, record.ema, record.diffusion, record.sampling) == (2, True, None, None)
     # The same code wrote step 1's during training: the command line rewrites it identically.
     export_main([str(run_dir), "--step", "1", "--out", str(tmp_path / "one")])
     assert_same_export(tmp_path / "one", run_dir / "export" / "step_0000001" / "autoencoder")
@@ -80,6 +112,7 @@ def test_export_of_a_two_rank_zero2_checkpoint_equals_the_runs_own(tmp_path, cap
     assert "train.export: error: no checkpoint of step 7" in err and "available steps: 1, 2" in err
 
 
+@pytest.mark.slow
 def test_diffusion_export_from_a_checkpoint_carries_the_runs_metadata(tmp_path):
     """One process, no EMA (the portable weights themselves), latent scale estimated at start."""
     run("train.diffusion", tmp_path, "d", "experiment=diffusion_cpu_tiny", "data=synthetic", "text.kind=none",
@@ -88,9 +121,10 @@ def test_diffusion_export_from_a_checkpoint_carries_the_runs_metadata(tmp_path):
     run_dir = tmp_path / "d"
     export_main([str(run_dir), "--out", str(tmp_path / "last")])  # no --step: the latest checkpoint
     assert_same_export(tmp_path / "last", run_dir / "export" / "unet")
-    extra = read_export_config(tmp_path / "last")["extra"]
-    assert extra["ema"] is False and extra["latent_scale"] != 1.0 and extra["sampling"]["steps"] == 10
-    # A checkpoint saved before state.json recorded the latent scale: the run's metrics.jsonl has it.
+    record = read_record(tmp_path / "last")
+    assert record.ema is False and record.latent_scale != 1.0 and record.sampling.steps == 10
+    # A checkpoint saved before state.json recorded the latent scale: the run's metrics.jsonl has it
+    # (infd.compat.logged_latent_scale).
     state_file = run_dir / "checkpoints" / "step_0000001" / "state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "latent_scale"}))
@@ -104,7 +138,8 @@ def test_a_stop_checkpoint_is_exported_only_when_the_grace_period_has_room(tmp_p
     (ckpt / "state.json").write_text(json.dumps({"step": 5, "save_s": 16.0}))
     cfg, info = TrainerConfig(export_every=10, grace_s=30.0), DistInfo(0, 0, 1, torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="train"):
-        assert export_after_checkpoint(tmp_path / "run", ckpt, 5, cfg, info, stopping=True) is None
+        assert export_after_checkpoint(tmp_path / "run", ckpt, 5, DiffusionTrainConfig(trainer=cfg), info,
+                                       stopping=True) is None
     assert f"python -m train.export {tmp_path / 'run'} --step 5" in caplog.text
     assert "16.0 s of trainer.grace_s=30" in caplog.text
     assert not (tmp_path / "run" / "export").exists()

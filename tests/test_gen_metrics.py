@@ -129,6 +129,7 @@ def test_inception_without_weights_says_where_to_put_them_offline(tmp_path, monk
         build_feature_extractor(FeatureConfig(kind="inception", weights=str(tmp_path / "nowhere.pth")))
 
 
+@pytest.mark.slow
 def test_inception_loads_a_local_weights_file_randinit_weights(tmp_path, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
 

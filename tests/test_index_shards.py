@@ -79,7 +79,8 @@ def test_two_parts_merged_equal_one_pass_and_bad_images_are_excluded(tmp_path):
     common = ["--workers", "1", "--hr-threshold", "120"]
     assert index_shards([spec, "--output", str(tmp_path / "one"), *common]) == 0
     for part in (1, 0):  # any order; each part alone
-        assert index_shards([spec, "--output", str(tmp_path / "two"), "--part", str(part), "--num-parts", "2", *common]) == 0
+        assert index_shards([spec, "--output", str(tmp_path / "two"), "--part", str(part), "--num-parts", "2",
+                             *common]) == 0
     assert index_shards([spec, "--output", str(tmp_path / "two"), "--num-parts", "2", "--merge"]) == 0
     one, two = SampleIndex.open(tmp_path / "one"), SampleIndex.open(tmp_path / "two")
     for name in ("samples", "shards", "hr_ids", "key_offsets", "keys"):

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import pytest
 
 from infd.config import from_mapping
 from infd.data.loader import DataConfig, build_loader
 from infd.data.latents import collate_latents, latent_sample, load_npy
-from infd.export import save_model
+from tests.exports import save_ae
 from infd.models import NeuralFieldAutoencoder
 from tests.images import build, write_folder
 from tests.test_models import tiny_cfg
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup_cache_inputs(tmp_path, n=24, per_shard=4):
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
     write_folder(tmp_path / "src", [(80 + 3 * i, 70) for i in range(n)])
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", str(per_shard))
 
@@ -51,6 +52,7 @@ def _finished(out: Path) -> int:
     return len(list(out.glob("latents-*.json")))
 
 
+@pytest.mark.slow
 def test_stopped_killed_and_restarted_encoding_has_no_duplicate_and_no_gap(tmp_path):
     """2 decoding workers. SIGTERM to the whole process group (workers included) ends the run with
     exit 0 after the batch in progress; SIGKILL ends it anywhere; each rerun continues."""
@@ -79,6 +81,7 @@ def test_stopped_killed_and_restarted_encoding_has_no_duplicate_and_no_gap(tmp_p
     assert json.loads((out / "index.json").read_text())["total_samples"] == 24
 
 
+@pytest.mark.slow
 def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
     setup_cache_inputs(tmp_path, n=16)
     subprocess.run(encode_cmd(tmp_path, tmp_path / "lat"), check=True, capture_output=True, cwd=ROOT)
@@ -92,6 +95,7 @@ def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
     assert len(seen) == 16 and max(seen.values()) == 1
 
 
+@pytest.mark.slow
 def test_random_init_text_encoder_embeds_captions():
     from infd.text import TextEncoderConfig, build_text_encoder
 
@@ -113,12 +117,14 @@ def test_random_init_text_encoder_embeds_captions():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_class_labels_flow_from_sidecars_to_batches_and_guide_sampling(tmp_path):
     from infd.diffusion.schedule import DiffusionConfig
     from infd.models.unet import UNet, UNetConfig
-    from infd.sampling import generate_latents
+    from infd.diffusion.generate import LatentDiffusion, generate_latents
+    from infd.diffusion.spec import Conditioning, SamplingSpec
 
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp_path / "ae")
     paths = write_folder(tmp_path / "src", [(90, 80)] * 6)
     for i, path in enumerate(paths):
         if i != 5:  # the last image has no label
@@ -133,13 +139,14 @@ def test_class_labels_flow_from_sidecars_to_batches_and_guide_sampling(tmp_path)
     order = sorted(paths)  # keys follow the sorted file list
     for key, label in by_source.items():
         path = order[int(key)]
-        expected = json.loads(path.with_suffix(".json").read_text())["label"] if path.with_suffix(".json").exists() else -1
+        expected = (json.loads(path.with_suffix(".json").read_text())["label"]
+                    if path.with_suffix(".json").exists() else -1)
         assert label == expected
     torch.manual_seed(0)
     unet = UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16, num_classes=3))
     for p in unet.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     shape = (1, 3, 8, 8)
-    z = {k: generate_latents(unet, DiffusionConfig(), 1.0, shape, cfg_scale=3.0, steps=4, labels=torch.tensor([k]))
-         for k in (0, 1)}
+    model, spec = LatentDiffusion(unet, DiffusionConfig(latent_scale=1.0)), SamplingSpec(steps=4, cfg_scale=3.0)
+    z = {k: generate_latents(model, spec, Conditioning(labels=torch.tensor([k])), shape, 0) for k in (0, 1)}
     assert not torch.allclose(z[0], z[1])  # the label (with guidance) changes the sample

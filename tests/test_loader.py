@@ -42,6 +42,7 @@ def data_cfg(shards, **kw) -> DataConfig:
     return from_mapping(DataConfig, raw)
 
 
+@pytest.mark.slow
 def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path):
     shards = small_shards(tmp_path, [(40 + i % 30, 50) for i in range(64)], per_shard=13)
     out = tmp_path / "keys"
@@ -199,7 +200,8 @@ def test_bad_input_zoo_is_counted_and_never_crashes(tmp_path):
     zoo = [("good0", "jpg", good), ("corrupt", "jpg", b"\xff\xd8\xff\xe0garbage" * 10),
            ("truncated", "jpg", jpeg_bytes(noise_image(300, 300, 1))[:2000]), ("empty", "jpg", b""),
            ("textonly", "txt", b"caption without an image"), ("gray", "jpg", jpeg_bytes(noise_image(64, 64, 2, "L"))),
-           ("cmyk", "jpg", jpeg_bytes(noise_image(64, 64, 3, "CMYK"))), ("rgba", "png", png_bytes(noise_image(64, 64, 4, "RGBA"))),
+           ("cmyk", "jpg", jpeg_bytes(noise_image(64, 64, 3, "CMYK"))),
+           ("rgba", "png", png_bytes(noise_image(64, 64, 4, "RGBA"))),
            ("deep", "png", sixteen_bit_png(64, 64)), ("palette", "png", buf.getvalue()),
            ("rotated", "jpg", exif_rotated_jpeg(100, 40)), ("bomb", "png", bomb_png()),
            ("tiny", "jpg", jpeg_bytes(noise_image(20, 20, 5))), ("good1", "jpg", good)]
@@ -339,6 +341,7 @@ def test_p_keep_late_config_values_name_the_key():
     assert late.p_keep == 0.5 and late.p_keep_late_step == 400_000
 
 
+@pytest.mark.slow
 def test_data_workers_ignore_stop_signals_and_die_with_their_trainer(tmp_path):
     """Clusters signal every process of a job; the trainer owns shutdown (it checkpoints first), so
     its workers must survive SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2, yet not outlive a killed trainer."""

@@ -84,6 +84,7 @@ def test_discriminator_hinge_loss_logs():
     assert torch.isclose(d_loss, torch.tensor(0.5 * (0.25 + 0.75))) and "loss_d" in logs
 
 
+@pytest.mark.slow
 def test_lpips_loads_vgg_weights_from_a_path(tmp_path):
     import torchvision
 

@@ -21,6 +21,7 @@ def tiny_cfg(**overrides) -> AutoencoderConfig:
     return from_mapping(AutoencoderConfig, raw)
 
 
+@pytest.mark.slow
 def test_paper_config_matches_the_paper_through_the_cli():
     out = subprocess.run([sys.executable, "-m", "infd.cli", "describe", str(ROOT / "conf/model/infd_paper.yaml"),
                           "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -33,6 +34,7 @@ def test_paper_config_matches_the_paper_through_the_cli():
     assert info["phi_shape"] == [128, 256, 256]
 
 
+@pytest.mark.slow
 def test_describe_cli_names_a_bad_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("renderer:\n  kind: clf\n")

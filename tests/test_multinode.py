@@ -12,6 +12,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.images import build, write_folder
 from tests.s3_server import free_port
@@ -30,6 +31,7 @@ def _run_together(commands: list[list[str]], envs: list[dict]) -> None:
     assert any("(2 ranks, cpu)" in out for out in outs)
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_node_with_two_processes(tmp_path):
     common = (*TINY, "trainer.max_steps=3", "trainer.ckpt_every=100", "data.loader.batch_size=2")
     run(AE, tmp_path, "one_node", *common, nproc=2)
@@ -45,6 +47,7 @@ def test_two_nodes_match_one_node_with_two_processes(tmp_path):
         assert_close(one[step], two[step], COMPARED, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_slurm_sweep_through_submitit_runs_each_point_as_a_two_rank_job(tmp_path):
     """hydra/launcher=slurm end to end on this machine: hydra-submitit-launcher submits a job array,
     the stand-in sbatch and srun of tests/fake_slurm run it here with one task per "GPU", and the
@@ -78,6 +81,7 @@ def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.slow
 def test_killed_rank_restarts_from_the_latest_checkpoint_without_losing_or_repeating_samples(tmp_path):
     data = _shards(tmp_path)  # 24 samples: an epoch is 6 steps of 2 ranks x 2
     # The high-res fine-tuning switch (GT kept at its original size from the 6th step on) happens in
@@ -121,6 +125,7 @@ def test_killed_rank_restarts_from_the_latest_checkpoint_without_losing_or_repea
     assert len(second_epoch) == len(set(second_epoch)) == 12
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_each_point_in_its_own_directory(tmp_path):
     res = subprocess.run([sys.executable, "-m", AE, "-m", *TINY, f"run.root={tmp_path}", "run.name=grid",
                           "trainer.max_steps=2", "optim.lr=1e-4,2e-4", "loss.l1_weight=1.0,0.5"],
@@ -145,7 +150,7 @@ def test_preemption_flag_hands_the_signal_on_after_the_checkpoint():
     (the loop checkpoints), then forward() calls that handler; a second flag in the same process
     (the next job of a local sweep) still forwards to the original one."""
     from infd.data.workers import PREEMPTION_SIGNALS
-    from train.signals import PreemptionFlag
+    from infd.utils.signals import PreemptionFlag
 
     calls = []
     saved = {sig: signal.getsignal(sig) for sig in (*PREEMPTION_SIGNALS, signal.SIGCHLD)}

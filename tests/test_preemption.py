@@ -69,6 +69,7 @@ def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: s
     assert sample_keys(root, name) == sample_keys(reference, "straight")
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, shards, reference):
     """Kubernetes' way: only the launcher is signalled; plain torchrun (no extra flags) passes SIGTERM
     on to each rank's process group, data workers included."""
@@ -89,6 +90,7 @@ def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, sha
 FAKES = ROOT / "tests" / "fake_slurm"
 
 
+@pytest.mark.slow
 def test_slurm_time_limit_reaches_every_process_of_the_step_and_requeues(tmp_path, shards, reference):
     """The batch script gets USR1 (--signal=B:USR1@300) and passes it to the step; srun delivers it
     to every process of the step (torchrun, ranks, data workers). torchrun runs with the flags
@@ -113,6 +115,7 @@ def test_slurm_time_limit_reaches_every_process_of_the_step_and_requeues(tmp_pat
     assert_stopped_then_resumes_exactly(tmp_path, "slurm", seen, task, reference, shards)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_sigterm_checkpoints_within_its_30_seconds(tmp_path, shards):
     """`deepspeed --num_gpus 2` (without --no_local_rank: the entry point takes --local_rank=N out of
     the Hydra arguments). Its launch process terminates the whole process tree on SIGTERM, data

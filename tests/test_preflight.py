@@ -125,6 +125,7 @@ def test_a_checkpoint_slower_than_the_grace_period_is_warned(tmp_path):
     assert found.warnings == []
 
 
+@pytest.mark.slow
 def test_failing_preflight_stops_every_rank(tmp_path, shards):
     cmd = train_cmd("train.autoencoder", tmp_path, "bad", "experiment=ae_cpu_tiny", "data=shards",
                     f"data.loader.shards={shards}", "data.loader.batch_size=16", "data.loader.num_workers=1", nproc=2)

@@ -15,6 +15,7 @@ def phi():
     return torch.randn(1, 16, 64, 64)
 
 
+@pytest.mark.slow
 def test_local_clif_tiled_1024_equals_whole_render(phi):
     r = clif("pixel")
     tiled = render_tiles(r, phi, (1024, 1024), tile=256, pad=8)
@@ -37,6 +38,7 @@ def test_local_clif_tiles_need_pad_at_least_the_receptive_radius(phi):
     assert (unpadded - whole).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(700, 900), (1000, 333)])
 def test_local_clif_non_square_and_partial_tiles(phi, size):
     r = clif("pixel")

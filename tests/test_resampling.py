@@ -46,8 +46,8 @@ def reference(data: bytes, plan, cfg: PatchConfig) -> tuple[np.ndarray, np.ndarr
     """The plan from a full decode: the square resized to r, the P x P crop; the square resized to E."""
     full = Image.open(io.BytesIO(data)).convert("RGB")
     (top, left, side), r, (ct, cl) = plan.square, plan.r, plan.crop
-    def box(t, l, b, rr):  # a window of the r x r image -> PIL box in the full image
-        return (left + side * l / r, top + side * t / r, left + side * rr / r, top + side * b / r)
+    def box(t, win_left, b, rr):  # a window of the r x r image -> PIL box in the full image
+        return (left + side * win_left / r, top + side * t / r, left + side * rr / r, top + side * b / r)
 
     window = box(ct, cl, ct + cfg.patch_size, cl + cfg.patch_size)
     gt = resize_antialiased(full, (cfg.patch_size,) * 2, box=window, reducing_gap=None)  # the exact filter
@@ -139,10 +139,10 @@ def test_resize_antialiased_is_two_pass_lanczos_both_ways_and_a_box_is_a_window_
 
 
 def test_loader_encoder_input_is_the_latent_cache_one_away_from_the_squares_cut_edges():
-    # data_prep.encode_latents / infd.evaluate / infd upsample: centre square, then resize_antialiased.
+    # data_prep.encode_latents / infd.eval.reconstruction / infd upsample: centre square, then resize_antialiased.
     # The loader resamples the square's box in the whole image: identical except within the
     # kernel's reach (3 px at 256) of the two edges where the square is cut out of a wider image.
-    from infd.evaluate import centre_square
+    from infd.eval.reconstruction import centre_square
 
     data = photo_jpeg("coffee", (900, 600))
     full = Image.open(io.BytesIO(data)).convert("RGB")

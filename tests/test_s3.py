@@ -23,6 +23,7 @@ def s3(monkeypatch, tmp_path):
     server.stop()
 
 
+@pytest.mark.slow
 def test_s3_shards_give_the_same_samples_as_local_ones(tmp_path, s3):
     from tests.images import build
 
@@ -86,6 +87,7 @@ def test_a_cut_connection_resumes_at_the_byte_reached(tmp_path, s3, monkeypatch)
     assert proxy.connections >= 2  # the first was cut, the read went on from where it stopped
 
 
+@pytest.mark.slow
 def test_server_gone_mid_epoch_retries_then_fails_clearly(tmp_path, s3):
     from tests.images import build
 

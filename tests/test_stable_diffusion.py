@@ -12,11 +12,13 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from infd.config import ConfigError, from_mapping, to_mapping  # noqa: E402
-from infd.convert.stable_diffusion import DiffusersUNet, read_sd_settings  # noqa: E402
+from infd.convert.stable_diffusion import read_sd_settings  # noqa: E402
+from infd.models.diffusers_unet import DiffusersUNet  # noqa: E402
 from infd.diffusion.samplers import randn, vp_timesteps  # noqa: E402
 from infd.diffusion.schedule import DiffusionConfig, build_schedule  # noqa: E402
-from infd.models.unet import UNetConfig, build_unet  # noqa: E402
-from infd.sampling import generate_latents  # noqa: E402
+from infd.models import UNetConfig, build_unet  # noqa: E402
+from infd.diffusion.generate import LatentDiffusion, generate_latents  # noqa: E402
+from infd.diffusion.spec import Conditioning, SamplingSpec  # noqa: E402
 from infd.text import TextEncoderConfig, build_text_encoder  # noqa: E402
 from train.tiny_sd import write_tiny_sd  # noqa: E402
 
@@ -57,8 +59,8 @@ def test_ddim_latents_equal_stable_diffusion_pipeline_random_init(prediction, sd
     unet = build_unet(UNetConfig(kind="diffusers", pretrained=str(root)), load_pretrained=True)
     text = build_text_encoder(TextEncoderConfig(kind="hf_clip", pretrained=str(root)))
     shape, seed = (len(PROMPTS), 4, 8, 8), 7
-    ours = generate_latents(unet, diffusion, diffusion.latent_scale, shape, PROMPTS, text, cfg_scale=5.0,
-                            sampler="ddim", steps=10, seed=seed, eta=0.0, spacing=settings["spacing"])
+    spec = SamplingSpec(sampler="ddim", steps=10, eta=0.0, spacing=settings["spacing"], cfg_scale=5.0)
+    ours = generate_latents(LatentDiffusion(unet, diffusion, text), spec, Conditioning(PROMPTS), shape, seed)
     # generate_latents draws its noise as randn(shape, Generator().manual_seed(seed)): the same noise here
     noise = randn(shape, torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -69,6 +71,7 @@ def test_ddim_latents_equal_stable_diffusion_pipeline_random_init(prediction, sd
     assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_text_tokens_equal_encode_prompt_with_and_without_clip_skip_random_init(sd_root):
     pipe = load_pipeline(sd_root)
     ours = build_text_encoder(TextEncoderConfig(kind="hf_clip", pretrained=str(sd_root)))

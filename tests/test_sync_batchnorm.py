@@ -69,6 +69,7 @@ def _close(a, b, msg=""):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{msg}: {m}")
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_with_batchnorm(two_ranks):
     ref = _step(_disc("batch"), _batch(), average_grads=False)
     for rank, res in enumerate(two_ranks):

@@ -13,6 +13,7 @@ TINY = ("experiment=ae_cpu_tiny", "trainer.image_every=1000")
 COMPARED = ("loss_g", "l1", "lpips_randinit", "bottleneck", "gan_g", "adaptive_weight", "loss_d")
 
 
+@pytest.mark.slow
 def test_two_ranks_zero2_match_one_process_with_the_same_global_batch(tmp_path):
     steps = ("trainer.max_steps=4", "trainer.ckpt_every=100")
     run(AE, tmp_path, "one", *TINY, *steps, "data.loader.batch_size=4", "deepspeed=zero2")
@@ -28,6 +29,7 @@ def test_two_ranks_zero2_match_one_process_with_the_same_global_batch(tmp_path):
         assert_close(one[step], two[step], ("loss_g", "l1", "lpips_randinit", "loss_d"), rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     # Without the GAN term the objective is a plain mean, so 2 micro-batches of 2 must give the
     # update of one batch of 4. (With it, lambda is computed per micro-batch, as in the reference
@@ -54,6 +56,7 @@ def epoch_shards(tmp_path_factory):
     return tmp / "shards"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, epoch_shards, first, then):
     """Stopped at step 4 of a 6-step epoch and resumed with another number of ranks (the same global
@@ -85,6 +88,7 @@ def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, ep
     assert len(hr) == 4 and sorted(trained) == sorted({index.key(i) for i in range(16)} - hr)  # each once
 
 
+@pytest.mark.slow
 def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(tmp_path):
     steps = (*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2")
     res = run(AE, tmp_path, "crash", *steps, check=False, INFD_FAULT_INJECT="crash_in_checkpoint_save:4")
@@ -98,6 +102,7 @@ def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(tmp_path):
     assert sorted(metrics(tmp_path, "crash")) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_scalars_and_image_panels(tmp_path):
     from tests.images import build, write_folder
 
@@ -138,11 +143,13 @@ def test_config_secrets_are_redacted():
                            "s3": {"secret_access_key": "<redacted>", "token": ""}}
 
 
+@pytest.mark.slow
 def test_zero3_is_refused_with_the_reason(tmp_path):
     res = run(AE, tmp_path, "z3", *TINY, "deepspeed=zero3", "trainer.max_steps=1", check=False)
     assert res.returncode == 2 and "deepspeed.zero_stage" in res.stderr and "adaptive GAN" in res.stderr
 
 
+@pytest.mark.slow
 def test_bad_override_names_the_key(tmp_path):
     res = run(AE, tmp_path, "bad", *TINY, "trainer.max_stepz=3", check=False)
     assert res.returncode != 0 and "max_stepz" in res.stderr

@@ -15,7 +15,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from infd.export import save_model
+from infd.export import read_record
+from tests.exports import save_ae
 from infd.models import NeuralFieldAutoencoder
 from tests.images import build, write_folder
 from tests.test_models import tiny_cfg
@@ -28,7 +29,7 @@ DIFF = "train.diffusion"
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
-    save_model(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp / "ae")
+    save_ae(NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64})), tmp / "ae")
     write_folder(tmp / "src", [(80 + 3 * i, 70) for i in range(32)])
     build(tmp / "src", str(tmp / "shards"), "--min-side", "64", "--samples-per-shard", "8")
     subprocess.run([sys.executable, "-m", "data_prep.encode_latents", "--ae", str(tmp / "ae"), "--shards",
@@ -37,7 +38,8 @@ def cache(tmp_path_factory):
 
 
 def common(cache, *extra):
-    return ("experiment=diffusion_cpu_tiny", f"data.loader.shards={cache / 'latents'}", f"data.autoencoder={cache / 'ae'}",
+    return ("experiment=diffusion_cpu_tiny", f"data.loader.shards={cache / 'latents'}",
+            f"data.autoencoder={cache / 'ae'}",
             "samples.latent_size=16", "trainer.image_every=1000", "diffusion.latent_scale_samples=16", *extra)
 
 
@@ -46,6 +48,7 @@ def sample_log(root, name: str, rank: int) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, lines)}
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path, cache):
     # Synthetic latents: sample i depends only on (seed, i), so the global batch is the same at
     # any world size; noise, timesteps and caption dropout are keyed by the global sample index.
@@ -70,6 +73,7 @@ def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path, cach
         assert rank0[step]["t"] + rank1[step]["t"] == single[step]["t"]  # each sample its own draw, any world size
 
 
+@pytest.mark.slow
 def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
     """2 ranks x ZeRO-2 x 2 loader workers on the latent cache. SIGTERM goes to every process of the
     job (scancel's way: launcher, ranks, data workers) while they evaluate after step 1 (a long
@@ -118,7 +122,8 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
     # A repeat reached rank 0 while it was writing the checkpoint (between its start and its log line).
     stamp = r"\[rank0\] (\S+ \S+) \w+ train\S*: "
     saved_at = _log_time(re.search(stamp + "saved checkpoint", out).group(1))
-    save_s = json.loads((tmp_path / "stopped" / "checkpoints" / f"step_{step:07d}" / "state.json").read_text())["save_s"]
+    save_s = json.loads(
+        (tmp_path / "stopped" / "checkpoints" / f"step_{step:07d}" / "state.json").read_text())["save_s"]
     repeats = [_log_time(t) for t in re.findall(stamp + "received SIGTERM again", out)]
     assert any(saved_at - save_s - 0.01 <= t <= saved_at for t in repeats), (repeats, saved_at, save_s)
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["latest", f"step_{step:07d}"]
@@ -129,8 +134,8 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
         assert_close(straight[s], resumed[s], ("loss",), rtol=1e-6)
     assert sample_keys(tmp_path, "stopped") == sample_keys(tmp_path, "straight")
     assert straight[1]["latent_scale"] == resumed[6]["latent_scale"] > 0
-    extra = json.loads((tmp_path / "straight" / "export" / "unet" / "config.json").read_text())["extra"]
-    assert extra["ema"] and extra["latent_scale"] == straight[1]["latent_scale"] and extra["text"]["kind"] == "openclip"
+    record = read_record(tmp_path / "straight" / "export" / "unet")
+    assert record.ema and record.latent_scale == straight[1]["latent_scale"] and record.text.kind == "openclip"
 
 
 def _log_time(stamp: str) -> float:
@@ -144,6 +149,7 @@ def eval_args(cache, stats) -> tuple[str, ...]:
             f"eval.stats_cache={stats}")
 
 
+@pytest.mark.slow
 def test_wandb_sample_panels_eval_metrics_and_sampling_the_export(tmp_path, cache):
     run(DIFF, tmp_path, "wb", *common(cache, "logger=wandb", "trainer.max_steps=2", "trainer.image_every=2",
                                       "trainer.ckpt_every=100", "diffusion.latent_scale=1.0",
@@ -165,7 +171,7 @@ def test_wandb_sample_panels_eval_metrics_and_sampling_the_export(tmp_path, cach
     assert last["samples/64/captions"] == ["a photograph", "a painting"]
     assert config["unet"]["context_dim"] == 512
     unet = tmp_path / "wb" / "export" / "unet"
-    assert json.loads((unet / "config.json").read_text())["extra"]["latent_scale"] == 1.0
+    assert read_record(unet).latent_scale == 1.0
     cmd = [sys.executable, "-m", "infd.cli", "sample", "--ae", str(cache / "ae"), "--unet", str(unet), "--prompt",
            "a photo", "--size", "300x200", "--steps", "4", "--seed", "7"]
     for name, extra in (("a.png", []), ("b.png", []), ("r.png", ["--region", "20,10,120,90"])):

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from infd.config import from_mapping
+from infd.export import read_record
 from infd.convert.autoencoder import build_autoencoder
 from infd.models import AutoencoderConfig
 from tests.images import build, write_folder
@@ -41,6 +42,7 @@ def stage1(tmp_path_factory):
     return tmp, sd, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_converted_vae_trains_its_decoder_and_renderer_with_the_encoder_frozen(stage1):
     tmp, sd, out = stage1
     assert "converted" in out and "renderer" in out
@@ -62,6 +64,7 @@ def test_converted_vae_trains_its_decoder_and_renderer_with_the_encoder_frozen(s
     assert not torch.equal(trained["decoder.conv_in.weight"], start["decoder.conv_in.weight"])
 
 
+@pytest.mark.slow
 def test_init_from_an_export_starts_from_its_weights(stage1, tmp_path):
     """trainer.init_from: the model's shape and weights come from the export (no model.init, no
     model section needed); with lr 0 the run's own export equals the one it started from."""
@@ -76,6 +79,7 @@ def test_init_from_an_export_starts_from_its_weights(stage1, tmp_path):
     assert bad.returncode == 2 and "trainer.init_from" in bad.stderr
 
 
+@pytest.mark.slow
 def test_stage2_fine_tunes_the_sd_unet_resumes_exactly_and_samples_at_any_size(stage1, tmp_path):
     tmp, sd, _ = stage1
     ae = tmp / "convert" / "export" / "autoencoder"
@@ -100,11 +104,11 @@ def test_stage2_fine_tunes_the_sd_unet_resumes_exactly_and_samples_at_any_size(s
     assert sample_keys(tmp_path, "split") == {3: keys[3], 4: keys[4]}
     assert straight[1]["loss"] != straight[4]["loss"]
     unet = tmp_path / "straight" / "export" / "unet"
-    extra = json.loads((unet / "config.json").read_text())["extra"]
+    record = read_record(unet)
     # The schedule and latent scale are the folder's, recorded for sampling without it.
-    assert extra["latent_scale"] == pytest.approx(0.18215)
-    assert extra["diffusion"]["beta_schedule"] == "scaled_linear" and not extra["diffusion"]["set_alpha_to_one"]
-    assert extra["sampling"]["spacing"] == "leading"
+    assert record.latent_scale == pytest.approx(0.18215)
+    assert record.diffusion.beta_schedule == "scaled_linear" and not record.diffusion.set_alpha_to_one
+    assert record.sampling.spacing == "leading"
     out = tmp_path / "fox.png"
     res = subprocess.run([sys.executable, "-m", "infd.cli", "sample", "--unet", str(unet), "--prompt",
                           "a red fox in the snow, 4k, high definition", "--steps", "4", "--cfg", "5", "--size",

@@ -15,7 +15,7 @@ from infd.versions import untested_versions
 from train.dist import init_distributed, on_main, shutdown, strip_local_rank_arg
 from train.logger import Logger, redact
 from train.preflight import PreflightError, run_preflight
-from train.signals import PreemptionFlag
+from infd.utils.signals import PreemptionFlag
 
 log = logging.getLogger("train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -96,7 +96,8 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
             log.warning("%s", message)
         task = make_task(info)
         data = make_data(info)
-        logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group, max_steps=cfg.trainer.max_steps)
+        logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group,
+                        max_steps=cfg.trainer.max_steps)
         try:
             return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum, preempt)
         finally:

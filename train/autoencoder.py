@@ -29,8 +29,8 @@ from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimC
 from train.data import build_batches, to_device
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
-from train.evaluation import ReconstructionEval, ReconstructionEvalConfig, own_rng
-from train.export import export_model
+from train.periodic_eval import ReconstructionEval, ReconstructionEvalConfig, own_rng
+from train.run_exports import export_model, stage_record
 from train.loop import StepOutput
 from train.warm_start import export_model_config, load_export_weights
 from train.zero import GatheredEMA
@@ -173,7 +173,8 @@ class AutoencoderTask:
             return self.evaluator(self.gen.module, self.ema, self.loss.lpips, should_stop)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
-        return export_model(self.gen.module, self.ema, "autoencoder", run_dir, step, self.info)
+        record = stage_record(self.cfg, "autoencoder", step, self.ema is not None)
+        return export_model(self.gen.module, self.ema, record, run_dir, self.info)
 
 
 def build_data(cfg: AutoencoderTrainConfig, info: DistInfo):

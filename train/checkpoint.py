@@ -149,7 +149,8 @@ def save_checkpoint(root: Path, step: int, engines: dict, extra_rank_state: dict
         log.info("saved checkpoint %s in %.1f s", final, seconds)
         if grace_s is not None and seconds > grace_s:
             log.warning("the checkpoint took %.1f s, longer than trainer.grace_s=%g: a stop signal's checkpoint "
-                        "would be killed before it completes. Raise the grace period (see README, Preemption) "
+                        "would be killed before it completes. "
+                        "Raise the grace period (see docs/clusters.md, Preemption) "
                         "and trainer.grace_s with it.", seconds, grace_s)
     return final
 
@@ -163,7 +164,8 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(path: Path, engines: dict, info: DistInfo) -> dict:
     """Restore engines, RNG and this rank's extra state. Same world size: DeepSpeed's own
     checkpoint, exact. Another world size: the portable weights and moments, and no per-rank
-    state (the data position is in state.json: the same on every rank). Returns {"step", "rank_state" or None, "state"}."""
+    state (the data position is in state.json: the same on every rank).
+    Returns {"step", "rank_state" or None, "state"}."""
     state = json.loads((path / "state.json").read_text())
     if state["world_size"] == info.world_size:
         for name, engine in engines.items():

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from infd.config import from_mapping, load_mapping
-from infd.evaluate import centre_square, evaluate_autoencoder
-from infd.export import load_model
+from infd.eval.reconstruction import centre_square, evaluate_autoencoder
+from infd.export import load_export
 from infd.image import pil_to_tensor, resize_antialiased, save_image
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
 from infd.render import render_tiles
@@ -127,7 +127,8 @@ def main() -> None:
                    check=True)
     cli = [sys.executable, "-m", "infd.cli", "data"]
     subprocess.run([*cli, "stats", str(out / "shards"), "--png", str(out / "data_histogram.png")], check=True)
-    subprocess.run([*cli, "preview", str(out / "shards"), "--out", str(out / "data_preview.png"), "--patch-size", "128"],
+    subprocess.run([*cli, "preview", str(out / "shards"), "--out", str(out / "data_preview.png"),
+                    "--patch-size", "128"],
                    check=True)
 
     print("\n== 2. stage 1: training the tiny autoencoder", flush=True)
@@ -135,7 +136,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "train.autoencoder", "experiment=ae_demo", f"run.root={out / 'runs'}",
                     f"data.loader.shards={out / 'shards'}", f"trainer.max_steps={args.steps}"], check=True)
     export = out / "runs" / "demo_autoencoder" / "export" / "autoencoder"
-    model = load_model(export, device)
+    model, _ = load_export(export, device)
     after = psnr_1x(model, device)
 
     print("\n== 3. held-out photographs (never trained on), PSNR at 1x (128x128):", flush=True)

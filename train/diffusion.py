@@ -1,7 +1,8 @@
 """Stage 2: train the latent diffusion model (on a latent cache, or encoding images on the fly).
 
     python -m train.diffusion experiment=diffusion_cpu_tiny data.loader.shards=LATENTS data.autoencoder=AE_EXPORT
-    torchrun --nproc_per_node 8 -m train.diffusion experiment=diffusion_ffhq_paper data.loader.shards=... deepspeed=zero3
+    torchrun --nproc_per_node 8 -m train.diffusion experiment=diffusion_ffhq_paper data.loader.shards=...
+        deepspeed=zero3
 
 Every per-sample draw of a step (noise, timestep, caption and label dropout) is keyed by
 (trainer.seed, step, the sample's index in the global batch): ranks draw independently, and the
@@ -17,38 +18,36 @@ from pathlib import Path
 
 import torch
 
-from infd.config import ConfigError, from_mapping
+from infd.config import ConfigError
 from infd.data.transforms import to_unit_range
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
-from infd.export import load_model
+from infd.diffusion.generate import LatentDiffusion, generate_latents, unet_fn
+from infd.diffusion.spec import Conditioning, SamplingSpec, spec_of
+from infd.export import load_export
 from infd.keyed_random import KeyedRandom
-from infd.models.unet import UNetConfig, build_unet
+from infd.models import UNetConfig, build_unet
 from infd.render import render_tiles
-from infd.sampling import generate_latents, unet_fn
 from infd.text import TextEncoderConfig, build_text_encoder
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
-from train.evaluation import GenerativeEval, GenerativeEvalConfig, own_rng
-from train.export import export_model, unet_extra
+from train.periodic_eval import GenerativeEval, GenerativeEvalConfig, own_rng
+from train.run_exports import export_model, stage_record
 from train.loop import StepOutput
-from train.warm_start import export_meta, export_model_config, load_export_weights
+from train.warm_start import export_record, load_export_weights
 from train.zero import GatheredEMA
 
 log = logging.getLogger("train")
 
 
-@dataclass
-class SamplePanelConfig:
-    """Sampling for the W&B panels; recorded in the UNet export as `infd sample`'s defaults."""
+@dataclass(frozen=True)
+class SamplePanelConfig(SamplingSpec):
+    """The samples section: the sampling spec (sampler, steps, eta, spacing, cfg_scale) of the W&B
+    panels and of trainer.eval_every, recorded in the UNet export as `infd sample`'s defaults, and
+    what the panels draw."""
 
     prompts: list[str] = field(default_factory=lambda: ["a photograph", "a painting"])
-    sampler: str = "ddim"
-    steps: int = 20
-    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 the paper's (DDPM-like) sampling
-    spacing: str = "linspace"  # timesteps of ddim/ddpm: linspace | leading (the official code) | trailing
-    cfg_scale: float = 1.0
     latent_size: int = 64
 
 
@@ -107,8 +106,9 @@ class DiffusionTask:
         self.engines = {"unet": self.unet}
         self.ema = GatheredEMA(self.unet.module, cfg.trainer.ema_decay) if cfg.trainer.ema else None
         self.schedule = build_schedule(cfg.diffusion)
-        self.ae = load_model(cfg.data.autoencoder, info.device) if cfg.data.autoencoder else None
-        self.latent_scale = self._latent_scale()
+        self.ae = load_export(cfg.data.autoencoder, info.device)[0] if cfg.data.autoencoder else None
+        # From here on the config's latent scale is the number the UNet trains with, never "auto".
+        self.cfg = cfg = replace(cfg, diffusion=replace(cfg.diffusion, latent_scale=self._latent_scale()))
         self.evaluator = None
         if cfg.trainer.eval_every:
             with own_rng(info.device):
@@ -176,6 +176,14 @@ class DiffusionTask:
                 "labels": self._labels(batch.get("labels"), drop)}
         return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
 
+    @property
+    def latent_scale(self) -> float:
+        return self.cfg.diffusion.latent_scale
+
+    def latent_diffusion(self, unet) -> LatentDiffusion:
+        """`unet` (the engine's module, or its EMA copy) with the run's schedule and text encoder."""
+        return LatentDiffusion(unet, self.cfg.diffusion, self.text)
+
     @torch.no_grad()
     def image_panels(self, batch: dict) -> dict:
         """Sample grids at the autoencoder's size and twice it, for the configured prompts."""
@@ -184,9 +192,8 @@ class DiffusionTask:
         s = self.cfg.samples
         prompts = list(s.prompts) or [""]
         c, h = self.cfg.unet.in_channels, s.latent_size
-        z = generate_latents(self.unet.module, self.cfg.diffusion, self.latent_scale, (len(prompts), c, h, h),
-                             prompts if self.text is not None else None, self.text, s.cfg_scale, s.sampler, s.steps,
-                             seed=0, device=self.info.device, eta=s.eta, spacing=s.spacing)
+        cond = Conditioning(prompts if self.text is not None else None)
+        z = generate_latents(self.latent_diffusion(self.unet.module), spec_of(s), cond, (len(prompts), c, h, h), 0)
         phi = self.ae.decode(z)
         base = self.ae.cfg.net.resolution
         return {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
@@ -194,12 +201,11 @@ class DiffusionTask:
     def evaluate(self, should_stop) -> dict:
         """FID-256 / pFID (eval section) of the EMA UNet's samples; rank 0 gets them."""
         with own_rng(self.info.device):
-            return self.evaluator(self.unet.module, self.ema, self.ae, self.text, self.cfg.diffusion, self.latent_scale,
-                                  should_stop)
+            return self.evaluator(self.latent_diffusion(self.unet.module), self.ema, self.ae, should_stop)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
-        return export_model(self.unet.module, self.ema, "unet", run_dir, step, self.info,
-                            unet_extra(self.cfg, self.latent_scale))
+        record = stage_record(self.cfg, "unet", step, self.ema is not None)
+        return export_model(self.unet.module, self.ema, record, run_dir, self.info)
 
 
 def build_data(cfg: DiffusionTrainConfig, info: DistInfo, shuffle: bool = True):
@@ -217,14 +223,13 @@ def resolve_models(cfg: DiffusionTrainConfig) -> DiffusionTrainConfig:
     offset and its VAE's scaling factor). config.yaml records the result, so exports rebuild the
     UNet and sample with its schedule without the source folder."""
     if cfg.trainer.init_from:
-        extra = export_meta(cfg.trainer.init_from, "unet").get("extra", {})
-        unet = export_model_config(cfg.trainer.init_from, "unet", grad_checkpointing=cfg.unet.grad_checkpointing)
-        diffusion = from_mapping(DiffusionConfig, extra.get("diffusion", {}), prefix="trainer.init_from:diffusion.")
-        diffusion = replace(diffusion, latent_scale=extra.get("latent_scale", diffusion.latent_scale))
-        return replace(cfg, unet=unet, diffusion=diffusion)
+        record = export_record(cfg.trainer.init_from, "unet")
+        unet = replace(record.model, grad_checkpointing=cfg.unet.grad_checkpointing)
+        return replace(cfg, unet=unet, diffusion=record.diffusion or DiffusionConfig())
     if cfg.unet.kind != "diffusers":
         return cfg
-    from infd.convert.stable_diffusion import fill_unet_config, read_sd_settings
+    from infd.convert.stable_diffusion import read_sd_settings
+    from infd.models.diffusers_unet import fill_unet_config
 
     settings = read_sd_settings(cfg.unet.pretrained)
     unet = fill_unet_config(cfg.unet)  # the source's in_channels, context_dim and diffusers_config

@@ -1,4 +1,4 @@
-"""Distributed state, built once and passed explicitly (DESIGN.md conventions).
+"""Distributed state, built once and passed explicitly (docs/design.md, conventions).
 
 Works under `python` (one process: a gloo/nccl group of size 1), `torchrun` (single or multi
 node), the `deepspeed` launcher (its --local_rank argument is accepted and dropped) and `srun`

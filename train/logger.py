@@ -92,7 +92,8 @@ def progress_line(step: int, max_steps: int | None, values: dict) -> str:
         head.append(f"{per_step:.2f} s/step")
         if max_steps:
             head.append(f"ETA {duration(per_step * (max_steps - step))}")
-    rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()) if k not in ("perf/samples_per_s", "perf/s_per_step"))
+    rest = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())
+                    if k not in ("perf/samples_per_s", "perf/s_per_step"))
     return " | ".join([*head, rest])
 
 

@@ -19,9 +19,9 @@ from train.config import TrainerConfig
 from infd.data.loader import Loader
 from infd.eval.real_set import EvaluationStopped
 from train.dist import DistInfo, any_rank
-from train.export import checkpoint_meta, export_after_checkpoint
+from train.run_exports import checkpoint_meta, export_after_checkpoint
 from train.logger import Logger, Throughput, grad_norm
-from train.signals import PreemptionFlag
+from infd.utils.signals import PreemptionFlag
 
 log = logging.getLogger("train")
 
@@ -35,6 +35,7 @@ class StepOutput:
 class Task(Protocol):
     """What a stage gives the loop."""
 
+    cfg: object  # the stage's config (its trainer section drives the loop; exports are rebuilt from it)
     engines: dict  # name -> DeepSpeed engine: checkpointed, their lr and grad norm logged
     ema: object | None  # EMA of the exported model, checkpointed; None without
 
@@ -125,7 +126,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
         path = save_checkpoint(ckpt_root, step, task.engines, {}, info, cfg.keep_last,
                                ema=task.ema.state_dict() if task.ema else None,
                                meta={"data": data_state, **checkpoint_meta(task)}, grace_s=cfg.grace_s)
-        export_after_checkpoint(run_dir, path, step, cfg, info, stopping)  # trainer.export_every; rank 0
+        export_after_checkpoint(run_dir, path, step, task.cfg, info, stopping)  # trainer.export_every; rank 0
 
     try:
         while step < cfg.max_steps:

@@ -4,7 +4,7 @@ Stage 2: FID-256 / pFID P/1K (and CLIP score) of `eval.num_samples` samples agai
 images of `eval.shards`, through the same code as `infd eval-gen` (infd.eval.generative),
 sharded over the ranks. Stage 1: reconstruction PSNR at several scales, LPIPS and scale
 consistency on `eval.num_images` held-out images, through the code of `infd eval-ae`
-(infd.evaluate), sharded over the ranks the same way. Both return {"eval/<metric>": value} on
+(infd.eval.reconstruction), sharded over the ranks the same way. Both return {"eval/<metric>": value} on
 rank 0 ({} on the others); metric names carry `_randinit` when a network is random-init.
 
 A stop signal abandons an evaluation in progress: `should_stop` (the loop's all-reduced stop flag)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,10 +25,11 @@ from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, build_networks,
 from infd.eval.pfid import PFID_SIZE
 from infd.eval.real_set import (RealSet, choose_real_set, open_source, read_or_skip, require_captions,
                                  stoppable_batches)
-from infd.eval.samples import ImageSampler, SamplingSpec
-from infd.evaluate import centre_square, metric_keys, reconstruction_sums
+from infd.diffusion.spec import spec_of
+from infd.eval.samples import ImageSampler
+from infd.eval.reconstruction import centre_square, metric_keys, reconstruction_sums
 from train.dist import DistInfo
-from train.export import averaged_copy
+from train.run_exports import averaged_copy
 
 log = logging.getLogger("train")
 
@@ -108,23 +109,21 @@ class GenerativeEval:
             require_captions(self.real, "config key 'eval.prompts' = captions",
                              "set eval.prompts=samples to cycle samples.prompts")
 
-    def __call__(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float, should_stop=None) -> dict:
+    def __call__(self, model, ema, ae, should_stop=None) -> dict:
+        """model: the LatentDiffusion of the engine's UNet module, whose EMA weights are evaluated."""
         start = time.perf_counter()
         try:
-            metrics = self._evaluate(unet_module, ema, ae, text, diffusion_cfg, latent_scale, should_stop)
+            metrics = self._evaluate(model, ema, ae, should_stop)
         finally:
             for net in self.networks:
                 if net is not None:
                     net.to("cpu")  # off the accelerator between evaluations
         return prefixed(metrics, time.perf_counter() - start)
 
-    def _evaluate(self, unet_module, ema, ae, text, diffusion_cfg, latent_scale: float, should_stop) -> dict | None:
-        unet = averaged_copy(unet_module, ema, "unet").to(self.info.device)
+    def _evaluate(self, model, ema, ae, should_stop) -> dict | None:
+        model = replace(model, unet=averaged_copy(model.unet, ema, "unet").to(self.info.device))
         s = self.samples
-        spec = SamplingSpec(sampler=s.sampler, steps=s.steps, eta=s.eta, spacing=s.spacing, cfg_scale=s.cfg_scale,
-                            latent_size=s.latent_size, prompts=list(s.prompts))
-        sampler = ImageSampler(unet, ae, text, diffusion_cfg, latent_scale, spec, self.cfg.seed, self.info.device,
-                               self.captions)
+        sampler = ImageSampler(model, ae, spec_of(s), self.cfg.seed, s.latent_size, s.prompts, self.captions)
         metrics = evaluate_generator(sampler, self.real, self.cfg, self.info.device, self.info.rank,
                                      self.info.world_size, store=None, progress=False, networks=self.networks,
                                      should_stop=should_stop)

@@ -134,7 +134,8 @@ def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> N
                             "ranks, or start a new run (run.name=...).")
     else:
         found.warnings.append(f"checkpoint {path} was written by {state['world_size']} ranks, this job has "
-                              f"{info.world_size}: weights and Adam moments are re-partitioned, and the data continues at "
+                              f"{info.world_size}: weights and Adam moments are re-partitioned, "
+                              "and the data continues at "
                               "the same global sample of the epoch.")
 
 

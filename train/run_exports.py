@@ -1,31 +1,27 @@
-"""The one export path of both stages: the trained module (or its EMA) as safetensors + JSON.
-
-    python -m train.export RUN_DIR [--step N] [--no-ema] [--out DIR]
+"""The exports of a run, both stages alike: the trained module (or its EMA) as an infd export.
 
 Layout in the run directory: export/<kind>/ at the end of the run (`export_model`, collective),
 export/step_XXXXXXX/<kind>/ from a checkpoint (`export_checkpoint`: one process, no DeepSpeed,
-no process group), written on request by this module's command line or during training next to
-the checkpoints of the steps that are multiples of trainer.export_every.
+no process group), written during training next to the checkpoints of the steps that are
+multiples of trainer.export_every (`export_after_checkpoint`), or on request by
+`python -m train.export` (train/export.py, which reads the run's config.yaml).
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import logging
 import os
 import shutil
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from infd.config import ConfigError, from_mapping, to_mapping
-from infd.export import MODEL_KINDS, save_model
+from infd.compat import logged_latent_scale
+from infd.diffusion.spec import spec_of
+from infd.export import MODEL_KINDS, ExportRecord, save_export
 from train.checkpoint import step_dir_name
 from train.config import TrainerConfig
 from train.dist import DistInfo
@@ -47,18 +43,16 @@ def averaged_copy(module: nn.Module, ema, kind: str) -> nn.Module:
     return model.eval()
 
 
-def export_model(module: nn.Module, ema, kind: str, run_dir: Path, step: int, info: DistInfo,
-                 extra: dict | None = None) -> Path | None:
+def export_model(module: nn.Module, ema, record: ExportRecord, run_dir: Path, info: DistInfo) -> Path | None:
     """Write run_dir/export/<kind>/ with the EMA weights when there is an EMA. Collective (ZeRO-3
     gathers the weights on every rank); rank 0 writes and returns the path, the others None."""
     if not info.is_main:
         with gathered(module):  # the other ranks' part of the collective
             pass
         return None
-    model = averaged_copy(module, ema, kind)
-    path = save_model(model, run_dir / EXPORT_DIR / kind, kind=kind,
-                      extra={"step": step, "ema": ema is not None, **(extra or {})})
-    print(f"exported the {'EMA ' if ema is not None else ''}{kind} to {path}", flush=True)
+    model = averaged_copy(module, ema, record.kind)
+    path = save_export(model, record, run_dir / EXPORT_DIR / record.kind)
+    print(f"exported the {'EMA ' if ema is not None else ''}{record.kind} to {path}", flush=True)
     return path
 
 
@@ -70,13 +64,19 @@ class ExportError(Exception):
 class Stage:
     kind: str  # the export's kind (infd.export.MODEL_KINDS)
     engine: str  # the checkpointed engine that holds the exported model
-    module: str  # the stage's module and its config dataclass, as the run's config.yaml was built from
-    config: str
-    model_key: str  # the model's config within it
+    model_key: str  # the model's config within the stage's config
 
 
-STAGES = (Stage("autoencoder", "generator", "train.autoencoder", "AutoencoderTrainConfig", "model"),
-          Stage("unet", "unet", "train.diffusion", "DiffusionTrainConfig", "unet"))
+STAGES = (Stage("autoencoder", "generator", "model"), Stage("unet", "unet", "unet"))
+
+
+def checkpoint_stage(ckpt: Path) -> Stage:
+    """The stage whose engines checkpoint `ckpt` holds."""
+    state = json.loads((ckpt / "state.json").read_text())
+    stage = next((s for s in STAGES if s.engine in state["engines"]), None)
+    if stage is None:
+        raise ExportError(f"{ckpt}: engines {state['engines']} are none of a known stage's")
+    return stage
 
 
 def checkpoint_meta(task) -> dict:
@@ -86,12 +86,16 @@ def checkpoint_meta(task) -> dict:
     return {} if scale is None else {"latent_scale": scale}
 
 
-def unet_extra(cfg, latent_scale: float) -> dict:
-    """The UNet export's metadata (the end-of-run export and train.export both record this)."""
-    s = cfg.samples
-    return {"latent_scale": latent_scale, "diffusion": to_mapping(cfg.diffusion), "text": to_mapping(cfg.text),
-            "autoencoder": cfg.data.autoencoder,
-            "sampling": {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "spacing": s.spacing}}
+def stage_record(cfg, kind: str, step: int, ema: bool) -> ExportRecord:
+    """The export record of a stage's run config `cfg` at `step`. The UNet's records its schedule
+    (cfg.diffusion, whose latent scale the caller has resolved), text encoder, sampling spec
+    (the samples section: `infd sample`'s defaults) and autoencoder."""
+    stage = next(s for s in STAGES if s.kind == kind)
+    model = getattr(cfg, stage.model_key)
+    if kind != "unet":
+        return ExportRecord(kind, model, step=step, ema=ema)
+    return ExportRecord(kind, model, step=step, ema=ema, diffusion=cfg.diffusion, text=cfg.text,
+                        sampling=spec_of(cfg.samples), autoencoder=cfg.data.autoencoder)
 
 
 def checkpoint_steps(ckpt_root: Path) -> list[int]:
@@ -113,29 +117,16 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return path
 
 
-def _run_config(run_dir: Path, stage: Stage):
-    path = run_dir / RUN_CONFIG
-    if not path.exists():
-        raise ExportError(f"{path} not found: the run's resolved config rebuilds the model")
-    cls = getattr(importlib.import_module(stage.module), stage.config)  # lazy: both stages import this module
-    try:
-        return from_mapping(cls, yaml.safe_load(path.read_text()))
-    except ConfigError as err:
-        raise ExportError(f"{path}: {err}") from err
-
-
 def _latent_scale(cfg, state: dict, run_dir: Path) -> float:
     if "latent_scale" in state:
         return state["latent_scale"]
     if cfg.diffusion.latent_scale != "auto":
         return float(cfg.diffusion.latent_scale)
-    # Checkpoints written before state.json recorded it: the run logged the scale with every step.
-    metrics = run_dir / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.exists() else ():
-        entry = json.loads(line)
-        if entry.get("step") == state["step"] and "latent_scale" in entry:
-            return entry["latent_scale"]
-    raise ExportError(f"the latent scale of step {state['step']} is neither in its state.json nor in {metrics}")
+    scale = logged_latent_scale(run_dir / "metrics.jsonl", state["step"])  # checkpoints of older versions
+    if scale is None:
+        raise ExportError(f"the latent scale of step {state['step']} is neither in its state.json nor in "
+                          f"{run_dir / 'metrics.jsonl'}")
+    return scale
 
 
 def _weights(ckpt: Path, stage: Stage, use_ema: bool) -> tuple[dict, bool]:
@@ -148,16 +139,15 @@ def _weights(ckpt: Path, stage: Stage, use_ema: bool) -> tuple[dict, bool]:
     return state, False
 
 
-def export_checkpoint(run_dir: Path, ckpt: Path, out: Path | None = None, use_ema: bool = True) -> Path:
-    """Write the export of checkpoint `ckpt` (default: run_dir/export/step_XXXXXXX/<kind>/), equal
-    to the one the run writes at its end had it ended there. One process, no DeepSpeed."""
+def export_checkpoint(run_dir: Path, ckpt: Path, cfg, out: Path | None = None, use_ema: bool = True) -> Path:
+    """Write the export of checkpoint `ckpt` of the run with config `cfg` (default:
+    run_dir/export/step_XXXXXXX/<kind>/), equal to the one the run writes at its end had it ended
+    there. One process, no DeepSpeed."""
     state = json.loads((ckpt / "state.json").read_text())
-    stage = next((s for s in STAGES if s.engine in state["engines"]), None)
-    if stage is None:
-        raise ExportError(f"{ckpt}: engines {state['engines']} are none of a known stage's")
-    cfg = _run_config(run_dir, stage)
+    stage = checkpoint_stage(ckpt)
     weights, ema = _weights(ckpt, stage, use_ema)
-    extra = unet_extra(cfg, _latent_scale(cfg, state, run_dir)) if stage.kind == "unet" else {}
+    if stage.kind == "unet":
+        cfg = replace(cfg, diffusion=replace(cfg.diffusion, latent_scale=_latent_scale(cfg, state, run_dir)))
     model_cls = MODEL_KINDS[stage.kind][1]
     with torch.device("meta"):  # no random init of weights about to be replaced (seconds for the paper UNet)
         model = model_cls(getattr(cfg, stage.model_key))
@@ -166,19 +156,20 @@ def export_checkpoint(run_dir: Path, ckpt: Path, out: Path | None = None, use_em
     # Written beside and renamed: a run killed mid-export leaves no half export under the final name.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, kind=stage.kind, extra={"step": state["step"], "ema": ema, **extra})
+    save_export(model, stage_record(cfg, stage.kind, state["step"], ema), tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"exported the {'EMA ' if ema else ''}{stage.kind} of step {state['step']} to {out}", flush=True)
     return out
 
 
-def export_after_checkpoint(run_dir: Path, ckpt: Path, step: int, cfg: TrainerConfig, info: DistInfo,
+def export_after_checkpoint(run_dir: Path, ckpt: Path, step: int, run_cfg, info: DistInfo,
                             stopping: bool) -> Path | None:
     """trainer.export_every: rank 0 exports the checkpoint just saved when its step is a multiple
     (the last step's export is the end of the run's, export/<kind>), and the one saved on a stop
     signal when the grace period has room for it. Rank 0 alone reads the checkpoint from disk:
-    nothing collective, the other ranks go on (or exit) meanwhile."""
+    nothing collective, the other ranks go on (or exit) meanwhile. run_cfg: the stage's config."""
+    cfg: TrainerConfig = run_cfg.trainer
     if not info.is_main or cfg.export_every == 0:
         return None
     if not stopping and (step % cfg.export_every or step == cfg.max_steps):
@@ -194,26 +185,7 @@ def export_after_checkpoint(run_dir: Path, ckpt: Path, step: int, cfg: TrainerCo
                         save_s, cfg.grace_s, later)
             return None
     try:
-        return export_checkpoint(run_dir, ckpt)
+        return export_checkpoint(run_dir, ckpt, run_cfg)
     except Exception:  # a side product: a failed export must not end a long run, but it is reported
         log.exception("export of step %d failed; %s", step, later)
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="the run directory (runs/<run.name>)")
-    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
-    parser.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
-    parser.add_argument("--out", type=Path, help="export directory (default: RUN_DIR/export/step_XXXXXXX/<kind>)")
-    args = parser.parse_args(argv)
-    try:
-        ckpt = find_checkpoint(args.run_dir, args.step)
-        export_checkpoint(args.run_dir, ckpt, args.out, use_ema=not args.no_ema)
-    except ExportError as err:
-        parser.error(str(err))  # "train.export: error: ...", exit status 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,29 +14,30 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from infd.config import ConfigError, from_mapping
-from infd.export import MODEL_KINDS, WEIGHTS, read_export_config
+from infd.config import ConfigError
+from infd.export import WEIGHTS, ExportRecord, read_record
 
 log = logging.getLogger("train")
 KEY = "trainer.init_from"
 
 
-def export_meta(path: str, kind: str) -> dict:
-    """The export's config.json, checked to hold a model of `kind`; ConfigError naming the key otherwise."""
+def export_record(path: str, kind: str) -> ExportRecord:
+    """The export's record, checked to hold a model of `kind`; ConfigError naming the key otherwise."""
     try:
-        meta = read_export_config(path)
+        record = read_record(path)
     except FileNotFoundError as err:
         raise ConfigError(f"config key '{KEY}' = {path}: {err}") from None
-    if meta.get("kind") != kind:
-        raise ConfigError(f"config key '{KEY}' = {path} holds a {meta.get('kind')} export; this stage "
+    except ConfigError as err:
+        raise ConfigError(f"config key '{KEY}' = {path}: {err}") from None
+    if record.kind != kind:
+        raise ConfigError(f"config key '{KEY}' = {path} holds a {record.kind} export; this stage "
                           f"fine-tunes a {kind}")
-    return meta
+    return record
 
 
 def export_model_config(path: str, kind: str, **keep):
     """The model config of export `path` (kind `kind`), with the fields in `keep` taken from the run."""
-    cfg = from_mapping(MODEL_KINDS[kind][0], export_meta(path, kind)["config"], prefix=f"{KEY}:config.")
-    return dataclasses.replace(cfg, **keep)
+    return dataclasses.replace(export_record(path, kind).model, **keep)
 
 
 def load_export_weights(module: nn.Module, path: str) -> None:

@@ -8,14 +8,16 @@
                 [--num-images N] [--batch-size B] [--region x0,y0,x1,y1] [--steps N]
                 [--sampler ddim|ddpm|dpmpp|euler|heun] [--eta E] [--spacing linspace|leading|trailing]
                 [--cfg S] [--seed K] --out FILE.png|DIR
-    infd eval-gen --unet EXPORT [--ae EXPORT] --data REAL_SHARDS --num-samples N --out DIR [--features inception|randinit]
+    infd eval-gen --unet EXPORT [--ae EXPORT] --data REAL_SHARDS --num-samples N --out DIR
+                  [--features inception|randinit]
                   [--patches 256 512 1024] [--fid-size 256] [--prompts FILE] [--seed K]   (torchrun for ranks)
     infd data stats INDEX_OR_SHARDS [--png HIST.png] [--json]
     infd data preview SHARDS --out GRID.png [--n 8] [--p-hr 0.5] [--index DIR] [--patch-size 256]
 
 Every option's default is in `infd CMD --help`. A user mistake (a missing or unreadable input, a
 bad option value, options that do not fit the model) ends as `infd CMD: error: MESSAGE` on
-stderr with exit code 2, never a traceback. The commands live in cli_render, cli_sample and cli_eval.
+stderr with exit code 2, never a traceback. The commands live in this package's render, sample
+and eval_gen modules; what they share in common.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import argparse
 import json
 import sys
 
-from infd import cli_eval, cli_render, cli_sample
-from infd.cli_common import HelpFormatter
+from infd.cli import eval_gen, render, sample
+from infd.cli.common import HelpFormatter
 from infd.config import ConfigError, from_mapping, load_mapping
 
 
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=256, help="side of the square input image, in pixels")
 
     p = command(sub, "upsample", "render an existing image at any scale or size through an autoencoder",
-                cli_render.cmd_upsample)
+                render.cmd_upsample)
     p.add_argument("image", help="input image (any format PIL reads; its EXIF orientation is applied)")
     p.add_argument("--ckpt", required=True, help="autoencoder export directory (model.safetensors + config.json)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=device)
 
     p = command(sub, "eval-ae", "PSNR at 1x/2x/4x, LPIPS and scale consistency of an autoencoder",
-                cli_render.cmd_eval_ae)
+                render.cmd_eval_ae)
     p.add_argument("--ckpt", required=True, help="autoencoder export directory")
     p.add_argument("--data", required=True, nargs="+", help="shards: patterns, directories or s3:// prefixes")
     p.add_argument("--limit", type=int, help="evaluate at most this many images (default: all)")
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=device)
 
     p = command(sub, "sample", "generate images at any resolution (or a region) from a trained UNet",
-                cli_sample.cmd_sample)
+                sample.cmd_sample)
     p.add_argument("--unet", required=True, help="UNet export (carries its latent scale, objective, text encoder), "
                    "or a Stable Diffusion folder (diffusers layout) used as it is, with --ae")
     p.add_argument("--ae", help="autoencoder export (default: the one the UNet export records)")
@@ -165,16 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="x0,y0,x1,y1: render only this box of each output (default: all of it)")
     p.add_argument("--latent-size", type=int, help="side of the sampled latent (default: a diffusers UNet's "
                    "sample_size, else the autoencoder's latent at its input size); --size stays free")
-    # Sampling options default to None: unset ones come from the export, else SAMPLING_DEFAULTS.
-    recorded = "default: the UNet export's recorded choice, else"
-    p.add_argument("--steps", type=int, help=f"sampling steps ({recorded} 50)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp", "euler", "heun"],
-                   help=f"ddpm, ddim, dpmpp for epsilon/v objectives; euler, heun for rectified flow ({recorded} "
-                        f"ddim, or {cli_sample.FLOW_SAMPLER} for rectified flow)")
-    p.add_argument("--eta", type=float, help=f"DDIM noise, 0 deterministic .. 1 ancestral; ddim only ({recorded} 0.0)")
-    p.add_argument("--spacing", choices=["linspace", "leading", "trailing"],
-                   help=f"timesteps of ddim/ddpm: leading is the official LDM/INFD stride ({recorded} linspace)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
+    sample.add_sampling_flags(p)
     p.add_argument("--label", type=int, help="class label, for class-conditional UNets (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--out", required=True, help="an image file (one image, or a grid of all of them), or any "
@@ -182,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")
     p.add_argument("--device", help=device)
 
-    cli_eval.add_parser(sub, command, device)
+    eval_gen.add_parser(sub, command, device)
 
     data = command(sub, "data", "look at a dataset: index statistics, loader preview", None).add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")
@@ -212,6 +205,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.prog}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

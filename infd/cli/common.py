@@ -110,24 +110,24 @@ def read_lines(path: str, what: str) -> list[str]:
     return lines
 
 
-def load_export(path: str, kind: str, what: str, dev=None):
-    """The model of export directory `path`, checked to be of `kind` ("autoencoder" or "unet");
-    `what` names it in errors (e.g. "--ae")."""
-    from infd.export import CONFIG, WEIGHTS, load_model, read_export_config
+def open_export(path: str, kind: str, what: str, dev=None):
+    """(model, ExportRecord) of export directory `path`, checked to be of `kind` ("autoencoder" or
+    "unet"); `what` names it in errors (e.g. "--ae")."""
+    from infd.export import CONFIG, WEIGHTS, load_export, read_record
 
     expected = f"an export directory holding {WEIGHTS} and {CONFIG}"
     if not Path(path).is_dir():
         raise ConfigError(f"{what} {path}: {'not a directory' if Path(path).exists() else 'no such directory'}; "
                           f"expected {expected}")
     try:
-        meta = read_export_config(path)
+        record = read_record(path)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: no {CONFIG}; expected {expected}") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"{what} {path}: {CONFIG} cannot be read ({err})") from None
-    if meta.get("kind") != kind:
-        raise ConfigError(f"{what} {path} holds a {meta.get('kind')!r} model; expected {kind!r}")
+    if record.kind != kind:
+        raise ConfigError(f"{what} {path} holds a {record.kind!r} model; expected {kind!r}")
     try:
-        return load_model(path, dev or "cpu")
-    except Exception as err:  # a truncated or mismatched safetensors file, an old format: say which
+        return load_export(path, dev or "cpu")
+    except Exception as err:  # a truncated or mismatched safetensors file: say which
         raise ConfigError(f"{what} {path}: cannot load the export ({type(err).__name__}: {err})") from None

@@ -17,8 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-from infd.cli_common import device, load_export, read_lines
-from infd.cli_sample import autoencoder_path, check_sampling, grid, latent_size, load_unet, resolve_sampling
+from infd.cli.common import device, read_lines
+from infd.cli.sample import (add_sampling_flags, check_sampling, grid, latent_diffusion, latent_size, load_unet,
+                             open_ae, resolve_sampling)
 from infd.config import ConfigError, from_mapping
 
 GRID_SAMPLES = 16
@@ -63,7 +64,8 @@ def eval_config(args):
 
     clip_pretrained = None if args.clip_pretrained.lower() in ("none", "null", "") else args.clip_pretrained
     cfg = from_mapping(GenEvalConfig, {
-        "num_samples": args.num_samples, "num_real": args.num_real, "seed": args.seed, "patches": args.patches, "fid_size": args.fid_size,
+        "num_samples": args.num_samples, "num_real": args.num_real, "seed": args.seed, "patches": args.patches,
+        "fid_size": args.fid_size,
         "batch_size": args.batch_size, "stats_cache": args.stats_cache, "clip_score": not args.no_clip_score,
         "features": {"kind": args.features, "dim": args.feature_dim, "weights": args.inception_weights or ""},
         "clip": {"model": args.clip_model, "pretrained": clip_pretrained}})
@@ -102,31 +104,24 @@ def check_out_matches(out: Path, identity: dict, rank: int, dev) -> None:
 
 def build_sampler(args, cfg, real, dev, rank: int):
     """(ImageSampler, identity of the samples) from the command line; real: the RealSet (--captions)."""
-    from infd.diffusion.schedule import DiffusionConfig
-    from infd.eval.samples import ImageSampler, SamplingSpec
-    from infd.text import TextEncoderConfig, build_text_encoder
+    from infd.eval.samples import ImageSampler
 
-    unet = load_unet(args.unet, dev)
-    extra = unet.export_extra
-    diffusion_cfg = from_mapping(DiffusionConfig, extra.get("diffusion", {}))
-    options, source = resolve_sampling(args, extra.get("sampling", {}), diffusion_cfg.objective == "rectified_flow")
-    check_sampling(options, diffusion_cfg)
-    ae_path, _ = autoencoder_path(args, extra)
-    ae = load_export(ae_path, "autoencoder", "--ae" if args.ae else "the UNet export's autoencoder", dev)
-    text = build_text_encoder(from_mapping(TextEncoderConfig, extra.get("text", {})))
+    unet, record = load_unet(args.unet, dev)
+    spec, source = resolve_sampling(args, record.sampling, record.schedule().objective == "rectified_flow")
+    check_sampling(spec, record.schedule())
+    ae, ae_path, _ = open_ae(args, record, dev)
+    model = latent_diffusion(unet, record, dev)
     prompts = read_lines(args.prompts, "--prompts") if args.prompts else []
-    captions = prompt_captions(args, real, text is not None, bool(prompts), rank)
-    spec = SamplingSpec(**options, cfg_scale=args.cfg, latent_size=latent_size(args, unet, ae), prompts=prompts,
-                        tile=args.tile)
-    note(f"sampler {options['sampler']}, {options['steps']} steps (unset options: {source}); autoencoder {ae_path}",
-         rank)
+    captions = prompt_captions(args, real, model.text is not None, bool(prompts), rank)
+    size = latent_size(args, unet, ae)
+    note(f"sampler {spec.sampler}, {spec.steps} steps (unset options: {source}); autoencoder {ae_path}", rank)
     identity = {"unet": str(Path(args.unet).resolve()), "ae": str(Path(ae_path).resolve()), "seed": cfg.seed,
                 "weights": {"unet": fingerprint(args.unet), "ae": fingerprint(ae_path)},
-                "sampling": {k: v for k, v in vars(spec).items() if k != "prompts"},
+                "sampling": vars(spec) | {"latent_size": size, "tile": args.tile},
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
                 "captions": [real.index_id, len(real.ids)] if captions else None}
-    return ImageSampler(unet, ae, text.to(dev) if text is not None else None, diffusion_cfg, extra["latent_scale"],
-                        spec, cfg.seed, dev, captions), identity
+    sampler = ImageSampler(model, ae, spec, cfg.seed, size, prompts, captions, args.tile)
+    return sampler, identity
 
 
 def prompt_captions(args, real, text: bool, prompts: bool, rank: int):
@@ -216,12 +211,7 @@ def add_parser(sub, command, device_help: str) -> None:
     p.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP model of the CLIP score")
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k", help="its OpenCLIP weights tag or file; "
                    "none = random init (offline; named clip_score_..._randinit)")
-    recorded = "default: the UNet export's recorded choice, else"
-    p.add_argument("--steps", type=int, help=f"sampling steps ({recorded} 50)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp", "euler", "heun"], help=f"sampler ({recorded} ddim)")
-    p.add_argument("--eta", type=float, help=f"DDIM noise ({recorded} 0.0)")
-    p.add_argument("--spacing", choices=["linspace", "leading", "trailing"], help=f"timesteps ({recorded} linspace)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
+    add_sampling_flags(p)
     p.add_argument("--latent-size", type=int, help="side of the sampled latent (default: as infd sample)")
     p.add_argument("--batch-size", type=int, default=4, help="samples drawn at once per rank")
     p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")

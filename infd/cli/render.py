@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from infd.cli_common import check_image_out, device, load_export, parse_region, parse_size, read_image
+from infd.cli.common import check_image_out, device, open_export, parse_region, parse_size, read_image
 from infd.config import ConfigError
 
 
@@ -30,7 +30,7 @@ def cmd_upsample(args) -> int:
                               f"{size[1]}x{size[0]} pixels")
     region = parse_region(args.region, size)
     dev = device(args.device)
-    model = load_export(args.ckpt, "autoencoder", "--ckpt", dev)
+    model, _ = open_export(args.ckpt, "autoencoder", "--ckpt", dev)
     # The field covers the whole image in [-1, 1]^2 whatever its aspect: encode a square resize at
     # the model's input size, render at the requested (H, W).
     enc = model.cfg.net.resolution
@@ -46,7 +46,7 @@ def cmd_upsample(args) -> int:
 
 
 def cmd_eval_ae(args) -> int:
-    from infd.evaluate import evaluate_autoencoder, iterate_images
+    from infd.eval.reconstruction import evaluate_autoencoder, iterate_images
     from infd.losses import build_lpips
 
     if args.limit is not None and args.limit < 1:
@@ -54,7 +54,7 @@ def cmd_eval_ae(args) -> int:
     if any(s < 1 for s in args.scales):
         raise ConfigError(f"--scales {args.scales}: expected factors of at least 1")
     dev = device(args.device)
-    model = load_export(args.ckpt, "autoencoder", "--ckpt", dev)
+    model, _ = open_export(args.ckpt, "autoencoder", "--ckpt", dev)
     lpips_net = None
     if args.lpips != "none":
         lpips_net = build_lpips(args.lpips).to(dev)

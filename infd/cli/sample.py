@@ -9,75 +9,109 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from infd.cli_common import device, load_export, parse_region, parse_size, read_lines
+from infd.cli.common import device, open_export, parse_region, parse_size, read_lines
 from infd.config import ConfigError
 
-# `infd sample` without --sampler/--steps/--eta/--spacing and without recorded defaults in the export.
-SAMPLING_DEFAULTS = {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "linspace"}
-FLOW_SAMPLER = "euler"  # the built-in default sampler of a rectified-flow UNet
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-def resolve_sampling(args, recorded: dict, flow: bool = False) -> tuple[dict, str]:
-    """The sampling options {"sampler", "steps", "eta", "spacing"} and where the unset ones came
-    from. The export's recorded options (`extra["sampling"]`) are one bundle: they fill in unset
-    flags unless --sampler picks another sampler (an eta or spacing recorded for ddim would not fit
-    dpmpp), in which case the built-in defaults do (sampler euler for a rectified-flow UNet)."""
-    defaults = {**SAMPLING_DEFAULTS, "sampler": FLOW_SAMPLER} if flow else SAMPLING_DEFAULTS
-    recorded = {**defaults, **recorded} if recorded else {}
+def add_sampling_flags(p) -> None:
+    """The sampling flags of `infd sample` and `infd eval-gen`, one per SamplingSpec field. They
+    default to None: unset ones come from the UNet export (resolve_sampling), else the spec's defaults."""
+    from infd.diffusion.samplers import SAMPLERS, SPACINGS
+    from infd.diffusion.spec import FLOW_SAMPLERS, SamplingSpec
+
+    d = SamplingSpec()
+    recorded = "default: the UNet export's recorded choice, else"
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="ddpm, ddim, dpmpp for epsilon/v objectives; euler, "
+                   f"heun for rectified flow ({recorded} {d.sampler}, or {FLOW_SAMPLERS[0]} for rectified flow)")
+    p.add_argument("--steps", type=int, help=f"sampling steps ({recorded} {d.steps})")
+    p.add_argument("--eta", type=float, help=f"DDIM noise, 0 deterministic .. 1 ancestral; ddim only ({recorded} "
+                   f"{d.eta})")
+    p.add_argument("--spacing", choices=list(SPACINGS), help="timesteps of ddim/ddpm: leading is the official "
+                   f"LDM/INFD stride ({recorded} {d.spacing})")
+    p.add_argument("--cfg", dest="cfg_scale", type=float, help="classifier-free guidance scale, 1: no guidance "
+                   f"({recorded} {d.cfg_scale})")
+
+
+def resolve_sampling(args, recorded, flow: bool = False):
+    """(SamplingSpec, where the unset options came from). The export's recorded spec fills in
+    unset flags, its sampler options (SAMPLER_BUNDLE) as one bundle: not when --sampler picks
+    another sampler (an eta or spacing recorded for ddim would not fit dpmpp); then the built-in
+    defaults do (sampler euler for a rectified-flow UNet). The guidance scale is not the sampler's:
+    unset, it is the recorded one whatever the sampler."""
+    from dataclasses import fields, replace
+
+    from infd.diffusion.spec import default_spec
+
+    defaults = default_spec(flow)
     base, source = defaults, "built-in defaults"
-    if recorded and args.sampler in (None, recorded["sampler"]):
+    if recorded is not None and args.sampler in (None, recorded.sampler):
         base, source = recorded, "the UNet export's defaults"
-    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
-    return {k: base[k] if given[k] is None else given[k] for k in SAMPLING_DEFAULTS}, source
+    elif recorded is not None:
+        base = replace(defaults, cfg_scale=recorded.cfg_scale)
+    given = {f.name: getattr(args, f.name) for f in fields(base)}
+    return replace(base, **{k: v for k, v in given.items() if v is not None}), source
 
 
-def check_sampling(options: dict, diffusion_cfg) -> None:
+def check_sampling(spec, diffusion_cfg) -> None:
     """ConfigError (exit 2, no traceback) for a sampler that does not fit the UNet's objective,
     options the sampler does not take, a bad spacing or step count: checked before sampling."""
-    from infd.diffusion.samplers import check_options, vp_timesteps
     from infd.diffusion.schedule import build_schedule
 
-    schedule = build_schedule(diffusion_cfg)
     try:
-        check_options(schedule, options["sampler"], options["eta"], options["spacing"])
-        if options["sampler"] in ("ddim", "ddpm"):
-            vp_timesteps(schedule, options["steps"], options["spacing"])
-        elif options["steps"] < 1:
-            raise ValueError(f"--steps {options['steps']}: expected at least 1")
+        spec.check(build_schedule(diffusion_cfg))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def autoencoder_path(args, extra: dict) -> tuple[str, str]:
+def autoencoder_path(args, record) -> tuple[str, str]:
     """(export path, how it was chosen): --ae, else the autoencoder the UNet export records."""
     if args.ae:
         return args.ae, "--ae"
-    recorded = extra.get("autoencoder")
-    if not recorded:
+    if not record.autoencoder:
         raise ConfigError(f"--unet {args.unet} records no autoencoder (it was trained on a latent cache "
                           "or exported before autoencoders were recorded): pass --ae AE_EXPORT")
-    if not Path(recorded).is_dir():
-        raise ConfigError(f"--unet {args.unet} records autoencoder {recorded}, which is not a directory here "
-                          "(a relative path is read from the current directory): pass --ae AE_EXPORT")
-    return recorded, "the autoencoder recorded in the UNet export"
+    if not Path(record.autoencoder).is_dir():
+        raise ConfigError(f"--unet {args.unet} records autoencoder {record.autoencoder}, which is not a directory "
+                          "here (a relative path is read from the current directory): pass --ae AE_EXPORT")
+    return record.autoencoder, "the autoencoder recorded in the UNet export"
 
 
 def load_unet(path: str, dev):
-    """A UNet export, or a Stable Diffusion folder in the diffusers layout used as it is: its
-    UNet, with its text encoder, schedule, timestep spacing and latent scale as the export's
-    metadata would record them (sample with the autoencoder converted from its VAE: --ae)."""
+    """(UNet, ExportRecord) of a UNet export, or of a Stable Diffusion folder in the diffusers layout
+    used as it is: its UNet, with a record of its text encoder, schedule, timestep spacing and latent
+    scale (sample with the autoencoder converted from its VAE: --ae)."""
     if not (Path(path) / "unet" / "config.json").is_file():
-        return load_export(path, "unet", "--unet", dev)
+        return open_export(path, "unet", "--unet", dev)
+    from infd.models import build_unet
+
+    record = sd_record(path)
+    return build_unet(record.model, load_pretrained=True).to(dev).eval(), record
+
+
+def sd_record(path: str):
+    """The ExportRecord a UNet export of Stable Diffusion folder `path` would hold."""
+    from infd.config import from_mapping
     from infd.convert.stable_diffusion import read_sd_settings
-    from infd.models.unet import UNetConfig, build_unet
+    from infd.diffusion.schedule import DiffusionConfig
+    from infd.diffusion.spec import SamplingSpec
+    from infd.export import ExportRecord
+    from infd.models.unet import UNetConfig
+    from infd.text import TextEncoderConfig
 
     settings = read_sd_settings(path)
-    unet = build_unet(UNetConfig(kind="diffusers", pretrained=path), load_pretrained=True).to(dev).eval()
-    unet.export_extra = {"latent_scale": settings["diffusion"]["latent_scale"], "diffusion": settings["diffusion"],
-                         "text": {"kind": "hf_clip", "pretrained": path},
-                         "sampling": {**SAMPLING_DEFAULTS, "spacing": settings["spacing"]}}
-    return unet
+    return ExportRecord(kind="unet", model=UNetConfig(kind="diffusers", pretrained=path),
+                        diffusion=from_mapping(DiffusionConfig, settings["diffusion"]),
+                        text=TextEncoderConfig(kind="hf_clip", pretrained=path),
+                        sampling=SamplingSpec(spacing=settings["spacing"]))
+
+
+def open_ae(args, record, dev):
+    """(autoencoder, its path): --ae, else the one the UNet export records."""
+    path, source = autoencoder_path(args, record)
+    ae, _ = open_export(path, "autoencoder", "--ae" if args.ae else "the UNet export's autoencoder", dev)
+    return ae, path, source
 
 
 def latent_size(args, unet, ae) -> int:
@@ -113,12 +147,10 @@ def grid(images: list):
 def cmd_sample(args) -> int:
     import torch
 
-    from infd.config import from_mapping
-    from infd.diffusion.schedule import DiffusionConfig
+    from infd.diffusion.generate import generate_latents
+    from infd.diffusion.spec import Conditioning
     from infd.image import save_image
     from infd.render import render_tiles
-    from infd.sampling import generate_latents
-    from infd.text import TextEncoderConfig, build_text_encoder
 
     # User mistakes first, before any model loads.
     size = parse_size(args.size)
@@ -127,21 +159,17 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--num-images {args.num_images} --batch-size {args.batch_size}: both must be at least 1")
     prompts = read_lines(args.prompts, "--prompts") if args.prompts else [args.prompt or ""]
     dev = device(args.device)
-    unet = load_unet(args.unet, dev)
-    extra = unet.export_extra
+    unet, record = load_unet(args.unet, dev)
     if args.label is not None and not 0 <= args.label < unet.cfg.num_classes:
         raise ConfigError(f"--label {args.label}: " + (f"expected a class in [0, {unet.cfg.num_classes})"
                           if unet.cfg.num_classes else "needs a class-conditional UNet (its num_classes is 0)"))
-    diffusion_cfg = from_mapping(DiffusionConfig, extra.get("diffusion", {}))
-    options, source = resolve_sampling(args, extra.get("sampling", {}), diffusion_cfg.objective == "rectified_flow")
-    check_sampling(options, diffusion_cfg)
-    ae_path, ae_source = autoencoder_path(args, extra)
-    ae = load_export(ae_path, "autoencoder", "--ae" if args.ae else "the UNet export's autoencoder", dev)
+    spec, source = resolve_sampling(args, record.sampling, record.schedule().objective == "rectified_flow")
+    check_sampling(spec, record.schedule())
+    ae, ae_path, ae_source = open_ae(args, record, dev)
     print(f"autoencoder {ae_path} ({ae_source})", flush=True)
-    print(f"sampler {options['sampler']}, {options['steps']} steps, eta {options['eta']}, spacing "
-          f"{options['spacing']} (unset options: {source})", flush=True)
-    text = build_text_encoder(from_mapping(TextEncoderConfig, extra.get("text", {})))
-    text = text.to(dev) if text is not None else None
+    print(f"sampler {spec.sampler}, {spec.steps} steps, eta {spec.eta}, spacing {spec.spacing} (unset options: "
+          f"{source}); guidance scale {spec.cfg_scale}", flush=True)
+    model = latent_diffusion(unet, record, dev)
     latent = latent_size(args, unet, ae)
     # Image k: prompt k // num_images, seed args.seed + k.
     jobs = [(prompt, args.seed + i * args.num_images + j) for i, prompt in enumerate(prompts)
@@ -151,10 +179,9 @@ def cmd_sample(args) -> int:
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         labels = torch.full((len(batch),), args.label, device=dev) if args.label is not None else None
-        z = generate_latents(unet, diffusion_cfg, extra["latent_scale"], (len(batch), unet.cfg.in_channels, latent,
-                             latent), [p for p, _ in batch] if text is not None else None, text, args.cfg,
-                             options["sampler"], options["steps"], seed=[s for _, s in batch], device=dev,
-                             progress=True, labels=labels, eta=options["eta"], spacing=options["spacing"])
+        cond = Conditioning([p for p, _ in batch] if model.text is not None else None, labels)
+        z = generate_latents(model, spec, cond, (len(batch), unet.cfg.in_channels, latent, latent),
+                             [s for _, s in batch], progress=True)
         with torch.no_grad():
             images = render_tiles(ae.renderer, ae.decode(z), size, region=region, tile=args.tile, progress=True)
         for k, ((prompt, seed), image) in enumerate(zip(batch, images), start):
@@ -170,3 +197,11 @@ def cmd_sample(args) -> int:
         print(f"{len(kept)} images -> {path} (grid, {grid_cols(len(kept))} per row)", flush=True)
     return 0
 
+
+def latent_diffusion(unet, record, dev):
+    """The UNet with the schedule, latent scale and text encoder its record names."""
+    from infd.diffusion.generate import LatentDiffusion
+    from infd.text import build_text_encoder
+
+    text = build_text_encoder(record.text) if record.text is not None else None
+    return LatentDiffusion(unet, record.schedule(), text.to(dev) if text is not None else None)

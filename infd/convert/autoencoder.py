@@ -52,7 +52,7 @@ class Source:
     config: dict | None  # diffusers config.json (None for ldm)
 
 
-def open_source(init: AutoencoderInitConfig) -> Source:
+def locate_source(init: AutoencoderInitConfig) -> Source:
     """Locate the weights (and config.json) of `init.autoencoder`; ConversionError if absent."""
     path = Path(init.autoencoder).expanduser()
     if not init.autoencoder or not path.exists():
@@ -151,7 +151,7 @@ def _unreadable(path: Path, err: Exception) -> ConversionError:
 def converted_config(cfg: AutoencoderConfig) -> AutoencoderConfig:
     """A copy of cfg whose `net` and `bottleneck` describe the source at cfg.init.autoencoder;
     renderer, resolution, dropout, norm_groups (ldm), beta, freeze_encoder and init stay cfg's."""
-    source = open_source(cfg.init)
+    source = locate_source(cfg.init)
     if source.format == "diffusers":
         net, bottleneck = diffusers_fields(source.config, cfg)
     else:
@@ -269,7 +269,7 @@ def load_source_weights(model: NeuralFieldAutoencoder, init: AutoencoderInitConf
     """Copy the source's encoder, bottleneck and decoder weights into `model` (built from
     converted_config); the renderer keeps its own init. Strict: ConversionError lists missing,
     unexpected and mis-shaped keys. Returns a report (format, source, loaded, dropped_tail, ...)."""
-    source = open_source(init)
+    source = locate_source(init)
     tensors, ignored = read_source(source)
     mapping = key_map(model, source.format)
     ours = model.state_dict()
@@ -348,7 +348,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> tuple[NeuralFieldAutoencoder, d
 def source_summary(cfg: AutoencoderConfig) -> dict:
     """Where a converted config's weights come from, without reading tensor data where the
     format allows: path, format, weights file, the dropped decoder tail and ignored key counts."""
-    source = open_source(cfg.init)
+    source = locate_source(cfg.init)
     shapes, ignored = read_source(source, shapes_only=True)
     tail = sorted(k for k in shapes if k.startswith(DROPPED_TAIL[source.format]))
     return {"path": str(source.path), "format": source.format, "weights": str(source.weights),

@@ -1,4 +1,4 @@
-"""Stable Diffusion (diffusers folders) as stage 2: its settings, its UNet, its weights.
+"""Stable Diffusion (diffusers folders) as stage 2: its settings.
 
 A diffusers SD folder (SD 1.x and 2.x) holds model_index.json, scheduler/scheduler_config.json,
 vae/config.json, unet/ (config.json + diffusion_pytorch_model.safetensors), text_encoder/ and
@@ -6,26 +6,18 @@ tokenizer/. With our encoder frozen to SD's latent space, SD's UNet and text enc
 for stage 2 (paper section 5.6); this module turns the folder into our objects:
 
 read_sd_settings(path)      -> {"diffusion": DiffusionConfig keys, "spacing", "unet_config"}
-fill_unet_config(cfg)       -> UNetConfig with diffusers_config, in_channels, context_dim filled
-build_diffusers_unet(cfg)   -> DiffusersUNet (diffusers' own UNet2DConditionModel inside)
 
-diffusers is imported inside functions: it is only needed by those who use SD.
+Its UNet, behind our UNet's call, is infd.models.diffusers_unet's (fill_unet_config,
+build_diffusers_unet); its text encoder infd.text's (kind hf_clip).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
-from dataclasses import replace
-from itertools import chain
 from pathlib import Path
-
-import torch
-from torch import Tensor, nn
 
 from infd.config import ConfigError
 from infd.diffusion.samplers import SPACINGS
-from infd.models.unet import UNetConfig
 
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 VAE_CONFIG = "vae/config.json"
@@ -35,10 +27,10 @@ DDIM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 
                  "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
                  "timestep_spacing": "leading"}
 OBJECTIVES = {"epsilon": "epsilon", "v_prediction": "v"}
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file of a diffusers folder; ConfigError naming `what` when it is missing."""
     if not path.is_file():
         raise ConfigError(f"{what}: expected the file {path}, which does not exist")
     return json.loads(path.read_text())
@@ -64,12 +56,12 @@ def read_sd_settings(path: str | Path) -> dict:
     timestep_spacing, "unet_config": unet/config.json as a dict}.
     """
     root, unet = sd_folders(path)
-    scheduler = _read_json(root / SCHEDULER_CONFIG, f"the noise schedule of {path}")
-    vae = _read_json(root / VAE_CONFIG, f"the latent scale (scaling_factor) of {path}")
+    scheduler = read_json(root / SCHEDULER_CONFIG, f"the noise schedule of {path}")
+    vae = read_json(root / VAE_CONFIG, f"the latent scale (scaling_factor) of {path}")
     diffusion, spacing = scheduler_settings(scheduler, str(root / SCHEDULER_CONFIG))
     diffusion["latent_scale"] = vae_latent_scale(vae, str(root / VAE_CONFIG))
     return {"diffusion": diffusion, "spacing": spacing,
-            "unet_config": _read_json(unet / "config.json", f"the UNet config of {path}")}
+            "unet_config": read_json(unet / "config.json", f"the UNet config of {path}")}
 
 
 def scheduler_settings(sched: dict, where: str) -> tuple[dict, str]:
@@ -104,114 +96,3 @@ def vae_latent_scale(vae: dict, where: str) -> float:
         raise ConfigError(f"{where}: latents shifted before scaling (shift_factor / latents_mean) are not "
                           "supported; only scaling_factor is")
     return float(vae.get("scaling_factor", 0.18215))  # AutoencoderKL's default is SD's value
-
-
-def unet_folder(pretrained: str, key: str = "unet.pretrained") -> Path:
-    """The folder with the UNet's config.json and weights: root/unet, or `pretrained` itself."""
-    return sd_folders(pretrained, key)[1]
-
-
-def check_unet_config(dc: dict, where: str) -> None:
-    """ConfigError for a diffusers UNet our model_fn(x, t, context) cannot drive."""
-    if dc.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ConfigError(f"{where}: {dc['_class_name']} is not a UNet2DConditionModel")
-    for key in ("class_embed_type", "addition_embed_type", "num_class_embeds", "encoder_hid_dim_type",
-                "time_cond_proj_dim"):  # SDXL, upscalers, LCM: inputs beyond (x, t, text tokens)
-        if dc.get(key) is not None:
-            raise ConfigError(f"{where}: {key} = {dc[key]!r} needs conditioning inputs beyond (x, t, text tokens); "
-                              "only SD 1.x / 2.x style UNets are supported")
-    out_ch = dc.get("out_channels", dc.get("in_channels", 4))
-    if dc.get("in_channels", 4) != out_ch:
-        raise ConfigError(f"{where}: in_channels {dc.get('in_channels')} != out_channels {out_ch} "
-                          "(inpainting-style UNets take extra inputs)")
-    if not isinstance(dc.get("cross_attention_dim", 1280), int):
-        raise ConfigError(f"{where}: cross_attention_dim {dc['cross_attention_dim']!r}: expected one width")
-
-
-def fill_unet_config(cfg: UNetConfig) -> UNetConfig:
-    """cfg (kind=diffusers) with diffusers_config read from cfg.pretrained when empty, and
-    in_channels / context_dim taken from it (in_channels, cross_attention_dim)."""
-    if cfg.diffusers_config:
-        dc, where = json.loads(json.dumps(dict(cfg.diffusers_config))), "config key 'unet.diffusers_config'"
-    elif cfg.pretrained:
-        folder = unet_folder(cfg.pretrained)
-        dc, where = _read_json(folder / "config.json", "unet.pretrained"), str(folder / "config.json")
-    else:
-        raise ConfigError("unet.kind=diffusers needs 'unet.pretrained' (a diffusers folder) or "
-                          "'unet.diffusers_config' (a UNet2DConditionModel config)")
-    check_unet_config(dc, where)
-    return replace(cfg, diffusers_config=dc, in_channels=int(dc.get("in_channels", 4)),
-                   context_dim=int(dc.get("cross_attention_dim", 1280)))
-
-
-class DiffusersUNet(nn.Module):
-    """diffusers' UNet2DConditionModel (self.unet) behind our UNet's call signature.
-
-    forward(x (B, C, h, w), t (B,), context (B, L, D), labels=None) -> (B, C, h, w): the
-    network output in the schedule's parameterisation (eps or v), as UNet's.
-    cfg: UNetConfig (kind=diffusers) with diffusers_config, in_channels, context_dim filled.
-    """
-
-    def __init__(self, cfg: UNetConfig, empty: bool = False):
-        """empty: parameters on the meta device (no random init: weights are loaded next)."""
-        super().__init__()
-        from diffusers import UNet2DConditionModel
-
-        self.cfg = cfg if cfg.diffusers_config else fill_unet_config(cfg)
-        with torch.device("meta") if empty else contextlib.nullcontext():
-            self.unet = UNet2DConditionModel.from_config(self.cfg.diffusers_config)
-        if self.cfg.grad_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
-        if labels is not None:
-            raise ValueError("a diffusers UNet2DConditionModel takes no class labels (labels must be None)")
-        if context is None:  # diffusers would fail deep inside cross-attention
-            raise ValueError("a Stable Diffusion UNet needs text tokens as context (B, L, "
-                             f"{self.cfg.context_dim}); its unconditional input is the empty prompt's tokens")
-        return self.unet(x, t, encoder_hidden_states=context).sample
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors file(s) of a diffusers model folder (one file, or the shards of an index)."""
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    pickled = sorted(p.name for p in folder.glob("*.bin"))
-    raise ConfigError(f"unet.pretrained: no {WEIGHT_FILES[0]} in {folder}"
-                      + (f" ({pickled} found: only safetensors are loaded, never pickles; convert them)"
-                         if pickled else ""))
-
-
-def load_unet_weights(model: DiffusersUNet, folder: Path) -> None:
-    """Load `folder`'s safetensors into model.unet, strictly (float weights as float32, as
-    diffusers' from_pretrained does by default); ConfigError listing missing/unexpected keys."""
-    from safetensors.torch import load_file
-
-    state: dict[str, Tensor] = {}
-    for path in _weight_files(folder):
-        state.update(load_file(str(path)))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.unet.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ConfigError(f"unet.pretrained: the weights in {folder} do not fit its config.json: "
-                          f"missing keys {sorted(missing)[:20]}, unexpected keys {sorted(unexpected)[:20]}"
-                          f" ({len(missing)} missing, {len(unexpected)} unexpected in all)")
-    empty = [n for n, p in chain(model.unet.named_parameters(), model.unet.named_buffers()) if p.is_meta]
-    if empty:
-        raise RuntimeError(f"tensors left without weights after loading {folder}: {empty[:10]}")
-
-
-def build_diffusers_unet(cfg: UNetConfig, load_pretrained: bool = False) -> DiffusersUNet:
-    """DiffusersUNet of cfg (kind=diffusers); its weights from cfg.pretrained when load_pretrained,
-    else random init (e.g. to load an export's state dict into)."""
-    cfg = fill_unet_config(cfg)
-    if load_pretrained and not cfg.pretrained:
-        raise ConfigError("loading pretrained UNet weights needs 'unet.pretrained' (a diffusers folder)")
-    model = DiffusersUNet(cfg, empty=load_pretrained)
-    if load_pretrained:
-        load_unet_weights(model, unet_folder(cfg.pretrained))
-    return model

@@ -38,10 +38,12 @@ def histogram_png(stats: dict, path: Path, width: int = 640, height: int = 320) 
         x0 = 20 + i * bar_w
         bar_h = int((height - 80) * count / top)
         hr = edges[i] >= stats["hr_threshold"]
-        draw.rectangle([x0 + 4, height - 40 - bar_h, x0 + bar_w - 4, height - 40], fill=(200, 80, 60) if hr else (70, 110, 190))
+        draw.rectangle([x0 + 4, height - 40 - bar_h, x0 + bar_w - 4, height - 40],
+                       fill=(200, 80, 60) if hr else (70, 110, 190))
         draw.text((x0 + 6, height - 36), f">={edges[i]}", fill="black")
         draw.text((x0 + 6, height - 54 - bar_h), str(count), fill="black")
-    draw.text((20, 10), f"{stats['samples']} samples, long side (px, upright); red: high-res >= {stats['hr_threshold']}, "
+    draw.text((20, 10), f"{stats['samples']} samples, long side (px, upright); "
+                        f"red: high-res >= {stats['hr_threshold']}, "
                         f"{stats['high_res']}; excluded {stats['excluded']}", fill="black")
     img.save(path)
     return path

@@ -163,7 +163,8 @@ def check_plan(source, cfg: DataConfig, world_size: int, key: str = "data") -> N
         return
     if source.size == 0:
         why = (f" With {key}.p_hr > 0 the epoch is planned over the samples that are not high-res, and every "
-               f"sample of this set is high-res: set {key}.p_hr=0 to train on them as one stream." if cfg.p_hr > 0 else "")
+               f"sample of this set is high-res: set {key}.p_hr=0 to train on them as one stream."
+               if cfg.p_hr > 0 else "")
         raise ConfigError(f"the shards hold no trainable sample (the index excludes all of them).{why}")
     slots = SlotPlan(cfg.p_hr, source.size, cfg.seed, 0).slots
     if slots < cfg.batch_size * world_size:
@@ -194,7 +195,8 @@ class RankBatches(IterableDataset):
                 raise ConfigError(f"epoch {epoch} has {slots} slots, fewer than one global batch ({G}): add data")
             while slots is None or slot + G <= slots:
                 first, slot, batch = slot + self.rank * B, slot + G, batch + 1
-                after = {"epoch": epoch, "slot": slot} if slots is None or slot + G <= slots else {"epoch": epoch + 1, "slot": 0}
+                after = ({"epoch": epoch, "slot": slot} if slots is None or slot + G <= slots
+                         else {"epoch": epoch + 1, "slot": 0})
                 yield epoch, first, batch - 1, after | {"batches": batch}
             epoch, slot = epoch + 1, 0
 

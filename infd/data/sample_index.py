@@ -17,7 +17,8 @@ A directory holding:
 No Python object per sample: 10M samples are 10M records of 43 bytes that the OS pages in on use
 and shares between all processes of a node. Random single records (the high-res stream) are
 read with pread instead of through the map: a page fault maps 64 KB around it (fault-around),
-so 1000 random draws through the map grow each process's RSS by about 600 MB. An index on S3 is copied once per node into a local
+so 1000 random draws through the map grow each process's RSS by about 600 MB. An index on S3 is
+copied once per node into a local
 cache directory (`open_index`), then mapped.
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ class SampleIndex:
             raise ConfigError(f"{root / INDEX_NAME}: index version {meta.get('version')}, expected {VERSION}: "
                              "rebuild it with python -m data_prep.index_shards")
         arrays = [np.load(root / name, mmap_mode="r") for name in ARRAYS]
-        keys = np.memmap(root / "keys.bin", np.uint8, "r") if (root / "keys.bin").stat().st_size else np.zeros(0, np.uint8)
+        keys = (np.memmap(root / "keys.bin", np.uint8, "r") if (root / "keys.bin").stat().st_size
+                else np.zeros(0, np.uint8))
         return cls(root, meta, *arrays, keys)
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from infd.data.decode import SkipSample, open_image, oriented_size
-from infd.data.index import HISTOGRAM_EDGES, histogram_bin
+from infd.data.histogram import HISTOGRAM_EDGES, histogram_bin
 from infd.data.sample_index import CAPTION_JSON, CAPTION_NONE, CAPTION_TXT, EXCLUDED, HR, SAMPLE_DTYPE
 from infd.data.tar_samples import IMAGE_EXTS, CountingReader, sample_members
 from infd.data.urls import ShardReadError, open_stream

@@ -1,6 +1,6 @@
 """Training samples from one image: encoder input and a multi-scale ground-truth patch.
 
-Per image (DESIGN.md): take a square of side S = min(W, H) (the neural field is square),
+Per image (docs/data.md, "What a sample is"): take a square of side S = min(W, H) (the neural field is square),
 resize it to the encoder size (256) with antialiasing; draw r uniform in [P, min(S, r_max)]
 (or keep r = S with probability p_keep), conceptually downsample the square to r x r and cut
 one P x P crop at a random position. Only the crop window is resampled, from a JPEG decoded
@@ -127,10 +127,10 @@ class _Decoded:
     def box(self, plan: PatchPlan, window: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
         """window (top, left, bottom, right) of the r x r image -> PIL box (x0, y0, x1, y1) in rgb."""
         top, left, side = plan.square
-        t, l, b, r = window
-        # side * l / plan.r rather than a precomputed ratio: exact at the square's far edge, which
+        t, win_left, b, r = window
+        # side * win_left / plan.r rather than a precomputed ratio: exact at the square's far edge, which
         # may coincide with the image border where PIL rejects a box even 1e-13 too large.
-        x = [(left + side * v / plan.r + self.pad[0]) / self.d for v in (l, r)]
+        x = [(left + side * v / plan.r + self.pad[0]) / self.d for v in (win_left, r)]
         y = [(top + side * v / plan.r + self.pad[1]) / self.d for v in (t, b)]
         return (x[0], y[0], x[1], y[1])
 
@@ -158,7 +158,8 @@ def centre_encoder_input(data: bytes, size: int) -> Image.Image:
     A JPEG is decoded at the smallest DCT scale that keeps DECODE_OVERSAMPLE x size pixels across
     the square, with the loader's decode (the square's position is exact at any scale and EXIF
     orientation). DCT scaling is a crude low-pass: keeping only `size` pixels was up to 9 levels
-    (mean) off a full decode on photos, 3x keeps it within about 1 (tests/test_encode_latents.py). Used by data_prep.encode_latents.
+    (mean) off a full decode on photos, 3x keeps it within about 1 (tests/test_encode_latents.py).
+    Used by data_prep.encode_latents.
     Only the square's pixels are resampled, as from the cropped full decode: an image decoded
     at full size gives exactly centre_square + resize_antialiased."""
     img = open_image(data)

@@ -1,16 +1,46 @@
-"""Generate latents with a trained UNet and render them at any resolution.
+"""Generate latents with a trained UNet; rendering them at any resolution is the autoencoder's.
 
-generate_latents: prompts -> z (B, C, h, w) in the autoencoder's latent units (the scale factor
-the UNet was trained with is undone). Rendering is the autoencoder's: phi = D(z) once, then
-render_tiles at any size or region.
+generate_latents: conditioning -> z (B, C, h, w) in the autoencoder's latent units (the scale
+factor the UNet was trained with is undone). Then phi = D(z) once, and render_tiles at any size
+or region.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from infd.diffusion.samplers import guided, sample
-from infd.diffusion.schedule import FlowSchedule, build_schedule
+from infd.diffusion.schedule import DiffusionConfig, FlowSchedule, build_schedule
+from infd.diffusion.spec import Conditioning, SamplingSpec
+
+
+@dataclass
+class LatentDiffusion:
+    """A UNet with what sampling from it needs: its schedule (with the latent scale it trained
+    with) and its text encoder (None: not text-conditioned). A UNet export's record carries both;
+    a training run builds one from its task.
+
+    unet: our UNet or a DiffusersUNet (Stable Diffusion's UNet2DConditionModel, from
+    infd.models.build_unet), both called as unet(x, t, context, labels).
+    diffusion: the schedule keys (beta_schedule, steps_offset, set_alpha_to_one) are honoured;
+    z was multiplied by diffusion.latent_scale before diffusion (a number here, never "auto").
+    """
+
+    unet: nn.Module
+    diffusion: DiffusionConfig
+    text: nn.Module | None = None
+
+    @property
+    def latent_scale(self) -> float:
+        if self.diffusion.latent_scale == "auto":
+            raise ValueError("LatentDiffusion needs the number the UNet trained with, not latent_scale 'auto'")
+        return float(self.diffusion.latent_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
 
 
 def unet_fn(unet, schedule):
@@ -25,41 +55,43 @@ def unet_fn(unet, schedule):
     return fn
 
 
-@torch.no_grad()
-def generate_latents(unet, diffusion_cfg, latent_scale: float, shape: tuple, prompts: list[str] | None = None,
-                     text_encoder=None, cfg_scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
-                     seed: int | list[int] = 0, device=None, progress: bool = False, labels: Tensor | None = None,
-                     eta: float = 0.0, spacing: str = "linspace") -> Tensor:
-    """shape (B, C, h, w). With a text encoder, prompts (B strings) condition the UNet; with a
-    class-conditional UNet, labels (B,). cfg_scale > 1 guides away from the empty prompt and the
-    "no label" class. eta and spacing are ddim's (spacing also ddpm's), see samplers.sample.
-    seed: one for the batch, or B (one per sample: sample i is then the same in any batch); the
-    initial noise is samplers.randn(shape, generator(s) seeded with it, device).
+def _branches(model: LatentDiffusion, cond: Conditioning, batch: int) -> tuple[dict | None, dict | None]:
+    """The UNet's conditional and unconditional inputs: the prompts' tokens against the empty
+    prompt's, the labels against the "no label" class (num_classes)."""
+    c = u = None
+    if model.text is not None:
+        prompts = cond.prompts or [""] * batch
+        c, u = {"context": model.text(prompts)}, {"context": model.text([""] * len(prompts))}
+    if cond.labels is not None:
+        null = torch.full_like(cond.labels, model.unet.cfg.num_classes)
+        c, u = (c or {}) | {"labels": cond.labels}, (u or {}) | {"labels": null}
+    return c, u
 
-    unet: our UNet or a DiffusersUNet (Stable Diffusion's UNet2DConditionModel, from
-    models.unet.build_unet), both called as unet(x, t, context, labels). diffusion_cfg's schedule
-    keys (beta_schedule, steps_offset, set_alpha_to_one) are honoured; for SD take them and
-    latent_scale from convert.stable_diffusion.read_sd_settings(folder)["diffusion"] (and its
-    "spacing"): with the folder's text encoder (text kind hf_clip), DDIM then matches diffusers'
+
+@torch.no_grad()
+def generate_latents(model: LatentDiffusion, spec: SamplingSpec, cond: Conditioning, shape: tuple,
+                     seeds: int | list[int], progress: bool = False) -> Tensor:
+    """shape (B, C, h, w) -> z of that shape in the autoencoder's units. spec.cfg_scale > 1 guides
+    away from the empty prompt and the "no label" class. seeds: one for the batch, or B (one per
+    sample: sample i is then the same in any batch); the initial noise is samplers.randn(shape,
+    generator(s) seeded with it, model.device).
+
+    For Stable Diffusion take the schedule and latent_scale from
+    convert.stable_diffusion.read_sd_settings(folder)["diffusion"] (and its "spacing"): with the
+    folder's text encoder (text kind hf_clip), DDIM then matches diffusers'
     StableDiffusionPipeline with a DDIMScheduler and the same initial noise as `latents`, whose
     output_type="latent" result is this z times latent_scale."""
-    schedule = build_schedule(diffusion_cfg)
-    cond = uncond = None
-    if text_encoder is not None:
-        prompts = prompts or [""] * shape[0]
-        cond = {"context": text_encoder(prompts)}
-        uncond = {"context": text_encoder([""] * len(prompts))}
-    if labels is not None:
-        null = torch.full_like(labels, unet.cfg.num_classes)
-        cond, uncond = (cond or {}) | {"labels": labels}, (uncond or {}) | {"labels": null}
-    uncond = uncond if cfg_scale != 1.0 else None
-    fn = guided(unet_fn(unet, schedule), cond, uncond, cfg_scale)
-    def make(s: int) -> torch.Generator:
-        return torch.Generator(device=device or "cpu").manual_seed(s)
+    schedule = build_schedule(model.diffusion)
+    c, u = _branches(model, cond, shape[0])
+    fn = guided(unet_fn(model.unet, schedule), c, u if spec.cfg_scale != 1.0 else None, spec.cfg_scale)
+    device = model.device
 
-    if isinstance(seed, (list, tuple)) and len(seed) != shape[0]:
-        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]}")
-    generator = [make(s) for s in seed] if isinstance(seed, (list, tuple)) else make(seed)
-    z = sample(fn, schedule, shape, sampler, steps, generator=generator, device=device, eta=eta, progress=progress,
-               spacing=spacing)
-    return z / latent_scale
+    def make(s: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(s)
+
+    if isinstance(seeds, (list, tuple)) and len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
+    generator = [make(s) for s in seeds] if isinstance(seeds, (list, tuple)) else make(seeds)
+    z = sample(fn, schedule, shape, spec.sampler, spec.steps, generator=generator, device=device, eta=spec.eta,
+               progress=progress, spacing=spec.spacing)
+    return z / model.latent_scale

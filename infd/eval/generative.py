@@ -45,7 +45,8 @@ class GenEvalConfig:
 
     def validate(self, prefix: str = "") -> None:
         if self.num_samples < 2 or self.batch_size < 1:
-            raise ConfigError(f"config key '{prefix}num_samples' = {self.num_samples} / '{prefix}batch_size' = {self.batch_size}: "
+            raise ConfigError(f"config key '{prefix}num_samples' = {self.num_samples} / "
+                              f"'{prefix}batch_size' = {self.batch_size}: "
                               "FID needs num_samples >= 2 samples and batch_size >= 1")
         bad = [p for p in self.patches if not 0 < p <= PFID_SIZE]
         if bad:
@@ -105,7 +106,7 @@ def generated_moments(sampler: ImageSampler, store: SampleStore | None, cfg: Gen
             totals[0] += float(scores.double().sum())
             totals[1] += len(indices)
         totals[2] += reused
-        if sampler.text is not None:
+        if sampler.model.text is not None:
             totals[3] += sum(not p for p in sampler.prompts(indices))
         bar.update(len(indices))
     bar.close()
@@ -228,7 +229,7 @@ def evaluate_generator(sampler: ImageSampler, real: RealSet, cfg: GenEvalConfig,
     if len(real.ids) < 2:
         raise ConfigError(f"the real set has {len(real.ids)} image(s) large enough ({real.skipped_small} smaller "
                           "ones skipped): evaluation needs at least 2")
-    extractor, clip = networks or build_networks(cfg, text=sampler.text is not None)
+    extractor, clip = networks or build_networks(cfg, text=sampler.model.text is not None)
     extractor = extractor.to(device)
     clip = clip.to(device) if clip is not None else None
     gen, totals = generated_moments(sampler, store, cfg, extractor, rank, world, device, progress, clip, should_stop)
@@ -239,7 +240,7 @@ def evaluate_generator(sampler: ImageSampler, real: RealSet, cfg: GenEvalConfig,
     out = {name + suffix: frechet_distance(*gen[name].stats(), *real_stats[name]) for name in cfg.views()}
     if clip is not None:
         out[clip_metric_name(cfg.clip)] = totals["clip_sum"] / max(totals["clip_count"], 1)
-    if sampler.text is not None:
+    if sampler.model.text is not None:
         out["prompts_empty"] = totals["prompts_empty"]
     return out | {"num_samples": cfg.num_samples, "samples_reused": totals["reused"], "seed": cfg.seed,
                   "features": feature_id(cfg.features), "world_size": world} | info

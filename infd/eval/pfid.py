@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from infd.evaluate import centre_square
+from infd.eval.reconstruction import centre_square
 from infd.image import pil_to_tensor, resize_antialiased
 
 PFID_SIZE = 1024  # the "1K" of pFID P/1K

@@ -1,7 +1,8 @@
 """Autoencoder evaluation: reconstruction PSNR at several render scales, LPIPS, scale consistency.
 
 Each image's centre square is encoded from its resize to the model's input size `base` (256 in
-the paper); the field is rendered at base * s for s in `scales` and compared with the square downsampled (antialiased) to that size,
+the paper); the field is rendered at base * s for s in `scales` and compared with the square
+downsampled (antialiased) to that size,
 when the original is large enough (otherwise that scale is skipped for the image and counted).
 Scale consistency: render at 2r, downsample to r, compare with the render at r.
 """

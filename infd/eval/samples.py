@@ -14,50 +14,37 @@ feature networks quantise to, so features from a reloaded sample equal those of 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from infd.diffusion.generate import LatentDiffusion, generate_latents
+from infd.diffusion.spec import Conditioning, SamplingSpec
 from infd.image import pil_to_tensor, tensor_to_pil
 from infd.render import render_tiles
-from infd.sampling import generate_latents
-
-
-@dataclass
-class SamplingSpec:
-    """How evaluation samples are drawn (the `infd sample` options of the same names)."""
-
-    sampler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    spacing: str = "linspace"
-    cfg_scale: float = 1.0
-    latent_size: int = 64
-    prompts: list[str] = field(default_factory=list)  # text models: sample i gets prompts[i % len]
-    tile: int = 256  # render tile side: bounds the memory of a 1024 render
 
 
 class ImageSampler:
-    """unet + autoencoder (+ text encoder) -> renders of samples by index.
+    """A UNet with its schedule (model) + an autoencoder -> renders of samples by index.
 
-    diffusion_cfg, latent_scale: the UNet's schedule and latent scale (its export records both).
-    captions: a RealSet whose captions are the prompts (sample i: real image i mod its size), read
-    by the rank that draws the sample; None: spec.prompts cycle.
+    spec: how each sample is drawn; seed: sample i's noise seed is seed + i; latent_size: the side
+    of the sampled latent; prompts: text models' prompts, sample i takes prompts[i % len] ("" when
+    empty); captions: a RealSet whose captions are the prompts instead (sample i: real image i mod
+    its size), read by the rank that draws the sample; tile: the render tile side, which bounds
+    the memory of a 1024 render.
     """
 
-    def __init__(self, unet, ae, text, diffusion_cfg, latent_scale: float, spec: SamplingSpec, seed: int, device,
-                 captions=None):
-        self.unet, self.ae, self.text, self.spec = unet, ae, text, spec
-        self.diffusion_cfg, self.latent_scale, self.seed, self.device = diffusion_cfg, latent_scale, seed, device
-        self.captions, self._batch_captions = captions, {}
+    def __init__(self, model: LatentDiffusion, ae, spec: SamplingSpec, seed: int, latent_size: int,
+                 prompts: list[str] = (), captions=None, tile: int = 256):
+        self.model, self.ae, self.spec, self.seed, self.latent_size = model, ae, spec, seed, latent_size
+        self.spec_prompts, self.captions, self.tile, self._batch_captions = list(prompts), captions, tile, {}
 
     def prompts(self, indices: list[int]) -> list[str]:
         """The prompts of samples `indices` ("" without any)."""
         if self.captions is None:
-            p = self.spec.prompts
+            p = self.spec_prompts
             return [p[i % len(p)] if p else "" for i in indices]
         key = tuple(indices)
         if key not in self._batch_captions:  # read once per batch: for its render and its CLIP score
@@ -66,20 +53,17 @@ class ImageSampler:
         return self._batch_captions[key]
 
     def _labels(self, indices: list[int]) -> Tensor | None:
-        n = getattr(self.unet.cfg, "num_classes", 0)
-        return torch.tensor([i % n for i in indices], device=self.device) if n else None
+        n = getattr(self.model.unet.cfg, "num_classes", 0)
+        return torch.tensor([i % n for i in indices], device=self.model.device) if n else None
 
     @torch.no_grad()
     def render(self, indices: list[int], sizes: list[int]) -> dict[int, Tensor]:
         """{size: (B, 3, size, size) in [-1, 1], on the CPU} for samples `indices`."""
-        s = self.spec
-        shape = (len(indices), self.unet.cfg.in_channels, s.latent_size, s.latent_size)
-        prompts = self.prompts(indices) if self.text is not None else None
-        z = generate_latents(self.unet, self.diffusion_cfg, self.latent_scale, shape, prompts, self.text,
-                             s.cfg_scale, s.sampler, s.steps, seed=[self.seed + i for i in indices],
-                             device=self.device, labels=self._labels(indices), eta=s.eta, spacing=s.spacing)
+        shape = (len(indices), self.model.unet.cfg.in_channels, self.latent_size, self.latent_size)
+        cond = Conditioning(self.prompts(indices) if self.model.text is not None else None, self._labels(indices))
+        z = generate_latents(self.model, self.spec, cond, shape, [self.seed + i for i in indices])
         phi = self.ae.decode(z)
-        return {size: render_tiles(self.ae.renderer, phi, (size, size), tile=s.tile) for size in sizes}
+        return {size: render_tiles(self.ae.renderer, phi, (size, size), tile=self.tile) for size in sizes}
 
 
 class SampleStore:

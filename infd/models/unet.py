@@ -4,8 +4,8 @@ blocks per level, self-attention at downsample factors 2, 4, 8 with 32 channels 
 
 forward(x (B, C, h, w), t (B,), context (B, L, D) or None, labels (B,) or None) -> (B, C, h, w)
 
-build_unet(cfg) builds this UNet (kind "infd") or diffusers' UNet2DConditionModel behind the same
-call (kind "diffusers": a Stable Diffusion UNet, see infd.convert.stable_diffusion).
+infd.models.build_unet(cfg) builds this UNet (kind "infd") or diffusers' UNet2DConditionModel behind
+the same call (kind "diffusers": a Stable Diffusion UNet, see infd.models.diffusers_unet).
 """
 from __future__ import annotations
 
@@ -198,15 +198,3 @@ class UNet(nn.Module):
                 continue
             h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def build_unet(cfg: UNetConfig, load_pretrained: bool = False) -> nn.Module:
-    """The UNet of cfg.kind: UNet(cfg) ("infd"), or a DiffusersUNet ("diffusers") built from
-    cfg.diffusers_config (else cfg.pretrained's config.json), with cfg.pretrained's weights only
-    when load_pretrained (kind "infd" has no pretrained weights: it ignores load_pretrained). The
-    module's .cfg has diffusers_config, in_channels, context_dim filled."""
-    if cfg.kind == "diffusers":
-        from infd.convert.stable_diffusion import build_diffusers_unet
-
-        return build_diffusers_unet(cfg, load_pretrained)
-    return UNet(cfg)

@@ -1,0 +1,73 @@
+"""How samples are drawn: the one sampling spec and the conditioning of a batch.
+
+`SamplingSpec` is shared by the training panels (the `samples` section extends it), in-training
+evaluation, `infd sample`, `infd eval-gen` (whose flags are declared from its fields) and the UNet
+export (which records the run's spec as the default of `infd sample`). Its defaults are the only
+sampling defaults in the code base.
+
+`Conditioning` is what one batch of samples is conditioned on. Conditions still to come go here
+as fields (planned: conditions on boxes of the canvas at any scale, which guide the sample through
+region renders, and a low-resolution image for super-resolution), with their sampler-side knobs
+(guidance strength, its schedule) in `SamplingSpec`, so `generate_latents` keeps its signature.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from infd.config import ConfigError
+from infd.diffusion.samplers import SAMPLERS, SPACINGS, check_options, vp_timesteps
+
+FLOW_SAMPLERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """The sampler and its options (see infd.diffusion.samplers.sample) and the guidance scale."""
+
+    sampler: str = "ddim"  # ddpm | ddim | dpmpp (epsilon / v objectives); euler | heun (rectified flow)
+    steps: int = 50
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 the paper's (DDPM-like) sampling; ddim only
+    spacing: str = "linspace"  # timesteps of ddim/ddpm: linspace | leading (the official code) | trailing
+    cfg_scale: float = 1.0  # classifier-free guidance (1: none)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"config key '{prefix}sampler' = {self.sampler!r}: choose one of {list(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"config key '{prefix}spacing' = {self.spacing!r}: choose one of {list(SPACINGS)}")
+        if self.steps < 1:
+            raise ConfigError(f"config key '{prefix}steps' = {self.steps}: expected at least 1")
+
+    def check(self, schedule) -> None:
+        """ValueError for a sampler that does not fit the schedule's objective, options the sampler
+        does not take, or a step count the spacing cannot place: before any sampling starts."""
+        check_options(schedule, self.sampler, self.eta, self.spacing)
+        if self.sampler in ("ddim", "ddpm"):
+            vp_timesteps(schedule, self.steps, self.spacing)
+        elif self.steps < 1:
+            raise ValueError(f"steps {self.steps}: expected at least 1")
+
+
+def default_spec(flow: bool) -> SamplingSpec:
+    """The built-in spec of a UNet's objective: euler for rectified flow, else SamplingSpec()."""
+    return SamplingSpec(sampler=FLOW_SAMPLERS[0]) if flow else SamplingSpec()
+
+
+def spec_of(obj) -> SamplingSpec:
+    """The SamplingSpec part of a config that extends it (the training `samples` section)."""
+    return SamplingSpec(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(SamplingSpec)})
+
+
+@dataclass
+class Conditioning:
+    """What a batch of B samples is conditioned on; a part left None is unconditional.
+
+    prompts: B strings (text-conditioned UNets; "" is the unconditional prompt).
+    labels: (B,) class indices (class-conditional UNets).
+    """
+
+    prompts: list[str] | None = None
+    labels: Tensor | None = None
