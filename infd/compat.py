@@ -3,15 +3,20 @@
 - Exports of format 1 kept their metadata in an untyped "extra" mapping (step, ema, latent_scale,
   diffusion, text, sampling, autoencoder); `export_meta_v2` lays it out as format 2, which
   infd.export.ExportRecord reads.
-- Training checkpoints written before state.json recorded the diffusion stage's latent scale:
-  the run logged it with every step in metrics.jsonl (`logged_latent_scale`).
+- Training checkpoints: state.json before the data position was a global sample count (it held
+  "data_epoch", or a per-epoch count), before the task's state had its own entry ("latent_scale"
+  at the top level), and before it recorded the latent scale at all (the run logged it with every
+  step in metrics.jsonl: `logged_latent_scale`).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from infd.config import ConfigError
+
+log = logging.getLogger("train")
 
 _V1_SECTIONS = ("step", "ema", "text", "sampling", "autoencoder")
 
@@ -39,3 +44,20 @@ def logged_latent_scale(metrics: Path, step: int) -> float | None:
         if entry.get("step") == step and "latent_scale" in entry:
             return float(entry["latent_scale"])
     return None
+
+
+def checkpoint_data_position(state: dict, grad_accum: int) -> dict:
+    """The loader position ({"epoch", "slot", "batches"}) of a checkpoint's state.json. One that
+    predates global positions resumes at the start of the epoch after the one it was in."""
+    data = state.get("data") or {"epoch": state.get("data_epoch", -1), "consumed": state["step"] * grad_accum}
+    if "slot" in data:
+        return data
+    log.warning("data position %s predates global positions: continuing at the next epoch", data)
+    return {"epoch": data.get("epoch", 0) + 1, "slot": 0, "batches": data.get("consumed", 0)}
+
+
+def checkpoint_task_state(state: dict) -> dict:
+    """The task's own state in a checkpoint's state.json ({} for a stage that keeps none)."""
+    if "task" in state:
+        return state["task"]
+    return {"latent_scale": state["latent_scale"]} if "latent_scale" in state else {}

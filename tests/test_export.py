@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from infd.compat import checkpoint_data_position, checkpoint_task_state
 from infd.config import ConfigError, from_mapping
 from infd.diffusion.schedule import DiffusionConfig
 from infd.diffusion.spec import SamplingSpec
@@ -127,7 +128,8 @@ def test_diffusion_export_from_a_checkpoint_carries_the_runs_metadata(tmp_path):
     # (infd.compat.logged_latent_scale).
     state_file = run_dir / "checkpoints" / "step_0000001" / "state.json"
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "latent_scale"}))
+    assert state["task"] == {"latent_scale": read_record(tmp_path / "last").latent_scale}
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "task"}))
     export_main([str(run_dir), "--step", "1", "--out", str(tmp_path / "first")])
     assert_same_export(tmp_path / "first", run_dir / "export" / "step_0000001" / "unet")
 
@@ -148,3 +150,17 @@ def test_a_stop_checkpoint_is_exported_only_when_the_grace_period_has_room(tmp_p
 def test_export_every_is_validated():
     with pytest.raises(ConfigError, match="'trainer.export_every' must be >= 0"):
         from_mapping(TrainerConfig, {"export_every": -1}, prefix="trainer.")
+
+
+def test_older_checkpoint_states_are_read_in_the_compatibility_module():
+    """state.json as older versions wrote it: the latent scale at the top level, the data position
+    as an epoch and a count (resumed at the next epoch), or only an epoch number."""
+    assert checkpoint_task_state({"step": 3, "task": {"latent_scale": 0.5}}) == {"latent_scale": 0.5}
+    assert checkpoint_task_state({"step": 3, "latent_scale": 0.25}) == {"latent_scale": 0.25}
+    assert checkpoint_task_state({"step": 3}) == {}
+    now = {"epoch": 1, "slot": 96, "batches": 12}
+    assert checkpoint_data_position({"step": 12, "data": now}, grad_accum=2) == now
+    old = {"step": 12, "data": {"epoch": 1, "consumed": 24}}
+    assert checkpoint_data_position(old, grad_accum=2) == {"epoch": 2, "slot": 0, "batches": 24}
+    assert checkpoint_data_position({"step": 12, "data_epoch": 0}, grad_accum=2) == {"epoch": 1, "slot": 0,
+                                                                                      "batches": 24}

@@ -172,6 +172,12 @@ class AutoencoderTask:
         with own_rng(self.info.device):
             return self.evaluator(self.gen.module, self.ema, self.loss.lpips, should_stop)
 
+    def state_dict(self) -> dict:
+        return {}  # everything stage 1 needs to resume is in its engines, EMA and data position
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def export(self, run_dir: Path, step: int) -> Path | None:
         record = stage_record(self.cfg, "autoencoder", step, self.ema is not None)
         return export_model(self.gen.module, self.ema, record, run_dir, self.info)

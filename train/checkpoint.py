@@ -1,4 +1,4 @@
-"""Checkpoints: atomic, resumable exactly, and portable to another world size.
+"""Checkpoints: one protocol for every piece of a run's state; atomic, exact, portable.
 
 Layout under runs/<name>/checkpoints/:
   step_0000100/
@@ -6,12 +6,19 @@ Layout under runs/<name>/checkpoints/:
     portable/<engine>.safetensors, <engine>.optim.safetensors
                          full fp32 weights and Adam moments, gathered from all ranks (any world size)
     ema.safetensors      EMA weights when enabled
-    rank00000.pt         per-rank RNG states and data-loader position (weights_only loadable)
-    state.json           step, world size, engines, optimizer step counts
+    rank00000.pt         per-rank RNG states (weights_only loadable)
+    state.json           step, world size, save time, and each part's entries: the engines and their
+                         optimizer step counts, the data position (a global sample count, the same on
+                         every rank and valid at any world size), the task's own state ("task")
   latest                 name of the newest complete checkpoint
 
-A checkpoint is written to step_XXXXXXX.tmp and renamed after every rank finished; `latest` is
-replaced atomically after that, so a crash mid-save leaves `latest` on the previous checkpoint.
+A run's state is a list of parts (as torchtitan's checkpointer gathers Stateful objects): the
+engines (train/engine_state.py), the EMA, the data position, the task's state (e.g. the
+diffusion stage's latent scale) and the RNG. Each part saves itself through a `CheckpointWriter`
+and returns its state.json entries, and restores itself from the directory and state.json. The
+`Checkpointer` gathers them: it writes step_XXXXXXX.tmp, renames it after every rank finished and
+then replaces `latest` atomically, so a crash mid-save leaves `latest` on the previous checkpoint.
+Checkpoints of older versions are read through infd.compat.
 """
 from __future__ import annotations
 
@@ -22,16 +29,157 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from infd.compat import checkpoint_data_position, checkpoint_task_state
 from train.dist import DistInfo
 
 log = logging.getLogger("train.checkpoint")
 FAULT_ENV = "INFD_FAULT_INJECT"  # testing hook: "crash_in_checkpoint_save:STEP"
+
+
+class CheckpointWriter:
+    """Where parts write their files: `directory`, synchronously. A single-copy or asynchronous
+    writer replaces it by offering the same methods; `finish` returns once every file is durable."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        path = self.directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+    def torch_object(self, name: str, obj) -> None:
+        torch.save(obj, self.directory / name)
+
+    def finish(self) -> None:
+        """Nothing to wait for: every write above has returned."""
+
+
+class CheckpointPart(Protocol):
+    """A piece of a run's state."""
+
+    def save(self, writer: CheckpointWriter, info: DistInfo) -> dict:
+        """Write its files (collective: every rank calls it); return its state.json entries (rank 0's are kept)."""
+
+    def load(self, path: Path, state: dict, info: DistInfo) -> None:
+        """Restore itself from checkpoint `path` and its state.json `state`, at this run's world size."""
+
+
+class EmaPart:
+    """The EMA of the exported model (None: the run keeps none)."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def save(self, writer: CheckpointWriter, info: DistInfo) -> dict:
+        if self.ema is not None and info.is_main:
+            writer.tensors("ema.safetensors", self.ema.state_dict())
+        return {}
+
+    def load(self, path: Path, state: dict, info: DistInfo) -> None:
+        if self.ema is not None and (path / "ema.safetensors").exists():
+            self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
+
+
+class DataPart:
+    """The loader's position: the global sample count after the last batch trained on."""
+
+    def __init__(self, loader, grad_accum: int):
+        self.loader, self.grad_accum = loader, grad_accum
+
+    def save(self, writer: CheckpointWriter, info: DistInfo) -> dict:
+        return {"data": self.loader.state_dict()}
+
+    def load(self, path: Path, state: dict, info: DistInfo) -> None:
+        self.loader.load_state_dict(checkpoint_data_position(state, self.grad_accum))
+
+
+class TaskPart:
+    """The stage's own state (task.state_dict(): e.g. the latent scale the UNet trains with)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def save(self, writer: CheckpointWriter, info: DistInfo) -> dict:
+        return {"task": self.task.state_dict()}
+
+    def load(self, path: Path, state: dict, info: DistInfo) -> None:
+        self.task.load_state_dict(checkpoint_task_state(state))
+
+
+class RngPart:
+    """Each rank's RNG states; restored at the same world size only (another has other streams)."""
+
+    def save(self, writer: CheckpointWriter, info: DistInfo) -> dict:
+        writer.torch_object(f"rank{info.rank:05d}.pt", {"rng": rng_state()})
+        return {}
+
+    def load(self, path: Path, state: dict, info: DistInfo) -> None:
+        if state["world_size"] == info.world_size:
+            set_rng_state(torch.load(path / f"rank{info.rank:05d}.pt", weights_only=True)["rng"])
+
+
+class Checkpointer:
+    """Saves and restores `parts` (in that order) under `root`; keeps the last `keep_last`."""
+
+    def __init__(self, root: Path, parts: list[CheckpointPart], info: DistInfo, keep_last: int,
+                 grace_s: float | None = None):
+        self.root, self.parts, self.info, self.keep_last, self.grace_s = root, parts, info, keep_last, grace_s
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint directory.
+
+        Its duration is logged and kept in state.json (`save_s`): a checkpoint taken on a stop
+        signal must fit the grace period before SIGKILL (`grace_s`: warned when it does not)."""
+        started, info = time.perf_counter(), self.info
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (final.name + ".tmp")
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        writer, entries = CheckpointWriter(tmp), {}
+        for part in self.parts:
+            entries |= part.save(writer, info)
+            _maybe_crash(step, "crash_in_checkpoint_save")
+        writer.finish()
+        dist.barrier()
+        if info.is_main:
+            state = {"step": step, "world_size": info.world_size, **entries,
+                     "save_s": round(time.perf_counter() - started, 3)}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer = self.root / "latest.tmp"
+            pointer.write_text(final.name)
+            os.replace(pointer, self.root / "latest")
+            _prune(self.root, self.keep_last)
+        dist.barrier()
+        if info.is_main:
+            self._report(final, time.perf_counter() - started)
+        return final
+
+    def _report(self, final: Path, seconds: float) -> None:
+        log.info("saved checkpoint %s in %.1f s", final, seconds)
+        if self.grace_s is not None and seconds > self.grace_s:
+            log.warning("the checkpoint took %.1f s, longer than trainer.grace_s=%g: a stop signal's checkpoint "
+                        "would be killed before it completes. Raise the grace period (see docs/clusters.md, "
+                        "Preemption) and trainer.grace_s with it.", seconds, self.grace_s)
+
+    def load(self, path: Path) -> int:
+        """Restore every part from checkpoint `path`; returns its step."""
+        state = json.loads((path / "state.json").read_text())
+        for part in self.parts:
+            part.load(path, state, self.info)
+        return state["step"]
 
 
 def step_dir_name(step: int) -> str:
@@ -70,150 +218,7 @@ def _maybe_crash(step: int, point: str) -> None:
         os._exit(13)
 
 
-def _base_optimizer(engine):
-    """The torch optimizer under DeepSpeed's wrapper (ZeRO 1/2) or the engine's own (ZeRO 0)."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def _is_partitioned(param) -> bool:
-    # Every rank must take the same branch: the gathers below are collectives. `_hp_mapping` exists
-    # on all ranks under ZeRO 1/2 (None where a rank holds no fragment of the parameter).
-    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
-
-
-def portable_state(engine) -> tuple[dict, dict]:
-    """Full fp32 weights and Adam moments of an engine, by parameter name (collective: all ranks call)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    weights, moments = {}, {}
-    base = _base_optimizer(engine)
-    if not base.state:  # never stepped (e.g. the discriminator before disc_start): zero moments
-        _materialize_adam_state(engine, 0)
-    for name, param in engine.module.named_parameters():
-        partitioned = _is_partitioned(param)
-        weights[name] = (safe_get_full_fp32_param(param) if partitioned else param).detach().float().cpu().clone()
-        for key in ("exp_avg", "exp_avg_sq"):
-            value = safe_get_full_optimizer_state(param, key) if partitioned else base.state.get(param, {}).get(key)
-            if value is not None:
-                moments[f"{name}::{key}"] = value.detach().cpu().clone()
-    return weights, moments
-
-
-def optimizer_step_count(engine) -> int:
-    for state in _base_optimizer(engine).state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def save_checkpoint(root: Path, step: int, engines: dict, extra_rank_state: dict, info: DistInfo,
-                    keep_last: int, ema: dict | None = None, meta: dict | None = None,
-                    grace_s: float | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory.
-
-    Its duration is logged and kept in state.json (`save_s`): a checkpoint taken on a stop
-    signal must fit the grace period before SIGKILL (`grace_s`: warned when it does not)."""
-    started = time.perf_counter()
-    final = root / step_dir_name(step)
-    tmp = root / (final.name + ".tmp")
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "portable").mkdir(parents=True)
-    dist.barrier()
-    counts = {}
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        weights, moments = portable_state(engine)
-        counts[name] = optimizer_step_count(engine)
-        if info.is_main:
-            save_file(weights, str(tmp / "portable" / f"{name}.safetensors"))
-            save_file(moments, str(tmp / "portable" / f"{name}.optim.safetensors"))
-        _maybe_crash(step, "crash_in_checkpoint_save")
-    torch.save({"rng": rng_state(), **extra_rank_state}, tmp / f"rank{info.rank:05d}.pt")
-    if info.is_main and ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    dist.barrier()
-    if info.is_main:
-        state = {"step": step, "world_size": info.world_size, "engines": list(engines),
-                 "optimizer_steps": counts, "save_s": round(time.perf_counter() - started, 3), **(meta or {})}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
-        _prune(root, keep_last)
-    dist.barrier()
-    if info.is_main:
-        seconds = time.perf_counter() - started
-        log.info("saved checkpoint %s in %.1f s", final, seconds)
-        if grace_s is not None and seconds > grace_s:
-            log.warning("the checkpoint took %.1f s, longer than trainer.grace_s=%g: a stop signal's checkpoint "
-                        "would be killed before it completes. "
-                        "Raise the grace period (see docs/clusters.md, Preemption) "
-                        "and trainer.grace_s with it.", seconds, grace_s)
-    return final
-
-
 def _prune(root: Path, keep_last: int) -> None:
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, engines: dict, info: DistInfo) -> dict:
-    """Restore engines, RNG and this rank's extra state. Same world size: DeepSpeed's own
-    checkpoint, exact. Another world size: the portable weights and moments, and no per-rank
-    state (the data position is in state.json: the same on every rank).
-    Returns {"step", "rank_state" or None, "state"}."""
-    state = json.loads((path / "state.json").read_text())
-    if state["world_size"] == info.world_size:
-        for name, engine in engines.items():
-            engine.load_checkpoint(str(path), tag=name, load_module_strict=True)
-        rank_state = torch.load(path / f"rank{info.rank:05d}.pt", weights_only=True)
-        set_rng_state(rank_state.pop("rng"))
-        return {"step": state["step"], "rank_state": rank_state, "state": state}
-    log.warning("checkpoint was written by %d ranks, this run has %d: loading the portable weights and "
-                "optimizer moments; the data continues at the same global sample", state["world_size"], info.world_size)
-    for name, engine in engines.items():
-        load_portable(engine, path / "portable", name, state["optimizer_steps"][name])
-    return {"step": state["step"], "rank_state": None, "state": state}
-
-
-def load_portable(engine, directory: Path, name: str, optimizer_steps: int) -> None:
-    """Set weights and Adam moments from full tensors; each rank keeps its own partition."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    weights = load_file(str(directory / f"{name}.safetensors"))
-    moments = load_file(str(directory / f"{name}.optim.safetensors"))
-    _materialize_adam_state(engine, optimizer_steps)
-    base = _base_optimizer(engine)
-    with torch.no_grad():
-        for pname, param in engine.module.named_parameters():
-            param.data.copy_(weights[pname].to(param.device, param.dtype))  # the module's own copy
-            partitioned = _is_partitioned(param)
-            if partitioned:
-                safe_set_full_fp32_param(param, weights[pname].to(param.device))  # ZeRO's fp32 master
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = moments.get(f"{pname}::{key}")
-                if value is None:
-                    continue
-                if partitioned:
-                    safe_set_full_optimizer_state(param, value.to(param.device), key)
-                else:
-                    base.state[param][key].copy_(value)
-
-
-def _materialize_adam_state(engine, steps: int) -> None:
-    """torch Adam creates its state at the first step; create it now (zeros) so that it can be
-    filled in, and let ZeRO re-link its parameter fragments to it."""
-    base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for p in group["params"]:
-            state = base.state[p]
-            state["step"] = torch.tensor(float(steps))
-            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()

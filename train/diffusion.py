@@ -180,6 +180,14 @@ class DiffusionTask:
     def latent_scale(self) -> float:
         return self.cfg.diffusion.latent_scale
 
+    def state_dict(self) -> dict:
+        """The latent scale the UNet trains with: a resumed run keeps it (not a new estimate)."""
+        return {"latent_scale": self.latent_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "latent_scale" in state:
+            self.cfg = replace(self.cfg, diffusion=replace(self.cfg.diffusion, latent_scale=state["latent_scale"]))
+
     def latent_diffusion(self, unet) -> LatentDiffusion:
         """`unet` (the engine's module, or its EMA copy) with the run's schedule and text encoder."""
         return LatentDiffusion(unet, self.cfg.diffusion, self.text)

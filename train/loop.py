@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from safetensors.torch import load_file
-
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import Checkpointer, DataPart, EmaPart, RngPart, TaskPart, latest_checkpoint
 from train.config import TrainerConfig
 from infd.data.loader import Loader
 from infd.eval.real_set import EvaluationStopped
 from train.dist import DistInfo, any_rank
-from train.run_exports import checkpoint_meta, export_after_checkpoint
+from train.engine_state import EnginesPart
+from train.run_exports import export_after_checkpoint
 from train.logger import Logger, Throughput, grad_norm
 from infd.utils.signals import PreemptionFlag
 
@@ -49,6 +48,12 @@ class Task(Protocol):
     def export(self, run_dir: Path, step: int) -> Path | None:
         """Write the trained model to run_dir/export/; collective, rank 0 writes."""
 
+    def state_dict(self) -> dict:
+        """The task's own state for the checkpoint (JSON-ready; {} when it keeps none)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+
     def evaluate(self, should_stop: Callable[[], bool]) -> dict:
         """{"eval/<metric>": value} of the EMA model on rank 0 ({} elsewhere); collective.
         `should_stop()` (collective) is checked between its batches: True raises EvaluationStopped."""
@@ -65,17 +70,18 @@ def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def resume(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path, grad_accum: int) -> int:
-    path = find_resume(cfg, ckpt_root)
+def checkpointer(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path,
+                 grad_accum: int) -> Checkpointer:
+    """Every piece of a run's state, gathered: restored in this order (the RNG last)."""
+    parts = [EnginesPart(task.engines), EmaPart(task.ema), DataPart(data, grad_accum), TaskPart(task), RngPart()]
+    return Checkpointer(ckpt_root, parts, info, cfg.keep_last, grace_s=cfg.grace_s)
+
+
+def resume(saver: Checkpointer, cfg: TrainerConfig) -> int:
+    path = find_resume(cfg, saver.root)
     if path is None:
         return 0
-    loaded = load_checkpoint(path, task.engines, info)
-    step = loaded["step"]
-    # The position is a global sample count, the same on every rank and valid at any world size.
-    data.load_state_dict(loaded["state"].get("data") or {"epoch": loaded["state"].get("data_epoch", -1),
-                                                          "consumed": step * grad_accum})
-    if task.ema is not None and (path / "ema.safetensors").exists():
-        task.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
+    step = saver.load(path)
     log.info("resumed from %s at step %d", path, step)
     return step
 
@@ -116,16 +122,15 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
     ckpt_root = run_dir / "checkpoints"
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-    step = resume(task, data, cfg, info, ckpt_root, grad_accum)
+    saver = checkpointer(task, data, cfg, info, ckpt_root, grad_accum)
+    step = resume(saver, cfg)
     metrics = StepLog(run_dir / "metrics.jsonl", info.is_main, step)
     # Which samples each rank trained on, per step: audits that restarts lose and repeat nothing.
     samples = StepLog(run_dir / "samples" / f"rank{info.rank:05d}.jsonl", cfg.sample_log, step)
     batches, meter, saved = iter(data), Throughput(), step
 
-    def checkpoint(data_state: dict, stopping: bool = False) -> None:
-        path = save_checkpoint(ckpt_root, step, task.engines, {}, info, cfg.keep_last,
-                               ema=task.ema.state_dict() if task.ema else None,
-                               meta={"data": data_state, **checkpoint_meta(task)}, grace_s=cfg.grace_s)
+    def checkpoint(stopping: bool = False) -> None:
+        path = saver.save(step)
         export_after_checkpoint(run_dir, path, step, task.cfg, info, stopping)  # trainer.export_every; rank 0
 
     try:
@@ -134,7 +139,8 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             micro = fetch_micro_batches(batches, grad_accum, preempt)
             if any_rank(micro is None or preempt.raised, info.device):
                 if step > saved:
-                    checkpoint(position, stopping=True)
+                    data.load_state_dict(position)  # the batches fetched after step `step` were not trained on
+                    checkpoint(stopping=True)
                 log.warning("stopped by signal at step %d (%s)", step,
                             "checkpoint saved" if step else "before the first step: nothing to save")
                 return step
@@ -159,7 +165,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             if step % cfg.image_every == 0 and not stopping:
                 logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                checkpoint(data.state_dict())
+                checkpoint()
                 saved = step
     finally:
         batches.close()  # ends the DataLoader iterator: its workers are stopped here, not left to exit

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from infd.compat import logged_latent_scale
+from infd.compat import checkpoint_task_state, logged_latent_scale
 from infd.diffusion.spec import spec_of
 from infd.export import MODEL_KINDS, ExportRecord, save_export
 from train.checkpoint import step_dir_name
@@ -79,13 +79,6 @@ def checkpoint_stage(ckpt: Path) -> Stage:
     return stage
 
 
-def checkpoint_meta(task) -> dict:
-    """What a checkpoint's state.json must hold for its export besides the run's config: the
-    diffusion stage's latent scale, estimated at start when diffusion.latent_scale=auto."""
-    scale = getattr(task, "latent_scale", None)
-    return {} if scale is None else {"latent_scale": scale}
-
-
 def stage_record(cfg, kind: str, step: int, ema: bool) -> ExportRecord:
     """The export record of a stage's run config `cfg` at `step`. The UNet's records its schedule
     (cfg.diffusion, whose latent scale the caller has resolved), text encoder, sampling spec
@@ -118,8 +111,9 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 
 def _latent_scale(cfg, state: dict, run_dir: Path) -> float:
-    if "latent_scale" in state:
-        return state["latent_scale"]
+    task = checkpoint_task_state(state)
+    if "latent_scale" in task:
+        return task["latent_scale"]
     if cfg.diffusion.latent_scale != "auto":
         return float(cfg.diffusion.latent_scale)
     scale = logged_latent_scale(run_dir / "metrics.jsonl", state["step"])  # checkpoints of older versions

@@ -102,9 +102,7 @@ class Loader:
         return dict(self.position)
 
     def load_state_dict(self, state: dict) -> None:
-        if "slot" not in state:  # written before positions were global: start that epoch's successor
-            log.warning("data position %s predates global positions: continuing at the next epoch", state)
-            state = {"epoch": state.get("epoch", 0) + 1, "slot": 0, "batches": state.get("consumed", 0)}
+        """state: a state_dict() (older checkpoints' positions are converted by infd.compat)."""
         self.position = {k: int(state[k]) for k in ("epoch", "slot", "batches")}
 
     def __iter__(self) -> Iterator[dict]:
