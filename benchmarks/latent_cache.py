@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 from infd.config import from_mapping, load_mapping  # noqa: E402
 from infd.data.loader import DataConfig, build_loader  # noqa: E402
 from infd.data.latents import collate_latents, latent_sample  # noqa: E402
-from infd.data.transforms import to_unit_range  # noqa: E402
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss  # noqa: E402
 from infd.keyed_random import KeyedRandom  # noqa: E402
 from infd.export import ExportRecord, save_export  # noqa: E402
@@ -43,7 +42,7 @@ def run(loader, step_fn, steps: int) -> float:
     for _ in range(steps):
         batch = next(it)
         step_fn(batch)
-        n += len(batch["keys"])
+        n += len(batch)
     return n / (time.perf_counter() - start)
 
 
@@ -72,7 +71,7 @@ def main() -> None:
 
     def on_the_fly(batch):
         with torch.no_grad():
-            z = ae.encode(to_unit_range(batch["enc"]))
+            z = ae.encode(batch.to("cpu").enc)
         unet_step(z)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +87,7 @@ def main() -> None:
             "encoder_size": res, "patch_size": 64, "r_max": 256, "small": "upsample"}}))
         latents = build_loader(from_mapping(DataConfig, base | {"shards": str(tmp / "lat")}), 0, 1,
                                latent_sample, collate_latents)
-        cached = run(latents, lambda b: unet_step(b["z"]), args.steps)
+        cached = run(latents, lambda b: unet_step(b.z), args.steps)
         print(f"cached latents: {cached:.2f} samples/s", flush=True)
         fly = run(images, on_the_fly, args.steps)
         print(f"on the fly:     {fly:.2f} samples/s", flush=True)

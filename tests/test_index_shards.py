@@ -104,9 +104,9 @@ def test_the_loader_reads_img2dataset_shards_through_the_index(tmp_path):
     cfg = from_mapping(DataConfig, {"shards": str(shards), "batch_size": 2, "num_workers": 2, "p_hr": 0.5,
                                     "patch": {"patch_size": 32, "r_max": 64, "encoder_size": 32}})
     batches = list(build_loader(cfg).epoch_batches())
-    captions = {c for b in batches for c in b["captions"]}
+    captions = {c for b in batches for c in b.captions}
     assert batches and all(c.startswith("a photo number") for c in captions), captions
-    kinds = {bool(h) for b in batches for h in b["is_hr"].tolist()}
+    kinds = {bool(h) for b in batches for h in b.is_hr.tolist()}
     assert kinds == {True, False}
 
 

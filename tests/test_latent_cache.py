@@ -89,9 +89,9 @@ def test_latents_come_back_exactly_once_per_epoch_through_the_loader(tmp_path):
     seen = Counter()
     for rank in (0, 1):
         for batch in build_loader(cfg, rank, 2, latent_sample, collate_latents).epoch_batches():
-            assert batch["z"].shape == (2, 3, 16, 16) and batch["z"].dtype == torch.float32
-            assert all(c.startswith("caption ") for c in batch["captions"])
-            seen.update(batch["keys"])
+            assert batch.z.shape == (2, 3, 16, 16) and batch.z.dtype == torch.float32
+            assert all(c.startswith("caption ") for c in batch.captions)
+            seen.update(batch.keys)
     assert len(seen) == 16 and max(seen.values()) == 1
 
 
@@ -135,7 +135,7 @@ def test_class_labels_flow_from_sidecars_to_batches_and_guide_sampling(tmp_path)
                    cwd=ROOT)
     cfg = from_mapping(DataConfig, {"shards": str(tmp_path / "lat"), "batch_size": 6, "num_workers": 0})
     batch = next(iter(build_loader(cfg, 0, 1, latent_sample, collate_latents)))
-    by_source = dict(zip(batch["keys"], batch["labels"].tolist()))
+    by_source = dict(zip(batch.keys, batch.labels.tolist()))
     order = sorted(paths)  # keys follow the sorted file list
     for key, label in by_source.items():
         path = order[int(key)]

@@ -67,7 +67,7 @@ def test_uneven_total_keeps_ranks_equal_and_never_repeats(tmp_path):
     for rank in (0, 1):
         batches = list(build_loader(data_cfg(shards), rank, 2).epoch_batches())
         counts.append(len(batches))
-        seen.update(k for b in batches for k in b["keys"])
+        seen.update(k for b in batches for k in b.keys)
     assert counts[0] == counts[1] == 8  # 70 // (2 ranks x 4) global batches; the 6 left wait for another epoch
     assert max(seen.values()) == 1 and len(seen) == 64
 
@@ -80,12 +80,12 @@ def test_high_res_fraction_follows_p_hr(tmp_path):
     hr, total, main = 0, 0, Counter()
     batches = iter(loader)
     for batch in itertools.islice(batches, 2 * loader.batches_per_epoch):  # two epochs
-        widths = [int(k) for k in batch["keys"]]
+        widths = [int(k) for k in batch.keys]
         is_hr = [sizes[i][0] >= 200 for i in widths]
-        assert batch["is_hr"].tolist() == is_hr
+        assert batch.is_hr.tolist() == is_hr
         assert abs(sum(is_hr) - 19) <= 1  # every batch: p_hr x 38, up to one more or fewer
         hr, total = hr + sum(is_hr), total + len(widths)
-        main.update(k for k, h in zip(batch["keys"], is_hr) if not h)
+        main.update(k for k, h in zip(batch.keys, is_hr) if not h)
     batches.close()
     assert abs(hr / total - 0.5) <= 0.01, hr / total
     assert len(main) == 190 and max(main.values()) == 2  # each main sample once per epoch
@@ -161,7 +161,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_batches(tmp_path):
         rest = list(resumed.epoch_batches())
         assert len(rest) == len(reference) - k - 1
         for a, b in zip(reference[k + 1:], rest):
-            assert a["keys"] == b["keys"] and torch.equal(a["gt"], b["gt"]) and torch.equal(a["coords"], b["coords"])
+            assert a.keys == b.keys and torch.equal(a.gt, b.gt) and torch.equal(a.coords, b.coords)
 
 
 @pytest.mark.parametrize("before,after,stop", [(2, 1, 3), (1, 2, 4)])
@@ -174,13 +174,13 @@ def test_resume_at_another_world_size_sees_each_sample_once_in_the_epoch(tmp_pat
     for rank in range(before):
         loader = build_loader(cfg, rank, before)
         for batch in itertools.islice(loader.epoch_batches(), stop):
-            seen.update(batch["keys"])
+            seen.update(batch.keys)
         state = loader.state_dict()
     assert state == {"epoch": 0, "slot": stop * 3 * before, "batches": stop}
     for rank in range(after):
         loader = build_loader(cfg, rank, after)
         loader.load_state_dict(state)
-        seen.update(k for b in loader.epoch_batches() for k in b["keys"])
+        seen.update(k for b in loader.epoch_batches() for k in b.keys)
     assert set(seen) == {f"{i:09d}" for i in range(48)} and max(seen.values()) == 1
 
 
@@ -216,14 +216,11 @@ def test_bad_input_zoo_is_counted_and_never_crashes(tmp_path):
     cut = (shards / "cut-1.tar").read_bytes()
     (shards / "cut-1.tar").write_bytes(cut[: len(cut) // 2 + 100])  # truncated mid-member after indexing
     cfg = data_cfg(shards, batch_size=2, num_workers=2, patch=SMALL_PATCH | {"small": "skip"})
-    skips, n = {}, 0
-    for batch in build_loader(cfg).epoch_batches():
-        skips[batch["worker"]] = batch["skips"]
-        n += len(batch["keys"])
-        assert batch["gt"].shape[1:] == (3, 32, 32)
-    totals = Counter()
-    for counts in skips.values():
-        totals.update(counts)
+    loader, n = build_loader(cfg), 0
+    for batch in loader.epoch_batches():
+        n += len(batch)
+        assert batch.gt.shape[1:] == (3, 32, 32)
+    totals = Counter(loader.skip_counts())  # the workers' counts, kept by the loader beside the batches
     assert n == 16  # 10 readable + 6: every slot filled
     for reason in ("corrupt_image", "too_small", "truncated_shard", "replaced_by_duplicate"):
         assert totals[reason] >= 1, (reason, dict(totals))
@@ -276,9 +273,9 @@ def test_captions_come_with_the_samples_from_both_streams(tmp_path):
     caption_of = {f"{i:09d}": p.with_suffix(".txt").read_text() for i, p in enumerate(sorted(paths))}
     cfg = data_cfg(tmp_path / "shards", p_hr=0.5, num_workers=0)
     batches = list(build_loader(cfg).epoch_batches())
-    assert any(b["is_hr"].any() for b in batches) and any((~b["is_hr"]).any() for b in batches)
+    assert any(b.is_hr.any() for b in batches) and any((~b.is_hr).any() for b in batches)
     for b in batches:
-        assert b["captions"] == [caption_of[k] for k in b["keys"]]
+        assert b.captions == [caption_of[k] for k in b.keys]
 
 
 # ----- high-res fine-tuning: p_keep switches to p_keep_late at a trainer step ----------------------
@@ -305,9 +302,9 @@ def kept_pattern(batches: list[dict]) -> list[bool]:
     """Per batch: all samples kept (True) or none (False); a mixed batch fails."""
     out = []
     for b in batches:
-        assert b["kept"].all() or not b["kept"].any(), b["kept"]
-        assert (b["r"] <= 128).all() != b["kept"].all()  # kept: r = the image's short side (>= 300)
-        out.append(bool(b["kept"].all()))
+        assert b.kept.all() or not b.kept.any(), b.kept
+        assert (b.r <= 128).all() != b.kept.all()  # kept: r = the image's short side (>= 300)
+        out.append(bool(b.kept.all()))
     return out
 
 
@@ -325,9 +322,9 @@ def test_resume_across_the_p_keep_late_switch_reproduces_the_uninterrupted_batch
         rest = late_batches(late_shards, 6, (1, 1), {"epoch": 1, "slot": 2 * j, "batches": 1 + j})
         assert len(rest) == len(reference) - j
         for a, b in zip(reference[j:], rest):
-            assert a["keys"] == b["keys"] and torch.equal(a["kept"], b["kept"]) and torch.equal(a["r"], b["r"])
+            assert a.keys == b.keys and torch.equal(a.kept, b.kept) and torch.equal(a.r, b.r)
             for key in ("gt", "enc", "coords"):
-                assert torch.equal(a[key], b[key]), key
+                assert torch.equal(getattr(a, key), getattr(b, key)), key
 
 
 def test_p_keep_late_config_values_name_the_key():
@@ -386,3 +383,29 @@ def test_a_slots_main_position_is_the_count_of_main_slots_before_it(p_hr):
         main += not plan.is_hr(g)
     assert plan.main_position(plan.slots) <= 1000 < plan.main_position(plan.slots + 2)
     assert abs(sum(plan.is_hr(g) for g in range(plan.slots)) - p_hr * plan.slots) <= 1
+
+
+def test_a_stage_builds_only_the_tensors_it_trains_on(tmp_path):
+    """Typed batches: the GT crop and its query grid only with patch.gt (stage 1, or stage 2 when it
+    asks for them); the same samples either way; bookkeeping is the loader's, not the batch's."""
+    from infd.data.batches import PatchBatch
+    from train.autoencoder import AutoencoderTrainConfig
+    from train.diffusion import DiffusionTrainConfig
+
+    shards = small_shards(tmp_path, [(90, 80), (120, 100), (70, 70), (150, 90)], per_shard=2)
+    with_gt = list(build_loader(data_cfg(shards, batch_size=2)).epoch_batches())
+    loader = build_loader(data_cfg(shards, batch_size=2, patch=SMALL_PATCH | {"gt": False}))
+    without = list(loader.epoch_batches())
+    assert all(isinstance(b, PatchBatch) for b in with_gt + without)
+    assert [b.keys for b in with_gt] == [b.keys for b in without] and len(without) == 2
+    for a, b in zip(with_gt, without):
+        assert a.gt.shape == (2, 3, 32, 32) and a.coords.shape == a.cells.shape == (2, 32, 32, 2)
+        assert b.gt is None and b.coords is None and b.cells is None and b.enc.shape == (2, 3, 32, 32)
+        assert torch.equal(a.r, b.r) and a.captions == b.captions
+        assert (a.enc.float() - b.enc.float()).abs().mean() < 2  # a coarser decode serves the encoder input alone
+    assert loader.state_dict() == {"epoch": 1, "slot": 0, "batches": 2} and set(loader.skips) == {0, 1}
+    moved = without[0].to(torch.device("cpu"))
+    assert moved.enc.dtype == torch.float32 and -1 <= moved.enc.min() <= moved.enc.max() <= 1
+    assert not DiffusionTrainConfig().data.loader.patch.gt and AutoencoderTrainConfig().data.loader.patch.gt
+    with pytest.raises(Exception, match="data.loader.patch.gt"):
+        from_mapping(AutoencoderTrainConfig, {"data": {"loader": {"patch": {"gt": False}}}})

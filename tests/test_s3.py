@@ -38,7 +38,7 @@ def test_s3_shards_give_the_same_samples_as_local_ones(tmp_path, s3):
         b = list(build_loader(data_cfg("s3://bucket/sets/a/", p_hr=p_hr)).epoch_batches())
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
-            assert x["keys"] == y["keys"] and torch.equal(x["gt"], y["gt"]) and torch.equal(x["enc"], y["enc"])
+            assert x.keys == y.keys and torch.equal(x.gt, y.gt) and torch.equal(x.enc, y.enc)
 
 
 def test_an_s3_index_is_copied_once_per_node_and_again_when_rebuilt(tmp_path, s3):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from infd.config import ConfigError
+from infd.data.batches import PatchBatch
 from infd.convert.autoencoder import ConversionError, build_autoencoder, converted_config
 from infd.losses import Stage1Loss, Stage1LossConfig
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
@@ -26,7 +27,7 @@ from infd.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from infd.models.sync_batchnorm import synchronise_batchnorm
 from infd.render import render_tiles
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
-from train.data import build_batches, to_device
+from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
 from train.periodic_eval import ReconstructionEval, ReconstructionEvalConfig, own_rng
@@ -60,6 +61,9 @@ class AutoencoderTrainConfig:
                 "with, its input size; set both to the same value")
         if self.data.kind == "latents":
             raise ConfigError("config key 'data.kind' = latents: stage 1 trains on images; use shards or synthetic")
+        if not self.data.loader.patch.gt:
+            raise ConfigError("config key 'data.loader.patch.gt' = false: stage 1 trains on the GT patches; set it "
+                              "true")
         if self.deepspeed.zero_stage == 3:
             raise ConfigError(
                 "config key 'deepspeed.zero_stage' = 3 is not supported for the autoencoder: the adaptive GAN "
@@ -112,33 +116,33 @@ class AutoencoderTask:
             log.info("converted %s", report)
         return model
 
-    def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
+    def train_step(self, micro_batches: list[PatchBatch], step: int) -> StepOutput:
         totals: dict[str, float] = {}
         randoms = micro_batch_randoms(self.cfg.trainer.seed, step, micro_batches, self.info)
         for batch, rand in zip(micro_batches, randoms):
             # Share of GT patches at the image's original resolution (patch.p_keep, p_keep_late).
-            kept = {"data/kept_frac": batch["kept"].float().mean()}
-            logs = self._micro_step(to_device(batch, self.info.device), step, rand, kept)
+            kept = {"data/kept_frac": batch.kept.float().mean()}
+            logs = self._micro_step(batch.to(self.info.device), step, rand, kept)
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
         if self.ema is not None:
             self.ema.update(self.gen.module)
         return StepOutput(totals)
 
-    def _micro_step(self, b: dict, step: int, rand, logs_in: dict) -> dict:
-        out = self.gen(b["enc"], b["coords"], b["cells"], rand=rand)
+    def _micro_step(self, b: PatchBatch, step: int, rand, logs_in: dict) -> dict:
+        out = self.gen(b.enc, b.coords, b.cells, rand=rand)
         renderer = self.gen.module.renderer
         with frozen(self.disc.module):
             # The discriminator module itself, not its engine: no engine hook sees this graph.
             loss_g, grad_rgb, logs = self.loss.generator_objective(
-                out.rgb, b["gt"], out.bottleneck.loss, step, disc=self.disc.module,
+                out.rgb, b.gt, out.bottleneck.loss, step, disc=self.disc.module,
                 head_weight_grad=lambda g: renderer.head_weight_grad(out.head_input, g), reduce_grad=all_reduce_mean)
         surrogate = (out.rgb * grad_rgb).sum() + self.loss.cfg.bottleneck_weight * out.bottleneck.loss
         self.gen.backward(surrogate)
         self.gen.step()
         if self.loss.gan_active(step):
             fake = out.rgb.detach()
-            loss_d, dlogs = self.loss.discriminator_loss(self.disc(b["gt"]), self.disc(fake))
+            loss_d, dlogs = self.loss.discriminator_loss(self.disc(b.gt), self.disc(fake))
             self.disc.backward(loss_d)
             self.disc.step()
             logs.update(dlogs)
@@ -151,12 +155,12 @@ class AutoencoderTask:
         return dict(zip(keys, all_reduce_mean(values).tolist()))
 
     @torch.no_grad()
-    def image_panels(self, batch: dict, n: int = 2) -> dict:
+    def image_panels(self, batch: PatchBatch, n: int = 2) -> dict:
         """Input, reconstructions rendered at 256, 512 and 1024, and a zoomed crop of a 4096 render."""
         model = self.gen.module
         was_training = model.training
         model.eval()
-        x = to_device(batch, self.info.device)["enc"][:n]
+        x = batch.to(self.info.device).enc[:n]
         phi = model.decode(model.encode(x))
         panels = {"images/input": x.cpu()}
         for size in (256, 512, 1024):

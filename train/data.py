@@ -1,18 +1,16 @@
 """The trainers' data: one `Loader` (infd/data/loader.py) over the source the config names.
 
 The loader owns the position (state_dict()/load_state_dict(), valid at any world size); the
-sources are image shards, a latent cache, or synthetic images/latents.
+sources are image shards, a latent cache, or synthetic images/latents, and the batches typed
+(infd.data.batches: PatchBatch, LatentBatch), each with its own move to a device.
 """
 from __future__ import annotations
-
-import torch
 
 from infd.data.image_samples import collate_patches, image_patch_sample
 from infd.data.latents import collate_latents, latent_sample
 from infd.data.loader import Loader
 from infd.data.shard_source import ShardSource
 from infd.data.synthetic import synthetic_images, synthetic_latents
-from infd.data.transforms import to_unit_range
 from train.config import DataSourceConfig
 from train.dist import DistInfo
 
@@ -30,9 +28,3 @@ def build_batches(cfg: DataSourceConfig, info: DistInfo, grad_accum: int = 1, la
         source = ShardSource(loader, image_patch_sample, collate_patches)
     return Loader(source, loader, info.rank, info.world_size, grad_accum)
 
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {"enc": to_unit_range(batch["enc"].to(device, non_blocking=True)),
-            "gt": to_unit_range(batch["gt"].to(device, non_blocking=True)),
-            "coords": batch["coords"].to(device, non_blocking=True),
-            "cells": batch["cells"].to(device, non_blocking=True)}

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from infd.config import ConfigError
-from infd.data.transforms import to_unit_range
+from infd.data.batches import LatentBatch, PatchBatch
+from infd.data.loader import DataConfig
+from infd.data.transforms import PatchConfig
 from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
 from infd.diffusion.generate import LatentDiffusion, generate_latents, unet_fn
 from infd.diffusion.spec import Conditioning, SamplingSpec, spec_of
@@ -60,7 +62,9 @@ class DiffusionTrainConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.6e-5, betas=(0.9, 0.999), weight_decay=0.01))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    data: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(kind="latents"))
+    # On image shards the loader builds only the encoder inputs (patch.gt=true adds the GT patches).
+    data: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(
+        kind="latents", loader=DataConfig(patch=PatchConfig(gt=False))))
     samples: SamplePanelConfig = field(default_factory=SamplePanelConfig)  # also how trainer.eval_every samples
     eval: GenerativeEvalConfig = field(default_factory=lambda: GenerativeEvalConfig(num_samples=64))
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -82,7 +86,7 @@ def estimate_latent_scale(batches, ae, count: int, device) -> float:
     then sees unit-variance latents). Every rank reads the same batches, so every rank agrees."""
     latents, n = [], 0
     for batch in batches:
-        z = batch["z"] if "z" in batch else ae.encode(to_unit_range(batch["enc"].to(device))).cpu()
+        z = batch.z if isinstance(batch, LatentBatch) else ae.encode(batch.to(device).enc).cpu()
         latents.append(z.float())
         n += z.shape[0]
         if n >= count:
@@ -147,13 +151,14 @@ class DiffusionTask:
         labels = torch.where(labels < 0, n, labels)
         return torch.where(drop.cpu(), n, labels).to(self.info.device)
 
-    def _latents(self, batch: dict) -> torch.Tensor:
-        if "z" in batch:
-            return batch["z"].to(self.info.device)
+    def _latents(self, batch: LatentBatch | PatchBatch) -> torch.Tensor:
+        """z (B, C, h, w): the cached latents, or the encoder inputs encoded on the fly."""
+        if isinstance(batch, LatentBatch):
+            return batch.z.to(self.info.device)
         with torch.no_grad():
-            return self.ae.encode(to_unit_range(batch["enc"].to(self.info.device)))
+            return self.ae.encode(batch.to(self.info.device).enc)
 
-    def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
+    def train_step(self, micro_batches: list[LatentBatch | PatchBatch], step: int) -> StepOutput:
         total, timesteps = 0.0, []
         randoms = micro_batch_randoms(self.cfg.trainer.seed, step, micro_batches, self.info)
         fn = unet_fn(self.unet, self.schedule)
@@ -167,13 +172,14 @@ class DiffusionTask:
             self.ema.update(self.unet.module)
         return StepOutput({"loss": total, "latent_scale": self.latent_scale}, {"t": timesteps})
 
-    def _loss(self, batch: dict, rand: KeyedRandom, fn):
+    def _loss(self, batch: LatentBatch | PatchBatch, rand: KeyedRandom, fn):
         z = self._latents(batch) * self.latent_scale
         # One draw drops the caption and the label together: guidance's unconditional branch has neither.
         conditioned = self.text is not None or self.cfg.unet.num_classes > 0
         drop = rand.rand("cond_dropout") < self.cfg.text.caption_dropout if conditioned else None
-        cond = {"context": self._context(batch.get("captions") or [""] * z.shape[0], batch.get("text"), drop),
-                "labels": self._labels(batch.get("labels"), drop)}
+        cached = isinstance(batch, LatentBatch)  # only a latent cache holds text embeddings and labels
+        cond = {"context": self._context(batch.captions or [""] * z.shape[0], batch.text if cached else None, drop),
+                "labels": self._labels(batch.labels if cached else None, drop)}
         return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
 
     @property
@@ -193,7 +199,7 @@ class DiffusionTask:
         return LatentDiffusion(unet, self.cfg.diffusion, self.text)
 
     @torch.no_grad()
-    def image_panels(self, batch: dict) -> dict:
+    def image_panels(self, batch) -> dict:
         """Sample grids at the autoencoder's size and twice it, for the configured prompts."""
         if self.ae is None:
             return {}

@@ -159,7 +159,7 @@ def seed_rank_stream(seed: int, info: DistInfo) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, info.rank, 0x5EED]).generate_state(1)[0]))
 
 
-def micro_batch_randoms(seed: int, step: int, micro_batches: list[dict], info: DistInfo) -> list[KeyedRandom]:
+def micro_batch_randoms(seed: int, step: int, micro_batches: list, info: DistInfo) -> list[KeyedRandom]:
     """One KeyedRandom per micro-batch of this rank, keyed by its samples' global batch positions."""
-    return [KeyedRandom(seed, step, global_batch_indices(m, info.rank, info.world_size, len(b["keys"])), info.device)
+    return [KeyedRandom(seed, step, global_batch_indices(m, info.rank, info.world_size, len(b)), info.device)
             for m, b in enumerate(micro_batches)]

@@ -38,7 +38,7 @@ class Task(Protocol):
     engines: dict  # name -> DeepSpeed engine: checkpointed, their lr and grad norm logged
     ema: object | None  # EMA of the exported model, checkpointed; None without
 
-    def train_step(self, micro_batches: list[dict], step: int) -> StepOutput:
+    def train_step(self, micro_batches: list, step: int) -> StepOutput:
         """One optimizer step over the micro-batches (gradient accumulation); `step` counts
         completed steps (0 for the first)."""
 
@@ -144,7 +144,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
                 log.warning("stopped by signal at step %d (%s)", step,
                             "checkpoint saved" if step else "before the first step: nothing to save")
                 return step
-            meter.data_wait(time.perf_counter() - start, sum(len(b["keys"]) for b in micro))
+            meter.data_wait(time.perf_counter() - start, sum(len(b) for b in micro))
             out = task.train_step(micro, step)
             step += 1
             logger.step_done(step)
@@ -155,7 +155,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             if evals:
                 logger.log_scalars(evals, step)
             if samples.enabled:
-                samples.write(step, {"keys": [k for b in micro for k in b["keys"]]} | out.draws)
+                samples.write(step, {"keys": [k for b in micro for k in b.keys]} | out.draws)
             if step % cfg.log_every == 0:
                 skips = data.skip_counts()  # this rank's workers; data errors are rare, no all-reduce
                 logger.log_scalars(out.logs | _engine_scalars(task.engines) | meter.read(info.world_size) |
@@ -185,7 +185,7 @@ def evaluate(task: Task, step: int, preempt: PreemptionFlag, info: DistInfo) -> 
         return None
 
 
-def fetch_micro_batches(batches: Iterator[dict], n: int, preempt: PreemptionFlag) -> list[dict] | None:
+def fetch_micro_batches(batches: Iterator, n: int, preempt: PreemptionFlag) -> list | None:
     """The next step's micro-batches, or None when a stop is pending: none are fetched after the
     signal, and a data worker that died anyway then does not take the checkpoint down with it."""
     if preempt.raised:

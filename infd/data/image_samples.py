@@ -7,6 +7,7 @@ import json
 import numpy as np
 import torch
 
+from infd.data.batches import PatchBatch
 from infd.data.tar_samples import image_bytes
 from infd.data.transforms import make_patch_sample
 
@@ -28,19 +29,12 @@ def image_patch_sample(raw: dict, cfg, rng: np.random.Generator) -> dict:
     return sample
 
 
-def collate_patches(samples: list[dict], worker: int, skips: dict) -> dict:
-    """Stack samples: enc (B, 3, E, E) uint8, gt (B, 3, P, P) uint8, coords/cells (B, P, P, 2),
-    r (B,), is_hr (B,), kept (B,), keys, captions; plus the worker id and its cumulative skip counts."""
-    return {
-        "enc": torch.stack([s["enc"] for s in samples]),
-        "gt": torch.stack([s["gt"] for s in samples]),
-        "coords": torch.stack([s["coords"] for s in samples]),
-        "cells": torch.stack([s["cells"] for s in samples]),
-        "r": torch.tensor([s["r"] for s in samples]),
-        "is_hr": torch.tensor([s["is_hr"] for s in samples]),
-        "kept": torch.tensor([s["kept"] for s in samples]),
-        "keys": [s["key"] for s in samples],
-        "captions": [s.get("caption", "") for s in samples],
-        "worker": worker,
-        "skips": skips,
-    }
+def collate_patches(samples: list[dict]) -> PatchBatch:
+    """Stack samples into a PatchBatch (uint8 images; no GT tensors when the samples have none)."""
+    def stacked(key: str):
+        return torch.stack([s[key] for s in samples]) if samples[0].get(key) is not None else None
+
+    return PatchBatch(enc=stacked("enc"), gt=stacked("gt"), coords=stacked("coords"), cells=stacked("cells"),
+                      r=torch.tensor([s["r"] for s in samples]), is_hr=torch.tensor([s["is_hr"] for s in samples]),
+                      kept=torch.tensor([s["kept"] for s in samples]), keys=[s["key"] for s in samples],
+                      captions=[s.get("caption", "") for s in samples])

@@ -62,9 +62,9 @@ def preview_grid(batches, n: int, path: Path, cell: int = 192) -> Path:
     """Rows of (encoder input | GT crop), each labelled with r, the crop box and its stream."""
     rows = []
     for batch in batches:
-        for i in range(len(batch["keys"])):
-            rows.append((batch["enc"][i], batch["gt"][i], int(batch["r"][i]), bool(batch["is_hr"][i]),
-                         crop_box(batch["coords"][i], int(batch["r"][i])), batch["keys"][i]))
+        for i in range(len(batch)):
+            rows.append((batch.enc[i], batch.gt[i], int(batch.r[i]), bool(batch.is_hr[i]),
+                         crop_box(batch.coords[i], int(batch.r[i])), batch.keys[i]))
             if len(rows) == n:
                 break
         if len(rows) == n:

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import torch
 
+from infd.data.batches import LatentBatch
 from infd.data.decode import SkipSample
 
 
@@ -40,11 +41,9 @@ def latent_sample(raw: dict, cfg, rng: np.random.Generator) -> dict:
     return sample
 
 
-def collate_latents(samples: list[dict], worker: int, skips: dict) -> dict:
-    """z (B, C, h, w), captions, labels (B,) (-1: none), optional text (B, L, D), keys, worker, skips."""
-    batch = {"z": torch.stack([s["z"] for s in samples]), "captions": [s["caption"] for s in samples],
-             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-             "keys": [s["key"] for s in samples], "worker": worker, "skips": skips}
-    if all("text" in s for s in samples):
-        batch["text"] = torch.stack([s["text"] for s in samples])
-    return batch
+def collate_latents(samples: list[dict]) -> LatentBatch:
+    """Stack samples into a LatentBatch (text embeddings only when every sample has one)."""
+    text = torch.stack([s["text"] for s in samples]) if all("text" in s for s in samples) else None
+    return LatentBatch(z=torch.stack([s["z"] for s in samples]),
+                       labels=torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                       keys=[s["key"] for s in samples], captions=[s["caption"] for s in samples], text=text)

@@ -36,6 +36,7 @@ from infd.config import ConfigError
 from infd.data.counters import SkipCounter, merge_counts
 from infd.data.decode import SkipSample
 from infd.data.epoch_plan import SlotPlan, epoch_rng
+from infd.data.batches import LatentBatch, LoaderNote, PatchBatch
 from infd.data.image_samples import collate_patches, image_patch_sample
 from infd.data.shard_source import ShardSource
 from infd.data.transforms import PatchConfig
@@ -105,7 +106,7 @@ class Loader:
         """state: a state_dict() (older checkpoints' positions are converted by infd.compat)."""
         self.position = {k: int(state[k]) for k in ("epoch", "slot", "batches")}
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[PatchBatch | LatentBatch]:
         stream = RankBatches(self.source, self.cfg, self.rank, self.world_size, dict(self.position),
                              self.batches_per_step)
         # Its own generator: creating an iterator draws a base seed, which must not consume the
@@ -118,12 +119,12 @@ class Loader:
         with preemption_signals_held():  # see infd/data/workers.py
             batches = iter(loader)
         # Closing this generator (the trainer does, on every exit) drops `batches`: its workers stop.
-        for batch in batches:
-            self.position = batch.pop("position")
-            self.skips[batch["worker"]], self.reads[batch["worker"]] = batch["skips"], batch.pop("reads")
+        for batch, note in batches:
+            self.position = note.position
+            self.skips[note.worker], self.reads[note.worker] = note.skips, note.reads
             yield batch
 
-    def epoch_batches(self) -> Iterator[dict]:
+    def epoch_batches(self) -> Iterator[PatchBatch | LatentBatch]:
         """The rest of the current epoch's batches, then stop (its workers too)."""
         left = (self.slots(self.position["epoch"]) - self.position["slot"]) // self.global_batch
         batches = iter(self)
@@ -171,9 +172,8 @@ def check_plan(source, cfg: DataConfig, world_size: int, key: str = "data") -> N
 
 
 class RankBatches(IterableDataset):
-    """One rank's batches from `start` on, built in DataLoader workers (batch j by worker j mod n).
-    Each batch also holds "position" (the loader's position after it), "worker", "skips" and
-    "reads" (the worker's cumulative counts)."""
+    """One rank's batches from `start` on, built in DataLoader workers (batch j by worker j mod n),
+    each yielded as (batch, LoaderNote): the loader's position after it and the worker's counts."""
 
     def __init__(self, source, cfg: DataConfig, rank: int, world_size: int, start: dict, batches_per_step: int):
         self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
@@ -205,7 +205,7 @@ class RankBatches(IterableDataset):
             self._epoch = (epoch, plan, self.source.order(self.cfg.seed, epoch, self.cfg.shuffle_block))
         return self._epoch[1:]
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[PatchBatch | LatentBatch, LoaderNote]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:  # a forked worker starts with its parent's counts
@@ -216,8 +216,8 @@ class RankBatches(IterableDataset):
                 if j % n_workers == worker:
                     samples = self._batch_samples(epoch, range(first, first + self.cfg.batch_size),
                                                   self.batch_cfg(batch), pool)
-                    yield self.source.collate_fn(samples, worker, self.counter.as_dict()) | {
-                        "position": after, "reads": dict(RANGE_READS)}
+                    yield self.source.collate_fn(samples), LoaderNote(after, worker, self.counter.as_dict(),
+                                                                      dict(RANGE_READS))
 
     def batch_cfg(self, batch: int) -> DataConfig:
         """The config that batch `batch` of the run is made with (see the module docstring)."""

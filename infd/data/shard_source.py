@@ -29,7 +29,7 @@ NEXT_RECORDS = 16  # records read past a sample to find where the next one start
 class ShardSource:
     """The samples of `cfg.shards` (a DataConfig), through their index.
 
-    sample_fn(raw, cfg, rng) -> sample dict; collate_fn(samples, worker, skips) -> batch
+    sample_fn(raw, cfg, rng) -> sample dict; collate_fn(samples) -> a typed batch (infd.data.batches)
     (module-level functions: workers pickle them). Attributes: size (main-stream samples of an
     epoch), hr_size (high-res samples), main_counts (per shard of data.shards)."""
 

@@ -60,6 +60,9 @@ class PatchConfig:
     # tens of levels from Lanczos on fine texture); 4 is within 3 levels of the full decode, at
     # about half the loader's speed on 2-4K images (the paper configs: its GT is Lanczos).
     gt_decode_oversample: float = 1.0
+    # Build the GT crop and its query grid. Stage 2 on image shards encodes the encoder input alone
+    # and turns this off (its default), unless it trains on pixels too.
+    gt: bool = True
 
     def validate(self, prefix: str = "") -> None:
         if self.r_max < self.patch_size:
@@ -182,7 +185,8 @@ def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -
     """Encoded image bytes -> training sample.
 
     Returns enc (3, E, E) uint8 (the square, Lanczos-resized), gt (3, P, P) uint8 (a crop of the
-    square Lanczos-resized to r x r), coords and cells (P, P, 2) of the crop in the r x r image,
+    square Lanczos-resized to r x r), coords and cells (P, P, 2) of the crop in the r x r image
+    (these three None with cfg.gt off: the decode then only serves the encoder input),
     r, kept, the upright original size (W, H) and the square (top, left, side) it was cut from.
     Both are `resize_antialiased` of a window of the whole image (the filter sees the pixels
     around the window, also beyond the square, like resizing the whole image and cropping).
@@ -193,14 +197,18 @@ def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -
     plan = plan_patch(*size, cfg, rng)
     p, (ct, cl), e, side = cfg.patch_size, plan.crop, cfg.encoder_size, plan.square[2]
     # One decode serves both; the encoder input's larger downscale box-averages first (REDUCING_GAP).
-    d = min(_dct_scale(img, side, plan.r, cfg, cfg.gt_decode_oversample),
-            _dct_scale(img, side, e, cfg, DECODE_OVERSAMPLE))
+    d = _dct_scale(img, side, e, cfg, DECODE_OVERSAMPLE)
+    if cfg.gt:
+        d = min(d, _dct_scale(img, side, plan.r, cfg, cfg.gt_decode_oversample))
     dec = _decode(data, size, d, cfg, img)
-    gt = resize_antialiased(dec.rgb, (p, p), box=dec.box(plan, (ct, cl, ct + p, cl + p)))
     enc = resize_antialiased(dec.rgb, (e, e), box=dec.box(plan, (0, 0, plan.r, plan.r)))
-    coords, cells = crop_queries((plan.r, plan.r), (ct, cl, ct + p, cl + p))
-    return {"enc": _to_uint8_tensor(enc), "gt": _to_uint8_tensor(gt), "coords": coords[0], "cells": cells[0],
-            "r": plan.r, "kept": plan.kept, "size": size, "square": plan.square}
+    sample = {"enc": _to_uint8_tensor(enc), "gt": None, "coords": None, "cells": None, "r": plan.r,
+              "kept": plan.kept, "size": size, "square": plan.square}
+    if cfg.gt:
+        gt = resize_antialiased(dec.rgb, (p, p), box=dec.box(plan, (ct, cl, ct + p, cl + p)))
+        coords, cells = crop_queries((plan.r, plan.r), (ct, cl, ct + p, cl + p))
+        sample |= {"gt": _to_uint8_tensor(gt), "coords": coords[0], "cells": cells[0]}
+    return sample
 
 
 def to_unit_range(x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ def main() -> None:
     result = {}
     for epoch in epochs:
         loader.set_epoch(epoch)
-        result[epoch] = [batch["keys"] for batch in loader.epoch_batches()]
+        result[epoch] = [batch.keys for batch in loader.epoch_batches()]
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"batches_per_epoch": loader.batches_per_epoch, "epochs": result}, f)
 
