@@ -17,7 +17,7 @@ from infd.models.unet import UNet, UNetConfig
 from infd.text import TextEncoderConfig
 from infd.geometry import crop_queries
 from tests.test_models import tiny_cfg
-from tests.training import env, run
+from tests.training import env
 from infd.models import NeuralFieldAutoencoder
 from train.config import TrainerConfig
 from train.dist import DistInfo
@@ -79,9 +79,8 @@ def test_an_export_of_format_1_loads_with_its_metadata_in_the_record(tmp_path):
 
 
 # Exports from checkpoints (train.export, trainer.export_every): equal to the run's own export.
-AE_RUN = ("experiment=ae_cpu_tiny", "trainer.image_every=1000", "trainer.max_steps=2", "trainer.ckpt_every=1",
-          "trainer.export_every=1", "deepspeed=zero2", "trainer.ema=true")
-
+# The training runs are the distributed-equivalence runs of tests/test_train_autoencoder.py and
+# tests/test_train_diffusion.py, which export as they go; these check what they wrote.
 
 def assert_same_export(a: Path, b: Path) -> None:
     wa, wb = load_file(str(a / WEIGHTS)), load_file(str(b / WEIGHTS))
@@ -91,47 +90,41 @@ def assert_same_export(a: Path, b: Path) -> None:
     assert (a / CONFIG).read_text() == (b / CONFIG).read_text()
 
 
-@pytest.mark.slow
-def test_export_of_a_two_rank_zero2_checkpoint_equals_the_runs_own(tmp_path, capsys):
-    run("train.autoencoder", tmp_path, "r", *AE_RUN, nproc=2)
-    run_dir = tmp_path / "r"
-    # The periodic export of step 1 beside its checkpoint; step 2's is the end of the run's.
-    assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["autoencoder", "step_0000001"]
-    cli = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), "--step", "2"], cwd=ROOT, env=env(),
+def check_autoencoder_exports(run_dir: Path, out: Path, capsys) -> None:
+    """A 2-rank ZeRO-2 run with an EMA, 4 steps, checkpoints and exports every 2."""
+    # The periodic export of step 2 beside its checkpoint; step 4's is the end of the run's.
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["autoencoder", "step_0000002"]
+    cli = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), "--step", "4"], cwd=ROOT, env=env(),
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
-    assert_same_export(run_dir / "export" / "step_0000002" / "autoencoder", run_dir / "export" / "autoencoder")
+    assert_same_export(run_dir / "export" / "step_0000004" / "autoencoder", run_dir / "export" / "autoencoder")
     record = read_record(run_dir / "export" / "autoencoder")
-    assert (record.step, record.ema, record.diffusion, record.sampling) == (2, True, None, None)
-    # The same code wrote step 1's during training: the command line rewrites it identically.
-    export_main([str(run_dir), "--step", "1", "--out", str(tmp_path / "one")])
-    assert_same_export(tmp_path / "one", run_dir / "export" / "step_0000001" / "autoencoder")
+    assert (record.step, record.ema, record.diffusion, record.sampling) == (4, True, None, None)
+    # The same code wrote step 2's during training: the command line rewrites it identically.
+    export_main([str(run_dir), "--step", "2", "--out", str(out)])
+    assert_same_export(out, run_dir / "export" / "step_0000002" / "autoencoder")
     with pytest.raises(SystemExit) as exc:
         export_main([str(run_dir), "--step", "7"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "train.export: error: no checkpoint of step 7" in err and "available steps: 1, 2" in err
+    assert "train.export: error: no checkpoint of step 7" in err and "available steps: 2, 4" in err
 
 
-@pytest.mark.slow
-def test_diffusion_export_from_a_checkpoint_carries_the_runs_metadata(tmp_path):
-    """One process, no EMA (the portable weights themselves), latent scale estimated at start."""
-    run("train.diffusion", tmp_path, "d", "experiment=diffusion_cpu_tiny", "data=synthetic", "text.kind=none",
-        "unet.context_dim=0", "trainer.max_steps=2", "trainer.ckpt_every=1", "trainer.export_every=1",
-        "trainer.ema=false", "diffusion.latent_scale_samples=16", "trainer.image_every=1000")
-    run_dir = tmp_path / "d"
-    export_main([str(run_dir), "--out", str(tmp_path / "last")])  # no --step: the latest checkpoint
-    assert_same_export(tmp_path / "last", run_dir / "export" / "unet")
-    record = read_record(tmp_path / "last")
+def check_unet_exports(run_dir: Path, out: Path) -> None:
+    """A 1-process run without EMA (the portable weights themselves), latent scale estimated at
+    start, checkpoints and exports at every step."""
+    export_main([str(run_dir), "--out", str(out / "last")])  # no --step: the latest checkpoint
+    assert_same_export(out / "last", run_dir / "export" / "unet")
+    record = read_record(out / "last")
     assert record.ema is False and record.latent_scale != 1.0 and record.sampling.steps == 10
     # A checkpoint saved before state.json recorded the latent scale: the run's metrics.jsonl has it
     # (infd.compat.logged_latent_scale).
     state_file = run_dir / "checkpoints" / "step_0000001" / "state.json"
     state = json.loads(state_file.read_text())
-    assert state["task"] == {"latent_scale": read_record(tmp_path / "last").latent_scale}
+    assert state["task"] == {"latent_scale": record.latent_scale}
     state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "task"}))
-    export_main([str(run_dir), "--step", "1", "--out", str(tmp_path / "first")])
-    assert_same_export(tmp_path / "first", run_dir / "export" / "step_0000001" / "unet")
+    export_main([str(run_dir), "--step", "1", "--out", str(out / "first")])
+    assert_same_export(out / "first", run_dir / "export" / "step_0000001" / "unet")
 
 
 def test_a_stop_checkpoint_is_exported_only_when_the_grace_period_has_room(tmp_path, caplog):

@@ -5,6 +5,7 @@ import pytest
 
 from infd.data.sample_index import SampleIndex
 from tests.images import build, write_folder
+from tests.test_export import check_autoencoder_exports
 from tests.training import assert_close, metrics, run, sample_keys
 from tests.wandb_reader import history_and_config
 
@@ -14,10 +15,14 @@ COMPARED = ("loss_g", "l1", "lpips_randinit", "bottleneck", "gan_g", "adaptive_w
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_match_one_process_with_the_same_global_batch(tmp_path):
+def test_two_ranks_zero2_match_one_process_and_export_their_checkpoints_as_the_run_does(tmp_path, capsys):
+    """The 2-rank run also keeps an EMA and checkpoints and exports every 2 steps (neither changes
+    its training): its checkpoints export to what the run itself exported (tests/test_export.py)."""
     steps = ("trainer.max_steps=4", "trainer.ckpt_every=100")
     run(AE, tmp_path, "one", *TINY, *steps, "data.loader.batch_size=4", "deepspeed=zero2")
-    run(AE, tmp_path, "two", *TINY, *steps, "data.loader.batch_size=2", "deepspeed=zero2", nproc=2)
+    run(AE, tmp_path, "two", *TINY, *steps, "data.loader.batch_size=2", "deepspeed=zero2", "trainer.ckpt_every=2",
+        "trainer.export_every=2", "trainer.ema=true", nproc=2)
+    check_autoencoder_exports(tmp_path / "two", tmp_path / "step2_export", capsys)
     one, two = metrics(tmp_path, "one"), metrics(tmp_path, "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     # Steps 1-2 (the forward, lambda, and the first update): equal up to fp32 reduction order.

@@ -19,6 +19,7 @@ from infd.export import read_record
 from tests.exports import save_ae
 from infd.models import NeuralFieldAutoencoder
 from tests.images import build, write_folder
+from tests.test_export import check_unet_exports
 from tests.test_models import tiny_cfg
 from tests.training import ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd
 from tests.wandb_reader import history_and_config
@@ -49,14 +50,18 @@ def sample_log(root, name: str, rank: int) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process_and_draw_their_own_timesteps(tmp_path, cache):
+def test_two_ranks_match_one_process_draw_their_own_timesteps_and_export_checkpoints(tmp_path, cache):
     # Synthetic latents: sample i depends only on (seed, i), so the global batch is the same at
     # any world size; noise, timesteps and caption dropout are keyed by the global sample index.
     # Class-conditional (labels dropped with p 0.5, keyed too); no text tower, to keep the test short.
     args = ("experiment=diffusion_cpu_tiny", "data=synthetic", "trainer.max_steps=3", "trainer.ckpt_every=100",
             "trainer.image_every=1000", "trainer.sample_log=true", "diffusion.latent_scale_samples=16",
             "text.kind=none", "unet.context_dim=0", "unet.num_classes=4", "text.caption_dropout=0.5")
-    run(DIFF, tmp_path, "one", *args, "data.loader.batch_size=4")
+    # The 1-process run also checkpoints and exports at every step, without EMA: its checkpoints
+    # export to what it exported itself (tests/test_export.py).
+    run(DIFF, tmp_path, "one", *args, "data.loader.batch_size=4", "trainer.ckpt_every=1", "trainer.export_every=1",
+        "trainer.ema=false")
+    check_unet_exports(tmp_path / "one", tmp_path / "exports")
     # The 2-rank run also evaluates at step 2 (sharded, EMA weights): its training must not change.
     run(DIFF, tmp_path, "two", *args, "data.loader.batch_size=2", f"data.autoencoder={cache / 'ae'}",
         *eval_args(cache, tmp_path / "stats"), "eval.num_samples=6", nproc=2)
