@@ -19,7 +19,9 @@ def infd(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_upsample_by_scale_size_and_region(tmp_path):
+def test_upsample_by_scale_size_and_region(tmp_path, capsys):
+    """The installed command once (a subprocess), then its main() in this process: same code path,
+    without paying the interpreter's start and imports for every case."""
     model = NeuralFieldAutoencoder(tiny_cfg(net={"resolution": 64}))
     save_ae(model, tmp_path / "ae")
     noise_image(120, 80, 0).save(tmp_path / "in.png")
@@ -27,18 +29,18 @@ def test_upsample_by_scale_size_and_region(tmp_path):
                "--out", str(tmp_path / "x.png"))
     assert res.returncode == 0, res.stderr
     assert Image.open(tmp_path / "x.png").size == (300, 200)
-    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--size", "700x500",
-               "--out", str(tmp_path / "full.png"))
-    assert res.returncode == 0, res.stderr
-    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--size", "700x500",
-               "--region", "100,50,400,300", "--out", str(tmp_path / "crop.png"))
-    assert res.returncode == 0, res.stderr
+    code, _, err = run(capsys, "upsample", tmp_path / "in.png", "--ckpt", tmp_path / "ae", "--size", "700x500",
+                       "--out", tmp_path / "full.png")
+    assert code == 0, err
+    code, _, err = run(capsys, "upsample", tmp_path / "in.png", "--ckpt", tmp_path / "ae", "--size", "700x500",
+                       "--region", "100,50,400,300", "--out", tmp_path / "crop.png")
+    assert code == 0, err
     full, crop = np.asarray(Image.open(tmp_path / "full.png")), np.asarray(Image.open(tmp_path / "crop.png"))
     assert crop.shape == (250, 300, 3)
     assert np.array_equal(crop, full[50:300, 100:400])  # strictly local renderer: a region is a crop
-    res = infd("upsample", str(tmp_path / "in.png"), "--ckpt", str(tmp_path / "ae"), "--size", "7x",
-               "--out", str(tmp_path / "bad.png"))
-    assert res.returncode == 2 and "WIDTHxHEIGHT" in res.stderr
+    code, _, err = run(capsys, "upsample", tmp_path / "in.png", "--ckpt", tmp_path / "ae", "--size", "7x",
+                       "--out", tmp_path / "bad.png")
+    assert code == 2 and "WIDTHxHEIGHT" in err
 
 
 @pytest.mark.slow
@@ -58,7 +60,7 @@ def test_eval_ae_reports_scales_lpips_label_and_skips(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_uses_the_exports_sampling_defaults_and_refuses_bad_options(tmp_path):
+def test_sample_uses_the_exports_sampling_defaults_and_refuses_bad_options(tmp_path, capsys):
     from infd.diffusion.spec import SamplingSpec
     from infd.models.unet import UNet, UNetConfig
 
@@ -72,11 +74,12 @@ def test_sample_uses_the_exports_sampling_defaults_and_refuses_bad_options(tmp_p
     assert "sampler ddim, 4 steps, eta 1.0, spacing leading (unset options: the UNet export's defaults)" in res.stdout
     assert Image.open(tmp_path / "s.png").size == (48, 32)
     # Another sampler drops the recorded bundle; options it does not have end as one-line usage errors.
-    res = infd(*common, "--sampler", "dpmpp", "--spacing", "leading", "--out", str(tmp_path / "x.png"))
-    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
-    assert res.stderr.startswith("infd sample: error: timestep spacing 'leading' applies to ddim and ddpm only")
-    res = infd(*common, "--spacing", "bogus", "--out", str(tmp_path / "x.png"))
-    assert res.returncode == 2 and "invalid choice: 'bogus'" in res.stderr
+    # In this process from here (the same main(), without a new interpreter's imports).
+    code, _, err = run(capsys, *common, "--sampler", "dpmpp", "--spacing", "leading", "--out", tmp_path / "x.png")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert err.startswith("infd sample: error: timestep spacing 'leading' applies to ddim and ddpm only")
+    code, _, err = run(capsys, *common, "--spacing", "bogus", "--out", tmp_path / "x.png")
+    assert code == 2 and "invalid choice: 'bogus'" in err
 
 
 # ---- In-process: user mistakes end as `infd <cmd>: error: ...`, exit 2, no traceback. ----
