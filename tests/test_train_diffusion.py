@@ -185,3 +185,23 @@ def test_wandb_sample_panels_eval_metrics_and_sampling_the_export(tmp_path, cach
     a, b, r = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png", "r.png"))
     assert a.shape == (200, 300, 3) and np.array_equal(a, b)  # same seed, same image
     assert np.array_equal(a[10:90, 20:120], r)  # a region is the crop of the full render
+
+
+@pytest.mark.slow
+def test_stage2_on_image_shards_encodes_the_encoder_inputs_on_the_fly(tmp_path, cache):
+    """data.kind=shards: 2 ranks x 2 loader workers, p_hr 0.5; the loader builds no GT patches
+    (patch.gt is off in stage 2), the autoencoder encodes the batches, the latent scale is
+    estimated from the shards and checkpointed as the task's state."""
+    write_folder(tmp_path / "src", [(80 + 5 * i, 70) for i in range(16)])  # long side >= 120: 8 high-res
+    build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "4",
+          "--hr-threshold", "120")
+    run(DIFF, tmp_path, "img", "experiment=diffusion_cpu_tiny", "data=shards",
+        f"data.loader.shards={tmp_path / 'shards'}", f"data.autoencoder={cache / 'ae'}", "data.loader.num_workers=2",
+        "data.loader.p_hr=0.5",
+        "data.loader.batch_size=2", "data.loader.patch.encoder_size=64", "data.loader.patch.patch_size=64",
+        "data.loader.patch.r_max=128", "trainer.max_steps=2", "trainer.image_every=1000",
+        "diffusion.latent_scale_samples=8", "text.kind=none", "unet.context_dim=0", nproc=2)
+    logged = metrics(tmp_path, "img")
+    assert sorted(logged) == [1, 2] and all(np.isfinite(logged[s]["loss"]) for s in (1, 2))
+    state = json.loads((tmp_path / "img" / "checkpoints" / "step_0000002" / "state.json").read_text())
+    assert state["task"] == {"latent_scale": logged[1]["latent_scale"]} and logged[1]["latent_scale"] != 1.0

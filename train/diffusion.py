@@ -111,8 +111,6 @@ class DiffusionTask:
         self.ema = GatheredEMA(self.unet.module, cfg.trainer.ema_decay) if cfg.trainer.ema else None
         self.schedule = build_schedule(cfg.diffusion)
         self.ae = load_export(cfg.data.autoencoder, info.device)[0] if cfg.data.autoencoder else None
-        # From here on the config's latent scale is the number the UNet trains with, never "auto".
-        self.cfg = cfg = replace(cfg, diffusion=replace(cfg.diffusion, latent_scale=self._latent_scale()))
         self.evaluator = None
         if cfg.trainer.eval_every:
             with own_rng(info.device):
@@ -120,11 +118,10 @@ class DiffusionTask:
                                                 cfg.data.loader.shards if cfg.data.kind == "shards" else [],
                                                 text=self.text is not None)
 
-    def _latent_scale(self) -> float:
+    def _estimate_latent_scale(self) -> float:
         cfg = self.cfg.diffusion
-        if cfg.latent_scale != "auto":
-            return float(cfg.latent_scale)
-        # The same first batches on every rank: rank 0's view of a one-rank loader.
+        # The same first batches on every rank: rank 0's view of a one-rank loader. It reads its own
+        # data and encodes deterministically: no RNG stream of the run moves.
         first = build_data(self.cfg, DistInfo(0, 0, 1, self.info.device), shuffle=False)
         with torch.no_grad():
             scale = estimate_latent_scale(islice(first, cfg.latent_scale_samples), self.ae,
@@ -182,9 +179,20 @@ class DiffusionTask:
                 "labels": self._labels(batch.labels if cached else None, drop)}
         return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
 
+    def resolved_cfg(self) -> DiffusionTrainConfig:
+        """The config with diffusion.latent_scale a number: "auto" is estimated at its first use,
+        unless a checkpoint restored the number before (load_state_dict: a resume reads no data for
+        it). The config then keeps the number, for the loss, the panels, evaluation and exports."""
+        if self.cfg.diffusion.latent_scale == "auto":
+            self._set_latent_scale(self._estimate_latent_scale())
+        return self.cfg
+
     @property
     def latent_scale(self) -> float:
-        return self.cfg.diffusion.latent_scale
+        return float(self.resolved_cfg().diffusion.latent_scale)
+
+    def _set_latent_scale(self, scale: float) -> None:
+        self.cfg = replace(self.cfg, diffusion=replace(self.cfg.diffusion, latent_scale=scale))
 
     def state_dict(self) -> dict:
         """The latent scale the UNet trains with: a resumed run keeps it (not a new estimate)."""
@@ -192,11 +200,11 @@ class DiffusionTask:
 
     def load_state_dict(self, state: dict) -> None:
         if "latent_scale" in state:
-            self.cfg = replace(self.cfg, diffusion=replace(self.cfg.diffusion, latent_scale=state["latent_scale"]))
+            self._set_latent_scale(float(state["latent_scale"]))
 
     def latent_diffusion(self, unet) -> LatentDiffusion:
         """`unet` (the engine's module, or its EMA copy) with the run's schedule and text encoder."""
-        return LatentDiffusion(unet, self.cfg.diffusion, self.text)
+        return LatentDiffusion(unet, self.resolved_cfg().diffusion, self.text)
 
     @torch.no_grad()
     def image_panels(self, batch) -> dict:
@@ -218,7 +226,7 @@ class DiffusionTask:
             return self.evaluator(self.latent_diffusion(self.unet.module), self.ema, self.ae, should_stop)
 
     def export(self, run_dir: Path, step: int) -> Path | None:
-        record = stage_record(self.cfg, "unet", step, self.ema is not None)
+        record = stage_record(self.resolved_cfg(), "unet", step, self.ema is not None)
         return export_model(self.unet.module, self.ema, record, run_dir, self.info)
 
 

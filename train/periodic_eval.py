@@ -4,8 +4,9 @@ Stage 2: FID-256 / pFID P/1K (and CLIP score) of `eval.num_samples` samples agai
 images of `eval.shards`, through the same code as `infd eval-gen` (infd.eval.generative),
 sharded over the ranks. Stage 1: reconstruction PSNR at several scales, LPIPS and scale
 consistency on `eval.num_images` held-out images, through the code of `infd eval-ae`
-(infd.eval.reconstruction), sharded over the ranks the same way. Both return {"eval/<metric>": value} on
-rank 0 ({} on the others); metric names carry `_randinit` when a network is random-init.
+(infd.eval.reconstruction), sharded over the ranks the same way. Both return
+{"eval/<metric>": value} on rank 0 ({} on the others); metric names carry `_randinit` when a
+network is random-init.
 
 A stop signal abandons an evaluation in progress: `should_stop` (the loop's all-reduced stop flag)
 is checked before every round of batches, on every rank alike, and EvaluationStopped reaches the
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from infd.config import ConfigError
+from infd.diffusion.spec import spec_of
 from infd.eval.generative import METRIC_PREFIXES, GenEvalConfig, build_networks, evaluate_generator
 from infd.eval.pfid import PFID_SIZE
 from infd.eval.real_set import (RealSet, choose_real_set, open_source, read_or_skip, require_captions,
                                  stoppable_batches)
-from infd.diffusion.spec import spec_of
 from infd.eval.samples import ImageSampler
 from infd.eval.reconstruction import centre_square, metric_keys, reconstruction_sums
 from train.dist import DistInfo

@@ -18,8 +18,7 @@ No Python object per sample: 10M samples are 10M records of 43 bytes that the OS
 and shares between all processes of a node. Random single records (the high-res stream) are
 read with pread instead of through the map: a page fault maps 64 KB around it (fault-around),
 so 1000 random draws through the map grow each process's RSS by about 600 MB. An index on S3 is
-copied once per node into a local
-cache directory (`open_index`), then mapped.
+copied once per node into a local cache directory (`open_index`), then mapped.
 """
 from __future__ import annotations
 
