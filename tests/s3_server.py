@@ -3,6 +3,7 @@ its first connection mid-response (to test resuming reads)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -11,10 +12,28 @@ import time
 from pathlib import Path
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, from this pytest-xdist worker's own 2000 (4000-5999 for gw0,
+    6000-7999 for gw1, ...), below the ports SLURM jobs derive from their id (20000+, see
+    train/slurm_env.py) and Linux's ephemeral range (32768+): a port handed to a server that binds
+    it seconds later (torchrun's store) cannot meanwhile go to another worker or a client socket."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = 4000 + 2000 * (int(worker) % 8 if worker.isdigit() else 0)
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for port in rng.sample(range(base, base + 2000), 2000):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {base}-{base + 1999}")
 
 
 class MotoServer:
