@@ -33,9 +33,12 @@ class PreemptionFlag:
         if self.raised:
             log.warning("received %s again: still stopping after the checkpoint (SIGKILL aborts without one)", name)
             return
-        log.warning("received %s: will checkpoint and stop after this step", name)
+        # Everything that must happen once happens before the log call: a repeat (SLURM signals every
+        # process of the step and torchrun forwards it too) can land inside that call, and must then
+        # find the flag raised and the SIGCHLD handler already saved.
         self.raised, self.signum = True, signum
         self._hold_child_exits()
+        log.warning("received %s: will checkpoint and stop after this step", name)
 
     def _hold_child_exits(self) -> None:
         """From now on a data worker that dies anyway (a SIGKILL, or a signal that reached it
