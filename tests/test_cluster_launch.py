@@ -41,15 +41,28 @@ def test_gpu_count_from_slurm_forms():
     assert gpus_per_node({"SLURM_GPUS_ON_NODE": "4"}) == 4
     assert gpus_per_node({"SLURM_GPUS_PER_NODE": "a100:8"}) == 8
     assert gpus_per_node({}) == 1
-    with pytest.raises(SlurmEnvError, match="SLURM_GPUS_PER_NODE"):
+    with pytest.raises(SlurmEnvError, match="SLURM_GPUS_PER_NODE.*set NPROC_PER_NODE"):
         gpus_per_node({"SLURM_GPUS_PER_NODE": "many"})
+    # sbatch --gpus-per-node=0, the override a CPU job has: one CPU process per node
+    assert gpus_per_node({"SLURM_GPUS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "0"}) == 1
+    assert gpus_per_node({"SLURM_GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"}) == 2
+    with pytest.raises(SlurmEnvError, match="NPROC_PER_NODE='0'"):
+        gpus_per_node({"NPROC_PER_NODE": "0"})
+
+
+def test_a_cpu_job_dry_run_renders_one_process_per_node():
+    env = {**os.environ, **SLURM_JOB, "SLURM_GPUS_PER_NODE": "0", "SLURM_GPUS_ON_NODE": "0", "INFD_DRY_RUN": "1"}
+    res = subprocess.run([sys.executable, "-m", "cluster.launch", "torchrun", "--stage", "autoencoder", "--",
+                          "experiment=ae_cpu_tiny"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "--nproc_per_node 1 " in res.stdout
 
 
 def test_torchrun_command_of_the_second_node():
     env = {**SLURM_JOB, "SLURM_NODEID": "1", "RUN_ROOT": "/shared/runs"}
     cmd = torchrun_command(env, "autoencoder", ["experiment=ae_ffhq_paper"], max_restarts=2, python="python")
     line = shlex.join(cmd)
-    assert line.startswith("python -m torch.distributed.run --nnodes 2 --nproc_per_node 8 --node_rank 1 "
+    assert line.startswith("python -m cluster.elastic --nnodes 2 --nproc_per_node 8 --node_rank 1 "
                            "--rdzv_backend c10d --rdzv_endpoint gpu001:24242 --rdzv_id 4242 --max_restarts 2")
     assert "SIGUSR1" in cmd[cmd.index("--signals_to_handle") + 1]
     assert cmd[cmd.index("-m", 2):] == ["-m", "train.autoencoder", "run.root=/shared/runs",

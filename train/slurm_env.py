@@ -68,14 +68,17 @@ def rendezvous_port(env: Mapping[str, str]) -> int:
 
 
 def gpus_per_node(env: Mapping[str, str]) -> int:
-    """NPROC_PER_NODE, else the GPUs SLURM gave this node, else 1 (one CPU process per node)."""
+    """Processes per node: NPROC_PER_NODE, else the GPUs SLURM gave this node, else 1. A GPU count
+    of 0 (`sbatch --gpus-per-node=0`, how a CPU job overrides the scripts' GPU request) means one
+    CPU process per node, as no GPU variable at all does."""
     for key in ("NPROC_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         value = env.get(key, "")
         if value:
             count = value.split(":")[-1].split("(")[0]  # 'a100:8' or '8(x2)'
-            if not count.isdigit() or int(count) < 1:
-                raise SlurmEnvError(f"{key}={value!r}: expected a GPU count such as 8 or a100:8")
-            return int(count)
+            if not count.isdigit() or (key == "NPROC_PER_NODE" and int(count) < 1):
+                raise SlurmEnvError(f"{key}={value!r}: expected a count such as 8 or a100:8; set NPROC_PER_NODE "
+                                    "to the number of processes per node to override it")
+            return max(int(count), 1)
     return 1
 
 
