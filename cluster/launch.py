@@ -2,8 +2,9 @@
 
     srun --ntasks-per-node 1 python -m cluster.launch torchrun --stage autoencoder -- experiment=...
 
-runs on every node of a SLURM job and replaces itself with
-    torchrun --nnodes N --nproc_per_node G --node_rank i --rdzv_backend c10d
+runs on every node of a SLURM job and replaces itself with torchrun (run by cluster/elastic.py,
+which exits 128 + the signal when a stop signal ended training with its checkpoint saved):
+    python -m cluster.elastic --nnodes N --nproc_per_node G --node_rank i --rdzv_backend c10d
              --rdzv_endpoint <first node>:<port> --rdzv_id <job id> --max_restarts R ...
              -m train.<stage> run.root=... run.name=<job name>-<job id> <overrides>
 (INFD_DRY_RUN=1 prints it instead). SLURM's variables are read by train/slurm_env.py, which the
@@ -51,7 +52,7 @@ def torchrun_command(env: Mapping[str, str], stage: str, overrides: list[str], m
     """The torchrun line one node runs in a SLURM job (c10d rendezvous on the first node)."""
     hosts = node_hosts(env)
     nnodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(hosts))
-    return [python, "-m", "torch.distributed.run",
+    return [python, "-m", "cluster.elastic",
             "--nnodes", str(nnodes), "--nproc_per_node", str(gpus_per_node(env)),
             "--node_rank", env.get("SLURM_NODEID", "0"),
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{hosts[0]}:{rendezvous_port(env)}",

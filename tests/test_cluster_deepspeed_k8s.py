@@ -44,7 +44,9 @@ def test_launch_dry_run_renders_a_command_deepspeed_accepts():
     assert args.launcher == "pdsh"
     assert args.module and args.no_local_rank
     assert args.user_script == "train.autoencoder"
-    assert args.user_args == ["run.root=/nfs/runs", "trainer.max_steps=10"]
+    report = args.user_args[1]  # node-local: turns the script's exit status into 128 + a stop signal
+    assert args.user_args == ["run.root=/nfs/runs", report, "trainer.max_steps=10"]
+    assert re.fullmatch(r"run\.stop_report=/\S+/infd-stop-\d+\.json", report)
 
 
 def test_launch_stage_selects_the_module_and_rejects_others():
@@ -72,11 +74,12 @@ def test_launch_quotes_overrides_for_the_remote_shell_pdsh_uses(tmp_path):
     runner = PDSHRunner(Namespace(user_script="train.autoencoder", user_args=user_args), "")
     remote = "printf '%s\\n' " + " ".join(runner.parse_user_args())  # what each host's shell runs
     out = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, cwd=tmp_path).stdout
-    assert out.splitlines() == ["run.root=/shared/runs", *overrides]
+    assert out.splitlines() == ["run.root=/shared/runs", user_args[1], *overrides]
     # one host: DeepSpeed starts the ranks locally without a shell, so nothing is quoted
     (tmp_path / "one").write_text("# a single node\n\ngpu01 slots=4\n")
     res, argv = launch(*overrides, HOSTFILE=str(tmp_path / "one"))
-    assert argv[argv.index("--module") + 2:] == ["run.root=/shared/runs", *overrides]
+    assert argv[argv.index("--module") + 2:] == ["run.root=/shared/runs", argv[argv.index("--module") + 3],
+                                                 *overrides]
     assert argv[argv.index("--master_addr") + 1] == "gpu01"
 
 
@@ -114,7 +117,7 @@ def test_pytorchjob_shape():
     assert spec["nprocPerNode"] == "8"
     for role, c in containers(job).items():
         assert c["name"] == "pytorch", role  # the operator only configures the container of this name
-        assert c["command"][:3] == ["torchrun", "-m", "train.autoencoder"], role
+        assert c["command"][:5] == ["python", "-m", "cluster.elastic", "-m", "train.autoencoder"], role
         assert not [a for a in c["command"] if a.startswith("--")], role  # rendezvous comes from PET_*
         assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == int(spec["nprocPerNode"]), role
         # SIGTERM -> checkpoint: the pod's grace outlasts torchrun's, which the trainer's budget matches
@@ -150,23 +153,23 @@ def test_torchrun_takes_the_operators_pet_variables(monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     command = containers(manifest())["Worker"]["command"]
-    args = get_args_parser().parse_args(command[1:])
+    args = get_args_parser().parse_args(command[3:])  # after `python -m cluster.elastic`
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("4:4", "8", 2)
     assert (args.master_addr, args.master_port) == ("ffhq-ae-master-0", 23456)
     assert (args.rdzv_backend, args.rdzv_endpoint, args.max_restarts) == ("c10d", "ffhq-ae-worker-0:23456", 3)
     assert args.module and args.training_script == "train.autoencoder"
-    assert args.training_script_args == command[3:]
+    assert args.training_script_args == command[5:]
 
 
 @pytest.mark.slow
 def test_pytorchjob_overrides_compose_against_the_real_config():
     """The manifest's overrides as they are (--cfg job composes and prints; it reads no data)."""
-    overrides = containers(manifest())["Master"]["command"][3:]
+    overrides = containers(manifest())["Master"]["command"][5:]
     res = subprocess.run([sys.executable, "-m", "train.autoencoder", *overrides, "--cfg", "job"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr + res.stdout
     cfg = yaml.safe_load(res.stdout)
-    assert cfg["run"] == {"root": "/shared/runs", "name": "ffhq-ae"}
+    assert cfg["run"] == {"root": "/shared/runs", "name": "ffhq-ae", "stop_report": None}
     assert cfg["logger"]["kind"] == "wandb"
     assert cfg["data"]["kind"] == "shards"
     assert cfg["data"]["loader"]["shards"] == "s3://your-bucket/ffhq/{00000..00139}.tar"

@@ -73,8 +73,9 @@ def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: s
 def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, shards, reference):
     """Kubernetes' way: only the launcher is signalled; plain torchrun (no extra flags) passes SIGTERM
     on to each rank's process group, data workers included."""
-    proc = subprocess.Popen(train_cmd(AE, tmp_path, "k8s", *ae_args(shards), nproc=2), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = train_cmd(AE, tmp_path, "k8s", *ae_args(shards), nproc=2)
+    cmd[1:3] = ["-m", "cluster.elastic"]  # torchrun in-process, as the PyTorchJob manifest runs it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = wait_for_step(tmp_path / "k8s" / "metrics.jsonl", 3, proc)
     workers = data_workers(proc.pid)
     assert len(workers) == 4  # 2 ranks x 2 workers are up when the signal comes
@@ -84,6 +85,9 @@ def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, sha
     time.sleep(0.3)
     workers[0].kill()
     out, _ = proc.communicate(timeout=120)
+    # A clean stop ends with 128 + SIGTERM, not torchrun's 1 and its SignalException traceback.
+    assert proc.returncode == 143 and "Traceback" not in out, out[-4000:]
+    assert re.search(r"cluster.elastic: stopped at step \d+ by SIGTERM: checkpoint \S+ saved; exit status 143", out)
     assert_stopped_then_resumes_exactly(tmp_path, "k8s", seen, out, reference, shards)
 
 
@@ -117,23 +121,25 @@ def test_slurm_time_limit_reaches_every_process_of_the_step_and_requeues(tmp_pat
 
 @pytest.mark.slow
 def test_deepspeed_launcher_sigterm_checkpoints_within_its_30_seconds(tmp_path, shards):
-    """`deepspeed --num_gpus 2` (without --no_local_rank: the entry point takes --local_rank=N out of
-    the Hydra arguments). Its launch process terminates the whole process tree on SIGTERM, data
-    workers included, and kills what is left after 30 s."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", AE, *ae_args(shards), "trainer.max_steps=100", f"run.root={tmp_path}", "run.name=ds",
-           "trainer.log_every=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """cluster/deepspeed/launch.sh on this machine alone (HOSTFILE=local, 2 ranks), SIGTERM to the script: it
+    passes the signal to DeepSpeed's launch process, which terminates the whole process tree, data
+    workers included, and kills what is left after 30 s. The script ends with 128 + SIGTERM."""
+    launch_env = env(HOSTFILE="local", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), RUN_ROOT=str(tmp_path),
+                     STAGE="autoencoder", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", str(ROOT / "cluster" / "deepspeed" / "launch.sh"), *ae_args(shards),
+                             "trainer.max_steps=100", "run.name=ds", "trainer.log_every=1"],
+                            cwd=tmp_path, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = wait_for_step(tmp_path / "ds" / "metrics.jsonl", 3, proc)
     launch = next(p for p in step_tree(proc.pid) if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
     trainers = launch.children()
     sent = time.time()
-    launch.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     _, alive = psutil.wait_procs(trainers, timeout=5)
     elapsed = time.time() - sent
     assert not alive and elapsed < 30, (elapsed, out[-3000:])
     assert "(2 ranks" in out
+    assert proc.returncode == 143 and "checkpoint saved; exit status 143" in out, out[-3000:]
     stopped = re.search(r"stopped at step (\d+) by SIGTERM", out)
     assert stopped and int(stopped.group(1)) in (seen, seen + 1), out[-3000:]
     assert (tmp_path / "ds" / "checkpoints" / "latest").read_text() == f"step_{int(stopped.group(1)):07d}"

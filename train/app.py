@@ -16,6 +16,7 @@ from train.dist import init_distributed, on_main, shutdown, strip_local_rank_arg
 from train.logger import Logger, redact
 from train.preflight import PreflightError, run_preflight
 from infd.utils.signals import PreemptionFlag
+from train.stop_status import StopReport, clear_report, signal_exit_status, under_elastic_agent
 
 log = logging.getLogger("train")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -32,17 +33,20 @@ def hydra_main(config_name: str, cls, run) -> None:
     # Hydra parses sys.argv itself; the deepspeed launcher's --local_rank=N would stop it.
     sys.argv = strip_local_rank_arg(sys.argv)
 
+    statuses = []
+
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
-    def _main(dcfg) -> int:
+    def _main(dcfg) -> None:
         raw = OmegaConf.to_container(dcfg, resolve=True)
         try:
             cfg = from_mapping(cls, raw)
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             sys.exit(2)
-        return run(cfg, raw)
+        statuses.append(run(cfg, raw))
 
     _main()
+    sys.exit(max(statuses, default=0))  # Hydra drops the task's return value
 
 
 def _importable(obj):
@@ -79,6 +83,8 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
 
     info = init_distributed()
     preempt, clean = PreemptionFlag(), False
+    if info.local_rank == 0:
+        clear_report(cfg.run.stop_report)
     try:
         run_dir, run_name, group = run_location(cfg)
         try:
@@ -99,16 +105,29 @@ def run_stage(cfg, raw: dict, make_task, make_data) -> int:
         logger = Logger(cfg.logger, info, run_dir, run_name, to_mapping(cfg), group=group,
                         max_steps=cfg.trainer.max_steps)
         try:
-            return_step = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum, preempt)
+            end = train(task, data, cfg.trainer, info, run_dir, logger, cfg.deepspeed.grad_accum, preempt)
         finally:
             logger.finish()
-        if preempt.raised and return_step < cfg.trainer.max_steps:
-            on_main(info, print, f"stopped at step {return_step} by {signal.Signals(preempt.signum).name}: "
-                    "checkpoint saved; the same command resumes from it", flush=True)
-        else:
-            on_main(info, print, f"finished at step {return_step}", flush=True)
+        status = report_end(end, cfg.run.stop_report, info)
         clean = True
     finally:
         shutdown(keep_group=in_sweep(), clean=clean)
     preempt.forward()  # e.g. submitit's requeue on its time-limit signal, now that the checkpoint is saved
-    return 0
+    return status
+
+
+def report_end(end, stop_report: str | None, info) -> int:
+    """Print how the run ended; for a stop signal, write the node's stop report and return the exit
+    status (train/stop_status.py): 128 + the signal, or 0 under an elastic agent or in a sweep."""
+    if end.stop_signal is None:
+        on_main(info, print, f"finished at step {end.step}", flush=True)
+        return 0
+    name = signal.Signals(end.stop_signal).name
+    if end.checkpoint is None:
+        on_main(info, print, f"stopped by {name} before the first step: nothing to save", flush=True)
+    else:
+        on_main(info, print, f"stopped at step {end.step} by {name}: checkpoint saved; the same command "
+                "resumes from it", flush=True)
+        if stop_report and info.local_rank == 0:
+            StopReport(name, end.step, str(end.checkpoint.resolve())).write(stop_report)
+    return 0 if under_elastic_agent() or in_sweep() else signal_exit_status(end.stop_signal)

@@ -17,6 +17,10 @@ from infd.data.loader import DataConfig
 class RunConfig:
     name: str = "run"
     root: str = "runs"
+    # A file that local rank 0 of every node writes when the run stops on a signal with its checkpoint
+    # saved (train/stop_status.py); the launch scripts under cluster/ set it to a node-local path and
+    # turn it into their exit status, 128 + the signal's number.
+    stop_report: str | None = None
 
 
 @dataclass

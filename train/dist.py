@@ -145,10 +145,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any (all ranks must call)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return max_over_ranks(int(flag), device) > 0
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (a small non-negative int), on every rank (all ranks must call)."""
+    t = torch.tensor([float(value)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def seed_rank_stream(seed: int, info: DistInfo) -> None:

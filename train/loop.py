@@ -12,17 +12,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from train.checkpoint import Checkpointer, DataPart, EmaPart, RngPart, TaskPart, latest_checkpoint
+from train.checkpoint import Checkpointer, DataPart, EmaPart, RngPart, TaskPart, latest_checkpoint, step_dir_name
 from train.config import TrainerConfig
 from infd.data.loader import Loader
 from infd.eval.real_set import EvaluationStopped
-from train.dist import DistInfo, any_rank
+from train.dist import DistInfo, any_rank, max_over_ranks
 from train.engine_state import EnginesPart
 from train.run_exports import export_after_checkpoint
 from train.logger import Logger, Throughput, grad_norm
 from infd.utils.signals import PreemptionFlag
 
 log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How `train` ended: at trainer.max_steps, or early on a stop signal (the same on every rank)."""
+    step: int  # the last completed step
+    stop_signal: int | None = None  # the signal's number when a stop signal ended it early
+    checkpoint: Path | None = None  # with a stop: the checkpoint holding `step` (None at step 0)
 
 
 @dataclass
@@ -113,8 +121,8 @@ def _step_of(line: str, default: int) -> int:
 
 
 def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir: Path, logger: Logger, grad_accum: int,
-          preempt: PreemptionFlag) -> int:
-    """Run until trainer.max_steps or until `preempt` is raised. Returns the last completed step.
+          preempt: PreemptionFlag) -> RunEnd:
+    """Run until trainer.max_steps or until `preempt` is raised (on any rank).
 
     The stop check comes after each step's data fetch, in one all-reduce, so that every rank
     stops at the same step boundary: a signal during step N (or during the fetch for step N+1)
@@ -143,7 +151,9 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
                     checkpoint(stopping=True)
                 log.warning("stopped by signal at step %d (%s)", step,
                             "checkpoint saved" if step else "before the first step: nothing to save")
-                return step
+                # Ranks the signal did not reach stop too: they learn which signal it was here.
+                signum = max_over_ranks(preempt.signum or 0, info.device) or None
+                return RunEnd(step, signum, ckpt_root / step_dir_name(step) if step else None)
             meter.data_wait(time.perf_counter() - start, sum(len(b) for b in micro))
             out = task.train_step(micro, step)
             step += 1
@@ -170,7 +180,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
     finally:
         batches.close()  # ends the DataLoader iterator: its workers are stopped here, not left to exit
     task.export(run_dir, step)  # collective; the task writes on rank 0
-    return step
+    return RunEnd(step)
 
 
 def evaluate(task: Task, step: int, preempt: PreemptionFlag, info: DistInfo) -> dict | None:

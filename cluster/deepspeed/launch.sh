@@ -10,7 +10,9 @@
 #
 # Knobs (environment, default in brackets):
 #   STAGE        autoencoder | diffusion: every rank runs python -m train.$STAGE  [autoencoder]
-#   HOSTFILE     `<host> slots=<GPUs>` lines, see hostfile.example  [cluster/deepspeed/hostfile]
+#   HOSTFILE     `<host> slots=<GPUs>` lines, see hostfile.example  [cluster/deepspeed/hostfile];
+#                `local`: this machine alone, NPROC_PER_NODE ranks, no ssh
+#   NPROC_PER_NODE  ranks to start with HOSTFILE=local
 #   MASTER_ADDR  address of node rank 0, must resolve on every host  [first host of HOSTFILE]
 #   MASTER_PORT  [29500]
 #   RUN_ROOT     run directories go to $RUN_ROOT/<run.name>  [/shared/runs]. Must be storage every
@@ -48,16 +50,25 @@ case "$STAGE" in
 esac
 
 HOSTFILE=${HOSTFILE:-$ROOT/cluster/deepspeed/hostfile}
-[[ "$HOSTFILE" == /* ]] || HOSTFILE=$PWD/$HOSTFILE  # relative to where you call it from
-if [[ ! -f "$HOSTFILE" ]]; then
-    # deepspeed itself would only warn and train on this machine's GPUs alone
-    echo "HOSTFILE=$HOSTFILE does not exist: copy cluster/deepspeed/hostfile.example there and edit it" >&2
-    exit 2
-fi
-hosts=$(awk '!/^[[:space:]]*(#|$)/ { print $1 }' "$HOSTFILE")
-if [[ -z "$hosts" ]]; then
-    echo "HOSTFILE=$HOSTFILE lists no hosts (expected lines like: node001 slots=8)" >&2
-    exit 2
+if [[ "$HOSTFILE" == local ]]; then
+    # This machine alone, without ssh: DeepSpeed insists on reaching every hostfile host by ssh.
+    : "${NPROC_PER_NODE:?HOSTFILE=local needs NPROC_PER_NODE, the number of ranks (GPUs) to start here}"
+    hosts=localhost
+    where=(--num_gpus "$NPROC_PER_NODE")
+else
+    [[ "$HOSTFILE" == /* ]] || HOSTFILE=$PWD/$HOSTFILE  # relative to where you call it from
+    if [[ ! -f "$HOSTFILE" ]]; then
+        # deepspeed itself would only warn and train on this machine's GPUs alone
+        echo "HOSTFILE=$HOSTFILE does not exist: copy cluster/deepspeed/hostfile.example there and edit it" \
+            "(or HOSTFILE=local with NPROC_PER_NODE for this machine alone)" >&2
+        exit 2
+    fi
+    hosts=$(awk '!/^[[:space:]]*(#|$)/ { print $1 }' "$HOSTFILE")
+    if [[ -z "$hosts" ]]; then
+        echo "HOSTFILE=$HOSTFILE lists no hosts (expected lines like: node001 slots=8)" >&2
+        exit 2
+    fi
+    where=(--hostfile "$HOSTFILE")
 fi
 MASTER_ADDR=${MASTER_ADDR:-$(head -n 1 <<<"$hosts")}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -68,7 +79,10 @@ LAUNCHER=${LAUNCHER:-pdsh}
 # and strip quotes before Hydra sees them. DeepSpeed double-quotes arguments with spaces itself,
 # so escape what stays special inside double quotes there and single-quote the others. (With one
 # host DeepSpeed starts the ranks locally, and the other launchers exec them, without a shell.)
-overrides=("run.root=$RUN_ROOT" "$@")
+# Local rank 0 of each host writes this (a node-local path) when a stop signal ends training with its
+# checkpoint saved; it turns this script's exit status into 128 + the signal (train/stop_status.py).
+report=${TMPDIR:-/tmp}/infd-stop-$$.json
+overrides=("run.root=$RUN_ROOT" "run.stop_report=$report" "$@")
 if [[ "${LAUNCHER,,}" == pdsh && $(wc -l <<<"$hosts") -gt 1 ]]; then
     for i in "${!overrides[@]}"; do
         arg=${overrides[$i]}
@@ -84,7 +98,7 @@ if [[ "${LAUNCHER,,}" == pdsh && $(wc -l <<<"$hosts") -gt 1 ]]; then
 fi
 
 # --no_local_rank: Hydra parses argv, so no --local_rank=N there (the ranks read LOCAL_RANK).
-cmd=(deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+cmd=(deepspeed "${where[@]}" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      --launcher "$LAUNCHER" --no_local_rank --module "$MODULE" "${overrides[@]}")
 
 cd "$ROOT"  # pdsh runs the ranks in this directory on every host; .deepspeed_env is read here too
@@ -97,4 +111,31 @@ if ! command -v deepspeed >/dev/null; then
     echo "deepspeed is not on PATH: activate the environment infd is installed in" >&2
     exit 2
 fi
-exec "${cmd[@]}"
+rm -f "$report"
+# Not exec: DeepSpeed's launch process exits 1 after a signal it handled, the same as a crash; this
+# shell passes each stop signal on, then reads the report for the status.
+"${cmd[@]}" &
+pid=$!
+# With several hosts DeepSpeed's runner passes a signal on to pdsh and the remote launchers itself;
+# with one it has no handler, and its child (the launch process of this host) takes the signal.
+for sig in TERM INT HUP USR1 USR2; do
+    # shellcheck disable=SC2064  # expand $sig and $pid now
+    if [[ "${LAUNCHER,,}" == pdsh && $(wc -l <<<"$hosts") -gt 1 ]]; then
+        trap "kill -s $sig $pid 2>/dev/null || true" "$sig"
+    else
+        trap "pkill -$sig -P $pid || true" "$sig"
+    fi
+done
+status=0
+while true; do
+    wait "$pid" && status=0 || status=$?
+    kill -0 "$pid" 2>/dev/null || break  # still running: wait returned for a trapped signal
+done
+if [[ -f "$report" ]]; then
+    sig=$(sed -n 's/.*"signal": "SIG\([A-Z0-9]*\)".*/\1/p' "$report")
+    step=$(sed -n 's/.*"step": \([0-9]*\).*/\1/p' "$report")
+    rm -f "$report"
+    status=$((128 + $(kill -l "$sig")))
+    echo "stopped at step $step by SIG$sig: checkpoint saved; exit status $status" >&2
+fi
+exit "$status"

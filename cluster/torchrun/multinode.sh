@@ -30,7 +30,8 @@ fi
 
 # Each restart gets a fresh store (the shared one would hand restarted workers stale keys).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec "$PYTHON" -m torch.distributed.run \
+# cluster/elastic.py: torchrun in-process; a stop signal with its checkpoint saved exits 128 + the signal.
+exec "$PYTHON" -m cluster.elastic \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
     --rdzv_id "${RDZV_ID:-infd-$STAGE}" --max_restarts "${MAX_RESTARTS:-3}" \
