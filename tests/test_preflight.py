@@ -135,3 +135,24 @@ def test_failing_preflight_stops_every_rank(tmp_path, shards):
     assert out.count("preflight failed") == 1 and "for 2 ranks x data.loader.batch_size=16" in out
     assert "exitcode  : 2" in out and "step 1" not in out  # both ranks exited 2 before training
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_the_no_checkpoint_warning_counts_from_the_checkpoint_the_run_resumes_from(tmp_path):
+    from types import SimpleNamespace
+
+    from train.preflight import check_config, resume_step
+
+    def warnings(max_steps: int, ckpt_every: int, start: int) -> list[str]:
+        found = Findings()
+        cfg = SimpleNamespace(trainer=TrainerConfig(max_steps=max_steps, ckpt_every=ckpt_every),
+                              logger=SimpleNamespace(kind="jsonl"))
+        check_config(cfg, found, start)
+        return found.warnings
+
+    assert resume_step(TrainerConfig(), tmp_path / "none") == 0
+    _checkpoint(tmp_path, world_size=2, portable=True)
+    assert resume_step(TrainerConfig(), tmp_path) == 4 and resume_step(TrainerConfig(resume="never"), tmp_path) == 0
+    assert "a failure restarts from step 0." in warnings(8, 100, 0)[0]
+    assert "a failure restarts from step 4, the checkpoint this run resumes from" in warnings(8, 100, 4)[0]
+    assert warnings(12, 5, 4) == []  # step 5 is checkpointed before the end
+    assert "between step 6 and the end" in warnings(12, 6, 6)[0]  # the next one would be at the end

@@ -139,11 +139,24 @@ def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> N
                               "the same global sample of the epoch.")
 
 
-def check_config(cfg, found: Findings) -> None:
-    if cfg.trainer.ckpt_every >= cfg.trainer.max_steps:
-        found.warnings.append(f"trainer.ckpt_every={cfg.trainer.ckpt_every} >= trainer.max_steps="
-                              f"{cfg.trainer.max_steps}: no checkpoint before the end, so a failure restarts "
-                              "from step 0.")
+def resume_step(trainer, ckpt_root: Path) -> int:
+    """The step this run resumes from (0 for a fresh start or a checkpoint check_resume rejects)."""
+    from train.loop import find_resume
+
+    try:
+        path = find_resume(trainer, ckpt_root)
+        return int(json.loads((path / "state.json").read_text())["step"]) if path else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def check_config(cfg, found: Findings, start: int = 0) -> None:
+    """`start`: the step the run resumes from."""
+    every, end = cfg.trainer.ckpt_every, cfg.trainer.max_steps
+    if (start // every + 1) * every >= end:
+        since = f"step {start}, the checkpoint this run resumes from" if start else "step 0"
+        found.warnings.append(f"trainer.ckpt_every={every}: no checkpoint between step {start} and the end "
+                              f"(trainer.max_steps={end}), so a failure restarts from {since}.")
     if cfg.logger.kind == "wandb" and (cfg.logger.mode or os.environ.get("WANDB_MODE", "online")) == "online":
         host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
         netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -169,7 +182,7 @@ def run_preflight(cfg, info: DistInfo, run_dir: Path) -> list[str]:
     dist.broadcast_object_list(token, src=0)
     probes = check_run_dir(run_dir, info, token[0], found)
     if info.is_main:
-        _guarded(check_config, found, cfg, found)
+        _guarded(check_config, found, cfg, found, resume_step(cfg.trainer, run_dir / "checkpoints"))
         if getattr(cfg.data, "kind", "") != "synthetic":
             _guarded(check_data, found, cfg.data.loader, "data.loader", info, found)
     _guarded(check_resume, found, cfg.trainer, run_dir / "checkpoints", info, found)
