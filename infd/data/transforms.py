@@ -29,11 +29,11 @@ from infd.image import resize_antialiased
 # on the full decode only when the Lanczos step itself still downscales by a good factor. The
 # encoder input (the square to encoder_size) is therefore resampled from the smallest DCT scale
 # that keeps DECODE_OVERSAMPLE x encoder_size pixels across the square; the GT from the one that
-# keeps patch.gt_decode_oversample x r. Measured on 2-3K photos with fine texture (q90; 0-255
-# levels, worst mean / max abs difference to a full decode + the exact Lanczos): oversampling 1
-# (the smallest scale covering the target) 2.8 / 40, 2: 0.5 / 7, 3: 0.3 / 4, 4: 0.2 / 3. The
-# encoder input at 3 stays within 0.2 / 3 (tests/test_resampling.py) and keeps the loader over 4x
-# a full decode + exact Lanczos (benchmarks/loader_throughput.py).
+# keeps patch.gt_decode_oversample x r. 3 was chosen from a sweep on 2-3K photos with fine texture
+# (q90; 0-255 levels, worst mean / max abs difference to a full decode + the exact Lanczos):
+# oversampling 1 (the smallest scale covering the target) 2.8 / 40, 2: 0.5 / 7, 3: 0.3 / 4,
+# 4: 0.2 / 3. The errors and speed as they stand are in docs/data.md ("Reduced-size JPEG decode",
+# from tests/test_resampling.py and benchmarks/loader_throughput.py).
 DECODE_OVERSAMPLE = 3.0
 # EXIF orientation -> whether the upright x / y axes run against the stored ones (the decoded
 # image's partial last pixel then sits at the upright start of that axis).
@@ -56,9 +56,10 @@ class PatchConfig:
     p_keep_late: float | None = None
     p_keep_late_step: int = 0
     # The GT's reduced decode keeps this many x r pixels across the square (see DECODE_OVERSAMPLE):
-    # 1 is the fastest loader (libjpeg's DCT scaling then does most of the downsampling, up to
-    # tens of levels from Lanczos on fine texture); 4 is within 3 levels of the full decode, at
-    # about half the loader's speed on 2-4K images (the paper configs: its GT is Lanczos).
+    # 1 is the fastest loader (libjpeg's DCT scaling then does most of the downsampling, over ten
+    # levels from Lanczos at worst on fine texture); 4 is within a few levels of the full decode, at
+    # about half the loader's speed on 2-4K images (the paper configs: its GT is Lanczos). Measured
+    # figures: docs/data.md.
     gt_decode_oversample: float = 1.0
     # Build the GT crop and its query grid. Stage 2 on image shards encodes the encoder input alone
     # and turns this off (its default), unless it trains on pixels too.
