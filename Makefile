@@ -5,7 +5,7 @@
 #   make lint   ruff (ruff.toml) on the whole repository
 #   make demo-sd  the Stable Diffusion conversion path on tiny random-init models
 # Override TORCH to pick another build, e.g. make test TORCH="torch==2.5.1 torchvision==0.20.1".
-# TEST_WORKERS: pytest-xdist processes (one test file each at a time); most tests wait on subprocesses,
+# TEST_WORKERS: pytest-xdist processes (each runs whole test files); most tests wait on subprocesses,
 # so 2 workers keep 2 cores busy. TEST_WORKERS=0 runs the suite in this process.
 PYTHON ?= python3
 VENV ?= .venv

@@ -10,7 +10,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -57,8 +56,8 @@ class SlurmCluster:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def env(self, **extra: str) -> dict[str, str]:
-        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-        return dict(os.environ, SLURM_CONF=str(self.conf), PATH=path, **extra)
+        """This environment (the venv first on PATH: tests/conftest.py) with the cluster's config."""
+        return dict(os.environ, SLURM_CONF=str(self.conf), **extra)
 
     def start(self) -> None:
         munge = self.root / "munge"

@@ -71,8 +71,9 @@ def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: s
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, shards, reference):
-    """Kubernetes' way: only the launcher is signalled; plain torchrun (no extra flags) passes SIGTERM
-    on to each rank's process group, data workers included."""
+    """Kubernetes' way: only the launcher is signalled (torchrun, without extra flags, run in-process
+    by cluster/elastic.py as the PyTorchJob manifest does); it passes SIGTERM on to each rank's
+    process group, data workers included."""
     cmd = train_cmd(AE, tmp_path, "k8s", *ae_args(shards), nproc=2)
     cmd[1:3] = ["-m", "cluster.elastic"]  # torchrun in-process, as the PyTorchJob manifest runs it
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -125,7 +126,7 @@ def test_deepspeed_launcher_sigterm_checkpoints_within_its_30_seconds(tmp_path, 
     passes the signal to DeepSpeed's launch process, which terminates the whole process tree, data
     workers included, and kills what is left after 30 s. The script ends with 128 + SIGTERM."""
     launch_env = env(HOSTFILE="local", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), RUN_ROOT=str(tmp_path),
-                     STAGE="autoencoder", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+                     STAGE="autoencoder")  # `deepspeed` from the venv: first on PATH (tests/conftest.py)
     proc = subprocess.Popen(["bash", str(ROOT / "cluster" / "deepspeed" / "launch.sh"), *ae_args(shards),
                              "trainer.max_steps=100", "run.name=ds", "trainer.log_every=1"],
                             cwd=tmp_path, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -24,7 +24,7 @@ class StopReport:
 
     @property
     def exit_status(self) -> int:
-        return 128 + signal.Signals[self.signal].value
+        return signal_exit_status(signal.Signals[self.signal].value)
 
     def write(self, path: str | Path) -> None:
         tmp = Path(f"{path}.tmp")

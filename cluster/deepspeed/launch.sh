@@ -83,7 +83,9 @@ LAUNCHER=${LAUNCHER:-pdsh}
 # checkpoint saved; it turns this script's exit status into 128 + the signal (train/stop_status.py).
 report=${TMPDIR:-/tmp}/infd-stop-$$.json
 overrides=("run.root=$RUN_ROOT" "run.stop_report=$report" "$@")
-if [[ "${LAUNCHER,,}" == pdsh && $(wc -l <<<"$hosts") -gt 1 ]]; then
+pdsh_hosts=0  # several hosts reached through pdsh's remote shell
+[[ "${LAUNCHER,,}" == pdsh && $(wc -l <<<"$hosts") -gt 1 ]] && pdsh_hosts=1
+if (( pdsh_hosts )); then
     for i in "${!overrides[@]}"; do
         arg=${overrides[$i]}
         if [[ "$arg" == *" "* ]]; then
@@ -120,7 +122,7 @@ pid=$!
 # with one it has no handler, and its child (the launch process of this host) takes the signal.
 for sig in TERM INT HUP USR1 USR2; do
     # shellcheck disable=SC2064  # expand $sig and $pid now
-    if [[ "${LAUNCHER,,}" == pdsh && $(wc -l <<<"$hosts") -gt 1 ]]; then
+    if (( pdsh_hosts )); then
         trap "kill -s $sig $pid 2>/dev/null || true" "$sig"
     else
         trap "pkill -$sig -P $pid || true" "$sig"
