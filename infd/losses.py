@@ -2,7 +2,6 @@
 (docs/design.md, reference configuration)."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,38 +34,24 @@ VGG16_CACHE = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
 
 
 def build_lpips(backbone: str = "pretrained") -> nn.Module:
-    """LPIPS (VGG) with its calibrated linear heads (shipped in the lpips package).
+    """LPIPS (VGG) with its calibrated linear heads (infd/lpips.py).
 
     backbone: "pretrained" loads torchvision's ImageNet VGG16 from the torch hub cache;
     a path loads those weights from a file; "random" keeps a random-init VGG, for offline
     tests only: such a network gives no meaningful perceptual distance and is named so.
     """
-    import lpips
+    from infd.lpips import LPIPS
 
     if backbone == "pretrained" and not VGG16_CACHE.exists():
         raise FileNotFoundError(
             f"LPIPS needs torchvision's VGG16 weights at {VGG16_CACHE} (no download here). Copy "
             "vgg16-397923af.pth there, give its path as lpips_backbone, or use lpips_backbone=random "
             "for tests (random-init LPIPS).")
-    with warnings.catch_warnings():  # torchvision's deprecation notes about lpips's call style
-        warnings.simplefilter("ignore", UserWarning)
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=backbone != "pretrained", verbose=False)
-    if backbone not in ("pretrained", "random"):
-        state = torch.load(backbone, map_location="cpu", weights_only=True)
-        features = {k.split("features.", 1)[1]: v for k, v in state.items() if k.startswith("features.")}
-        _load_vgg_features(net.net, features)
-    net.is_random_init = backbone == "random"
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
-
-
-def _load_vgg_features(vgg, features: dict) -> None:
-    """lpips splits torchvision's vgg16.features into 5 slices that keep the layer indices."""
-    for slice_ in (vgg.slice1, vgg.slice2, vgg.slice3, vgg.slice4, vgg.slice5):
-        for name, module in slice_.named_children():
-            for pname, _ in module.named_parameters():
-                getattr(module, pname).data.copy_(features[f"{name}.{pname}"])
+    net = LPIPS(is_random_init=backbone == "random")
+    if backbone != "random":
+        path = VGG16_CACHE if backbone == "pretrained" else backbone
+        net.load_vgg16(torch.load(path, map_location="cpu", weights_only=True))
+    return net
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -85,16 +87,45 @@ def test_discriminator_hinge_loss_logs():
 
 
 @pytest.mark.slow
-def test_lpips_loads_vgg_weights_from_a_path(tmp_path):
+def test_lpips_loads_vgg_weights_from_a_path_and_equals_the_lpips_package(tmp_path):
+    """infd/lpips.py against the lpips package's own LPIPS, both on the same (random) torchvision VGG16
+    weights read from a file, and the package's calibrated heads."""
+    import lpips
     import torchvision
 
     vgg = torchvision.models.vgg16(weights=None)
     path = tmp_path / "vgg16.pth"
     torch.save(vgg.state_dict(), path)
     net = build_lpips(str(path))
-    assert not net.is_random_init
-    assert torch.equal(getattr(net.net.slice5, "28").weight, vgg.features[28].weight)
-    assert torch.equal(getattr(net.net.slice1, "0").bias, vgg.features[0].bias)
+    assert not net.is_random_init and not any(p.requires_grad for p in net.parameters())
+    assert torch.equal(net.features[28].weight, vgg.features[28].weight)
+    assert torch.equal(net.features[0].bias, vgg.features[0].bias)
+    with warnings.catch_warnings():  # torchvision's deprecation notes about the package's call style
+        warnings.simplefilter("ignore", UserWarning)
+        reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    slices = [reference.net.slice1, reference.net.slice2, reference.net.slice3, reference.net.slice4,
+              reference.net.slice5]
+    for index, module in ((int(n), m) for s in slices for n, m in s.named_children()):
+        module.load_state_dict(vgg.features[index].state_dict())  # slices keep torchvision's indices
+    a, b = torch.rand(2, 3, 64, 48) * 2 - 1, torch.rand(2, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        ours, theirs = net(a, b), reference(a, b)
+    assert ours.shape == theirs.shape == (2, 1, 1, 1)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-7), (ours.flatten(), theirs.flatten())
+
+
+def test_random_init_lpips_is_torchvisions_random_vgg16_under_the_same_seed():
+    import torchvision
+
+    torch.manual_seed(3)
+    net = build_lpips("random")
+    torch.manual_seed(3)
+    vgg = torchvision.models.vgg16(weights=None)
+    assert net.is_random_init
+    for ours, theirs in zip(net.features.state_dict().values(), vgg.features.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert net(x, x).abs().max() < 1e-6 and net(x, -x).item() > 0
 
 
 @pytest.mark.skipif(VGG16_CACHE.exists(), reason="pretrained VGG16 is cached on this machine")

@@ -8,7 +8,6 @@ import json
 import re
 from pathlib import Path
 
-from torchvision.utils import make_grid
 
 from infd.image import tensor_to_pil
 
@@ -19,6 +18,8 @@ class PanelWriter:
 
     def write(self, images: dict, step: int) -> None:
         """images: name -> (B, 3, H, W) in [-1, 1], or (that, B captions)."""
+        from torchvision.utils import make_grid  # torchvision's import takes a second; only panels need it
+
         out = self.root / f"step_{step:07d}"
         out.mkdir(parents=True, exist_ok=True)
         captions = {}
