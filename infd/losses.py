@@ -101,7 +101,7 @@ class Stage1Loss(nn.Module):
         l1 = (pred - target).abs().mean()
         if self.lpips is None:
             return self.cfg.l1_weight * l1, {"l1": l1.detach()}
-        perceptual = self.lpips(pred.float(), target.float()).mean()
+        perceptual = self.lpips(pred.float(), target.float()).float().mean()  # VGG may run in bf16; the mean not
         loss = self.cfg.l1_weight * l1 + self.cfg.lpips_weight * perceptual
         return loss, {"l1": l1.detach(), self.lpips_name: perceptual.detach()}
 
@@ -123,7 +123,7 @@ class Stage1Loss(nn.Module):
         grad_rec = torch.autograd.grad(rec, leaf)[0]
         grad, loss = grad_rec, rec.detach() + self.cfg.bottleneck_weight * bottleneck_loss.detach()
         if disc is not None and self.gan_active(step):
-            gan = -disc(leaf).mean()
+            gan = -disc(leaf).float().mean()
             grad_gan = torch.autograd.grad(gan, leaf)[0]
             g_rec, g_gan = head_weight_grad(grad_rec), head_weight_grad(grad_gan)
             if reduce_grad is not None:
@@ -136,6 +136,7 @@ class Stage1Loss(nn.Module):
         return loss, grad, logs
 
     def discriminator_loss(self, logits_real: Tensor, logits_fake: Tensor):
+        logits_real, logits_fake = logits_real.float(), logits_fake.float()  # reduced in fp32 (bf16 autocast)
         loss = hinge_d_loss(logits_real, logits_fake)
         return loss, {"loss_d": loss.detach(), "logits_real": logits_real.mean().detach(),
                       "logits_fake": logits_fake.mean().detach()}

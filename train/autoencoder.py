@@ -26,12 +26,14 @@ from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
 from infd.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from infd.models.sync_batchnorm import synchronise_batchnorm
 from infd.render import render_tiles
+from infd.utils.mfu import Phases
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
 from train.periodic_eval import ReconstructionEval, ReconstructionEvalConfig, own_rng
 from train.run_exports import export_model, stage_record
+from train.speed import Speed
 from train.loop import StepOutput
 from train.warm_start import export_model_config, load_export_weights
 from train.zero import GatheredEMA
@@ -89,11 +91,15 @@ class AutoencoderTask:
     def __init__(self, cfg: AutoencoderTrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank (random-init LPIPS too)
-        model = self._model(cfg).to(info.device)
+        self.speed = Speed(cfg.trainer, info.device)
+        model = self.speed.prepare(self._model(cfg).to(info.device))
         disc = PatchDiscriminator(cfg.disc).to(info.device)
         if cfg.disc.norm == "sync_batch":
             disc = synchronise_batchnorm(disc)  # again on the device: torch's SyncBatchNorm on CUDA
+        disc = self.speed.prepare(disc)
         self.loss = Stage1Loss(cfg.loss).to(info.device)
+        if self.loss.lpips is not None:
+            self.speed.prepare(self.loss.lpips)
         seed_rank_stream(cfg.trainer.seed, info)
         micro = cfg.data.loader.batch_size
         self.gen = build_engine(model, cfg.optim, deepspeed_config(cfg.deepspeed, micro, info))
@@ -103,6 +109,7 @@ class AutoencoderTask:
         self.evaluator = None
         if cfg.trainer.eval_every:
             self.evaluator = ReconstructionEval(cfg.eval, cfg.model.net.resolution, info)
+        self.phases = Phases(info.device)  # per-phase seconds when enabled (benchmarks/train_step.py)
 
     def _model(self, cfg: AutoencoderTrainConfig) -> NeuralFieldAutoencoder:
         """The model with its starting weights: an export's (trainer.init_from), a converted
@@ -130,21 +137,28 @@ class AutoencoderTask:
         return StepOutput(totals)
 
     def _micro_step(self, b: PatchBatch, step: int, rand, logs_in: dict) -> dict:
-        out = self.gen(b.enc, b.coords, b.cells, rand=rand)
+        enc, gt, phase = self.speed.images(b.enc), self.speed.images(b.gt), self.phases
+        with phase("forward"), self.speed.autocast():  # forward passes only; the backward runs outside
+            out = self.gen(enc, b.coords, b.cells, rand=rand)
         renderer = self.gen.module.renderer
-        with frozen(self.disc.module):
-            # The discriminator module itself, not its engine: no engine hook sees this graph.
+        with phase("loss"), frozen(self.disc.module), self.speed.autocast():
+            # The discriminator module itself, not its engine: no engine hook sees this graph. The loss
+            # sees the output in fp32 (its reductions and the adaptive weight's gradients stay fp32).
             loss_g, grad_rgb, logs = self.loss.generator_objective(
-                out.rgb, b.gt, out.bottleneck.loss, step, disc=self.disc.module,
+                out.rgb.float(), gt, out.bottleneck.loss, step, disc=self.disc.module,
                 head_weight_grad=lambda g: renderer.head_weight_grad(out.head_input, g), reduce_grad=all_reduce_mean)
-        surrogate = (out.rgb * grad_rgb).sum() + self.loss.cfg.bottleneck_weight * out.bottleneck.loss
-        self.gen.backward(surrogate)
-        self.gen.step()
+        with phase("backward"):
+            surrogate = (out.rgb * grad_rgb).sum() + self.loss.cfg.bottleneck_weight * out.bottleneck.loss
+            self.gen.backward(surrogate)
+        with phase("optimizer"):
+            self.gen.step()
         if self.loss.gan_active(step):
-            fake = out.rgb.detach()
-            loss_d, dlogs = self.loss.discriminator_loss(self.disc(b.gt), self.disc(fake))
-            self.disc.backward(loss_d)
-            self.disc.step()
+            with phase("discriminator"):
+                fake = out.rgb.detach()
+                with self.speed.autocast():
+                    loss_d, dlogs = self.loss.discriminator_loss(self.disc(gt), self.disc(fake))
+                self.disc.backward(loss_d)
+                self.disc.step()
             logs.update(dlogs)
         logs.update(logs_in)
         logs.update({f"bottleneck/{k.split('/')[-1]}": v for k, v in out.bottleneck.stats.items()})

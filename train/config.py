@@ -48,6 +48,13 @@ class TrainerConfig:
     # Evaluate every this many steps with the EMA weights (stage 2: FID/pFID, stage 1: reconstruction
     # PSNR/LPIPS; the `eval` section says on what), logged as eval/* to W&B and metrics.jsonl; 0: never.
     eval_every: int = 0
+    # Speed switches (train/speed.py; each one's agreement with the default is tested, tests/test_speed.py).
+    # autocast: the forward passes in bf16 where the device has it (GPUs, CPUs with AVX512-BF16); weights,
+    # optimizer, VQ distances, the adaptive GAN weight and loss reductions stay fp32.
+    autocast: Literal["none", "bf16"] = "none"
+    compile: bool = False  # torch.compile of the trained networks (Module.compile: checkpoints keep their keys)
+    channels_last: bool = False  # NHWC activations for the convolutions (the weights stay in DeepSpeed's buffers)
+    tf32: bool = True  # GPU matmuls and convolutions in TF32 (Ampere and later); nothing on a CPU
 
     def validate(self, prefix: str = "") -> None:
         for name in ("max_steps", "ckpt_every", "keep_last", "log_every", "image_every"):
@@ -69,6 +76,9 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # torch's Adam implementation: default (a loop over tensors on a CPU, foreach on a GPU), foreach (one
+    # kernel per op over all tensors) or fused (one kernel for the whole update; CPU and GPU).
+    impl: Literal["default", "foreach", "fused"] = "default"
 
 
 @dataclass

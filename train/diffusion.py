@@ -34,6 +34,7 @@ from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimC
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
 from train.engines import build_engine, deepspeed_config
+from train.speed import Speed
 from train.periodic_eval import GenerativeEval, GenerativeEvalConfig, own_rng
 from train.run_exports import export_model, stage_record
 from train.loop import StepOutput
@@ -101,7 +102,8 @@ class DiffusionTask:
         unet = build_unet(cfg.unet, load_pretrained=not cfg.trainer.init_from)
         if cfg.trainer.init_from:
             load_export_weights(unet, cfg.trainer.init_from)
-        unet = unet.to(info.device)
+        self.speed = Speed(cfg.trainer, info.device)
+        unet = self.speed.prepare(unet.to(info.device))
         self.text = build_text_encoder(cfg.text)
         seed_rank_stream(cfg.trainer.seed, info)
         self.text = self.text.to(info.device) if self.text is not None else None
@@ -160,7 +162,8 @@ class DiffusionTask:
         randoms = micro_batch_randoms(self.cfg.trainer.seed, step, micro_batches, self.info)
         fn = unet_fn(self.unet, self.schedule)
         for batch, rand in zip(micro_batches, randoms):
-            loss, t = self._loss(batch, rand, fn)
+            with self.speed.autocast():  # the loss is reduced in fp32 (training_loss); the backward runs outside
+                loss, t = self._loss(batch, rand, fn)
             self.unet.backward(loss)
             self.unet.step()
             total += all_reduce_mean(loss.detach().float()).item() / len(micro_batches)
@@ -170,7 +173,7 @@ class DiffusionTask:
         return StepOutput({"loss": total, "latent_scale": self.latent_scale}, {"t": timesteps})
 
     def _loss(self, batch: LatentBatch | PatchBatch, rand: KeyedRandom, fn):
-        z = self._latents(batch) * self.latent_scale
+        z = self.speed.images(self._latents(batch) * self.latent_scale)
         # One draw drops the caption and the label together: guidance's unconditional branch has neither.
         conditioned = self.text is not None or self.cfg.unet.num_classes > 0
         drop = rand.rand("cond_dropout") < self.cfg.text.caption_dropout if conditioned else None

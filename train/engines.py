@@ -40,7 +40,8 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch: int, info: DistInfo) -> 
 def build_engine(module: torch.nn.Module, optim: OptimConfig, ds_config: dict):
     params = [p for p in module.parameters() if p.requires_grad]
     cls = torch.optim.AdamW if optim.weight_decay > 0 else torch.optim.Adam
-    optimizer = cls(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optim.impl]
+    optimizer = cls(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **impl)
     scheduler = None
     if optim.warmup_steps > 0:
         warmup = optim.warmup_steps

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from infd.config import ConfigError
 from infd.keyed_random import KeyedRandom
+from infd.utils.precision import full_precision
 
 
 @dataclass
@@ -55,9 +56,10 @@ class VectorQuantizer(nn.Module):
         """Index of the nearest code per position. (B, D, h, w) -> (B, h, w)."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
         book = self.codebook.weight.float()
-        book_sq = book.pow(2).sum(1)
-        # Chunked so the (positions x codes) distance matrix stays small (8192 codes x 32K positions = 1 GB).
-        idx = [(book_sq - 2 * chunk @ book.t()).argmin(1) for chunk in flat.split(4096)]
+        with full_precision(z.device.type):  # under a bf16 autocast, nearby codes would tie
+            book_sq = book.pow(2).sum(1)
+            # Chunked so the (positions x codes) distance matrix stays small (8192 codes x 32K positions = 1 GB).
+            idx = [(book_sq - 2 * chunk @ book.t()).argmin(1) for chunk in flat.split(4096)]
         return torch.cat(idx).view(z.shape[0], *z.shape[2:])
 
     def lookup(self, idx: Tensor) -> Tensor:

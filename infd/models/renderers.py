@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from infd.config import ConfigError
 from infd.geometry import query_nearest
+from infd.utils.precision import full_precision
 
 
 @dataclass
@@ -98,9 +99,11 @@ class CLIF(nn.Module):
         return self.conv_out(head_input), head_input
 
     def head_weight_grad(self, head_input: Tensor, grad_rgb: Tensor) -> Tensor:
-        """Gradient of a loss w.r.t. the output layer's weight, from d loss / d rgb."""
-        return torch.nn.grad.conv2d_weight(head_input.detach().to(grad_rgb.dtype), self.conv_out.weight.shape,
-                                           grad_rgb, padding=1)
+        """Gradient of a loss w.r.t. the output layer's weight, from d loss / d rgb (in fp32: the
+        adaptive GAN weight is a ratio of two of their norms)."""
+        with full_precision(grad_rgb.device.type):
+            return torch.nn.grad.conv2d_weight(head_input.detach().float(), self.conv_out.weight.shape,
+                                               grad_rgb.float(), padding=1)
 
 
 class LIIF(nn.Module):
@@ -151,9 +154,10 @@ class LIIF(nn.Module):
         """Gradient of a loss w.r.t. the output layer's weight, from d loss / d rgb."""
         hidden, weights = head_input
         grad = 0
-        for h, wt in zip(hidden, weights):
-            g = (grad_rgb * wt.detach()).permute(0, 2, 3, 1).reshape(-1, grad_rgb.shape[1])
-            grad = grad + g.t() @ h.detach().reshape(-1, h.shape[-1]).to(g.dtype)
+        with full_precision(grad_rgb.device.type):  # fp32, as CLIF's
+            for h, wt in zip(hidden, weights):
+                g = (grad_rgb.float() * wt.detach().float()).permute(0, 2, 3, 1).reshape(-1, grad_rgb.shape[1])
+                grad = grad + g.t() @ h.detach().reshape(-1, h.shape[-1]).float()
         return grad
 
 

@@ -1,0 +1,211 @@
+"""Training-step speed of both stages, side by side in one process, against the official step
+structure and against the hardware's peak (MFU, infd/utils/mfu.py).
+
+Stage 1 at the paper configuration (experiment=ae_ffhq_paper: VQ-f4, CLIF, LPIPS, the GAN with its
+adaptive weight from the first step; P = 256, batch --batch, synthetic images). LPIPS' VGG is
+random-init here (the pretrained weights cannot be downloaded): the same FLOPs, other values.
+Rows:
+  official    the official code's step structure built from our modules: plain torch, fp32, four
+              Adams (encoder, decoder, renderer, discriminator), the adaptive weight by
+              autograd.grad through the graph, and a second full encoder/decoder/renderer forward
+              under no_grad for the discriminator step;
+  ours        AutoencoderTask's step as it is by default (DeepSpeed ZeRO-2, 1 rank, fp32), which is
+              the step at the commit before the speed switches existed;
+  ours + X    one switch at a time (bf16 autocast, channels_last, fused Adam; compile with --compile);
+  ours+all    the switches a user turns on for speed together.
+Stage 2: the paper UNet (conf/unet/paper.yaml) on cached latents (3 x 64 x 64, batch --batch2), and
+diffusers' UNet2DConditionModel at SD 1.5's widths (320, 640, 1280, 1280; cross-attention 768) on
+4 x 64 x 64 latents with --sd-layers resnets per block (SD has 2; 1 on a CPU to fit the time), with
+and without bf16 autocast.
+
+Per row: seconds per step (best of --steps after the FLOP-counting step and --warmup more), samples/s,
+MFU (the step's FLOPs from torch's FLOP counter over the device's measured peak in fp32, or in bf16 for
+bf16 rows), peak memory (CPU: resident-set growth; GPU: max allocated) and, for stage 1, per-phase
+seconds.
+
+    python benchmarks/train_step.py                 # about 12 minutes on 2 CPU cores
+    python benchmarks/train_step.py --tiny          # the tiny configurations, seconds (a smoke test)
+
+Last line: one JSON object (stage1_speedup = ours+all over ours; stage1_ratio_vs_official = ours
+over official, > 1 is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_rows import official_stage1, peak_rss_growth, stage1_batch  # noqa: E402
+from infd.utils.mfu import count_flops, measure_peak, mfu  # noqa: E402
+
+SWITCHES = {"ours": {}, "ours+bf16": {"autocast": "bf16"}, "ours+channels_last": {"channels_last": True},
+            "ours+fused_adam": {"impl": "fused"}, "ours+all": {"autocast": "bf16", "channels_last": True,
+                                                                "impl": "fused"}}
+
+
+def compose(stage: str, overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from infd.config import from_mapping, to_mapping
+    from train.autoencoder import AutoencoderTrainConfig
+    from train.diffusion import DiffusionTrainConfig
+
+    cls = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig}[stage]
+    ConfigStore.instance().store(name=f"{stage}_schema", node=to_mapping(cls()))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        raw = OmegaConf.to_container(hydra_compose(stage, overrides=overrides), resolve=True)
+    raw.pop("hydra", None)
+    return from_mapping(cls, raw)
+
+
+def with_switches(cfg, switches: dict):
+    trainer = replace(cfg.trainer, **{k: v for k, v in switches.items() if k != "impl"})
+    impl = switches.get("impl", "default")
+    out = replace(cfg, trainer=trainer, optim=replace(cfg.optim, impl=impl))
+    return replace(out, disc_optim=replace(out.disc_optim, impl=impl)) if hasattr(out, "disc_optim") else out
+
+
+def time_steps(step, steps: int, warmup: int, device) -> tuple[float, float]:
+    """(best seconds per step, peak memory growth in MiB)."""
+    for i in range(warmup):
+        step(i)
+    rss = peak_rss_growth(device)
+    best = float("inf")
+    for i in range(steps):
+        start = time.perf_counter()
+        step(warmup + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, rss()
+
+
+def stage1_rows(args, info, peaks) -> dict:
+    from train.autoencoder import AutoencoderTask
+
+    overrides = ["experiment=ae_cpu_tiny" if args.tiny else "experiment=ae_ffhq_paper", "data=synthetic",
+                 "loss.lpips_backbone=random", "loss.disc_start=0", f"data.loader.batch_size={args.batch}"]
+    if not args.tiny:
+        overrides += ["data.synthetic.image_size=1024"]
+    base = compose("autoencoder", overrides)
+    batch = stage1_batch(base, info.device)
+    rows = {}
+    row = official_stage1(base, batch, info.device)
+    rows["official"] = measure(row.step, row.flops, "float32", args, info, peaks, row.phases)
+    del row
+    switches = dict(SWITCHES, **({"ours+compile": {"compile": True}} if args.compile else {}))
+    for name, switch in switches.items():
+        task = AutoencoderTask(with_switches(base, switch), info)
+        task.phases.enabled = True
+        flops = count_flops(lambda t=task: t.train_step([batch], 0))
+        task.phases.reset()
+        dtype = "bfloat16" if switch.get("autocast") == "bf16" else "float32"
+        rows[name] = measure(lambda s, t=task: t.train_step([batch], s), flops, dtype, args, info, peaks, task.phases)
+        task = None  # freed before the next row's model is built
+    return rows
+
+
+def stage2_rows(args, info, peaks) -> dict:
+    from train.diffusion import DiffusionTask
+
+    rows = {}
+    size = 8 if args.tiny else 64
+    tiny = "experiment=diffusion_cpu_tiny"
+    unets = {"paper_unet": [tiny if args.tiny else "experiment=diffusion_ffhq_paper", "text.kind=none",
+                            "unet.context_dim=0"],
+             "sd_unet": [tiny]}
+    for kind, overrides in unets.items():
+        cfg = compose("diffusion", [*overrides, "data=synthetic", "diffusion.latent_scale=1.0", "trainer.ema=false",
+                                    f"data.loader.batch_size={args.batch2}"])
+        if kind == "sd_unet":
+            cfg = replace(cfg, unet=replace(cfg.unet, kind="diffusers", diffusers_config=sd15_widths(args)))
+        channels = 4 if kind == "sd_unet" else cfg.unet.in_channels
+        for autocast in ("none", "bf16"):
+            task = DiffusionTask(with_switches(cfg, {"autocast": autocast}), info)
+            batch = latent_batch(args.batch2, channels, size)
+            flops = count_flops(lambda t=task: t.train_step([batch], 0))
+            dtype = "bfloat16" if autocast == "bf16" else "float32"
+            name = kind + ("+bf16" if autocast == "bf16" else "")
+            rows[name] = measure(lambda s, t=task, b=batch: t.train_step([b], s), flops, dtype, args, info, peaks,
+                                 samples=args.batch2)
+            task = None  # freed before the next row's model is built
+    return rows
+
+
+def sd15_widths(args) -> dict:
+    """Stable Diffusion 1.5's UNet2DConditionModel (widths, heads, block types) with --sd-layers resnets per
+    block (SD: 2) and cross-attention from the tiny configuration's 512-wide random-init text tower (SD:
+    768 from CLIP ViT-L; the projections are a small share of the FLOPs)."""
+    return {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
+            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": args.sd_layers,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "cross_attention_dim": 512, "attention_head_dim": 8, "norm_num_groups": 32}
+
+
+def latent_batch(batch: int, channels: int, size: int):
+    from infd.data.batches import LatentBatch
+
+    g = torch.Generator().manual_seed(0)
+    return LatentBatch(z=torch.randn(batch, channels, size, size, generator=g), labels=torch.full((batch,), -1),
+                       keys=[str(i) for i in range(batch)], captions=["a photograph"] * batch)
+
+
+def measure(step, flops: int, dtype: str, args, info, peaks, phases=None, samples: int | None = None) -> dict:
+    seconds, peak_mib = time_steps(step, args.steps, args.warmup, info.device)
+    row = {"s_per_step": round(seconds, 4), "samples_per_s": round((samples or args.batch) / seconds, 4),
+           "tflop_per_step": round(flops / 1e12, 4), "mfu": round(mfu(flops, seconds, peaks[dtype]), 4),
+           "peak_mem_mib": round(peak_mib, 1)}
+    if phases is not None:
+        per_step = {k: round(v / (args.steps + args.warmup), 3) for k, v in phases.reset().items()}  # mean
+        row["phases_s"] = per_step
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1, help="stage-1 batch (the paper's is 8 over its GPUs)")
+    parser.add_argument("--batch2", type=int, default=4, help="stage-2 batch of latents")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per row (the best is kept)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps per row besides the FLOP-counting one")
+    parser.add_argument("--sd-layers", type=int, default=1, help="resnets per block of the SD-width UNet (SD: 2)")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of compiling)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny configurations: checks the script, seconds")
+    args = parser.parse_args()
+
+    from train.dist import init_distributed, shutdown
+
+    info = init_distributed()
+    peaks = {name: measure_peak(info.device, getattr(torch, name), size=512 if args.tiny else None)
+             for name in ("float32", "bfloat16")}
+    try:
+        stage1 = stage1_rows(args, info, peaks)
+        stage2 = stage2_rows(args, info, peaks)
+    finally:
+        shutdown(keep_group=False, clean=True)
+    result = {
+        "device": str(info.device), "tiny": args.tiny, "stage1_batch": args.batch, "stage2_batch": args.batch2,
+        "peak_tflops": {k: round(v.flops_per_s / 1e12, 4) for k, v in peaks.items()},
+        "stage1": stage1, "stage2": stage2,
+        "stage1_speedup": round(stage1["ours"]["s_per_step"] / stage1["ours+all"]["s_per_step"], 3),
+        "stage1_ratio_vs_official": round(stage1["official"]["s_per_step"] / stage1["ours"]["s_per_step"], 3),
+        "stage1_mfu": stage1["ours+all"]["mfu"],
+        "stage2_mfu": stage2["paper_unet+bf16"]["mfu"],
+        "stage2_sd_mfu": stage2["sd_unet+bf16"]["mfu"],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The speed switches (train/speed.py, optim.impl) against the default step, in real training runs of
+the tiny configurations: the same losses within each switch's tolerance.
+
+- bf16 autocast: 5 steps within 2% relative of fp32 (stage 1: every loss term; stage 2: the loss);
+- channels_last, and fused or foreach Adam: 3 steps within 1e-5 relative;
+- torch.compile: 3 steps within 1e-4 relative (tests/test_speed.py::test_compile, marker `compile`).
+"""
+import pytest
+
+from tests.test_train_autoencoder import AE, TINY
+from tests.training import assert_close, metrics, run
+
+pytestmark = pytest.mark.slow
+# The loss terms (not gan_g, the discriminator's mean logit on fakes: a signed number near 0 whose
+# relative change says nothing; loss_g holds it).
+STAGE1 = ("loss_g", "l1", "lpips_randinit", "bottleneck", "loss_d")
+DIFF = "train.diffusion"
+STAGE2 = ("experiment=diffusion_cpu_tiny", "data=synthetic", "trainer.ckpt_every=100", "trainer.image_every=1000",
+          "diffusion.latent_scale_samples=8", "text.kind=none", "unet.context_dim=0", "data.loader.batch_size=4")
+
+
+def _stage1(tmp_path, name: str, steps: int, *switches: str) -> dict[int, dict]:
+    run(AE, tmp_path, name, *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=100", *switches)
+    return metrics(tmp_path, name)
+
+
+def _close_over(a: dict[int, dict], b: dict[int, dict], keys, rtol: float) -> None:
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert_close(a[step], b[step], keys, rtol)
+
+
+def test_bf16_autocast_stays_within_2_percent_of_fp32_over_5_steps(tmp_path):
+    fp32 = _stage1(tmp_path, "fp32", 5)
+    bf16 = _stage1(tmp_path, "bf16", 5, "trainer.autocast=bf16")
+    _close_over(fp32, bf16, STAGE1, rtol=0.02)
+    run(DIFF, tmp_path, "unet_fp32", *STAGE2, "trainer.max_steps=5")
+    run(DIFF, tmp_path, "unet_bf16", *STAGE2, "trainer.max_steps=5", "trainer.autocast=bf16")
+    _close_over(metrics(tmp_path, "unet_fp32"), metrics(tmp_path, "unet_bf16"), ("loss",), rtol=0.02)
+
+
+def test_channels_last_and_fused_or_foreach_adam_match_the_default_over_3_steps(tmp_path):
+    default = _stage1(tmp_path, "default", 3)
+    _close_over(default, _stage1(tmp_path, "nhwc_fused", 3, "trainer.channels_last=true", "optim.impl=fused",
+                                 "disc_optim.impl=fused"), STAGE1, rtol=1e-5)
+    _close_over(default, _stage1(tmp_path, "foreach", 3, "optim.impl=foreach", "disc_optim.impl=foreach"), STAGE1,
+                rtol=1e-5)
+
+
+@pytest.mark.compile
+def test_compile_matches_the_default_over_3_steps(tmp_path):
+    default = _stage1(tmp_path, "default", 3)
+    _close_over(default, _stage1(tmp_path, "compiled", 3, "trainer.compile=true"), STAGE1, rtol=1e-4)
