@@ -38,7 +38,7 @@ demo-sd: install
 
 test: lint
 	$(PY) -m compileall -q $(SOURCES) > /dev/null
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not compile" tests
 
 test-fast: install
 	$(PY) -m compileall -q $(SOURCES) > /dev/null
