@@ -99,7 +99,8 @@ class DiffusionTask:
     def __init__(self, cfg: DiffusionTrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        unet = build_unet(cfg.unet, load_pretrained=not cfg.trainer.init_from)
+        # Weights from unet.pretrained unless an export starts the run; a diffusers_config alone trains from scratch.
+        unet = build_unet(cfg.unet, load_pretrained=bool(cfg.unet.pretrained) and not cfg.trainer.init_from)
         if cfg.trainer.init_from:
             load_export_weights(unet, cfg.trainer.init_from)
         self.speed = Speed(cfg.trainer, info.device)

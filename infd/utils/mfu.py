@@ -31,13 +31,28 @@ class Peak:
 
 
 def count_flops(work: Callable[[], object]) -> int:
-    """FLOPs of one call of `work` (forward and, if it runs one, backward), as PyTorch's FLOP counter
-    counts them: matmuls, convolutions and attention at 2 per multiply-add; elementwise ops are not counted."""
-    from torch.utils.flop_counter import FlopCounterMode  # heavy (fake tensors): only where FLOPs are counted
+    """FLOPs of one call of `work` (forward and, if it runs one, backward) with PyTorch's FLOP formulas
+    (torch.utils.flop_counter: matmuls, convolutions and attention at 2 per multiply-add; elementwise
+    ops are not counted). A dispatch mode of our own rather than FlopCounterMode, whose module hooks
+    break autograd.grad on a leaf (the stage-1 loss takes its gradient that way)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry  # heavy (fake tensors): only where FLOPs are counted
 
-    with FlopCounterMode(display=False) as counter:
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                _Count.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    _Count.total = 0
+    with _Count():
         work()
-    return int(counter.get_total_flops())
+    return int(_Count.total)
 
 
 def time_call(work: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
