@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from infd.config import from_mapping, load_mapping  # noqa: E402
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder  # noqa: E402
-from infd.render import render_tiles, render_whole  # noqa: E402
+from infd.render import RenderOptions, render_tiles, render_whole  # noqa: E402
 from infd.utils.memory import track_peak  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def child(args) -> None:
     start = time.perf_counter()
     with track_peak(device) as mem, torch.no_grad():
         if args.mode == "tiled":
-            img = render_tiles(model.renderer, phi, size, tile=args.tile, pad=args.pad)
+            img = render_tiles(model.renderer, phi, size, options=RenderOptions(tile=args.tile, pad=args.pad))
         else:
             img = render_whole(model.renderer, phi, size)
     seconds = time.perf_counter() - start

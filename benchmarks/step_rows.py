@@ -1,8 +1,7 @@
 """Pieces of benchmarks/train_step.py: the official code's stage-1 step structure built from our
-modules, a batch of the stage-1 loader, and peak-memory growth."""
+modules, and a batch of the stage-1 loader."""
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -82,14 +81,3 @@ def stage1_batch(cfg, device: torch.device):
 
     loader = build_data(cfg, DistInfo(0, 0, 1, device))
     return next(iter(loader)).to(device)
-
-
-def peak_rss_growth(device: torch.device):
-    """A function returning the peak memory growth (MiB) since this call: GPU max allocated, or the
-    CPU's resident-set high-water mark (ru_maxrss never goes down: the growth past the peak so far)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        return lambda: (torch.cuda.max_memory_allocated(device) - start) / 2**20
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return lambda: (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024

@@ -16,7 +16,8 @@ Rows:
 Stage 2: the paper UNet (conf/unet/paper.yaml) on cached latents (3 x 64 x 64, batch --batch2), and
 diffusers' UNet2DConditionModel at SD 1.5's widths (320, 640, 1280, 1280; cross-attention 768) on
 4 x 64 x 64 latents with --sd-layers resnets per block (SD has 2; 1 on a CPU to fit the time), with
-and without bf16 autocast.
+and without bf16 autocast; the paper UNet also with its activation checkpointing (unet.grad_checkpointing,
+MFU from the model's FLOPs, without the recomputed forward).
 
 Per row: seconds per step (best of --steps after the FLOP-counting step and --warmup more), samples/s,
 MFU (the step's FLOPs from torch's FLOP counter over the device's measured peak in fp32, or in bf16 for
@@ -26,13 +27,17 @@ seconds.
     python benchmarks/train_step.py                 # about 12 minutes on 2 CPU cores
     python benchmarks/train_step.py --tiny          # the tiny configurations, seconds (a smoke test)
 
-Last line: one JSON object (stage1_speedup = ours+all over ours; stage1_ratio_vs_official = ours
-over official, > 1 is faster).
+Each row runs in its own process (DeepSpeed holds on to its engines, so rows built one after another in one
+process kept the earlier rows' memory). Last line: one JSON object: stage1_speedup = ours over the fastest
+switch row (named by stage1_fastest_switches: on a CPU channels_last slows the step, so "all" is not the
+fastest there; stage1_all_speedup is ours over ours+all); stage1_ratio_vs_official = official over ours
+(> 1: ours is faster); stage1_mfu is the fastest row's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -43,12 +48,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_rows import official_stage1, peak_rss_growth, stage1_batch  # noqa: E402
+from benchmarks.step_rows import official_stage1, stage1_batch  # noqa: E402
+from infd.utils.memory import track_peak  # noqa: E402
 from infd.utils.mfu import count_flops, measure_peak, mfu  # noqa: E402
 
-SWITCHES = {"ours": {}, "ours+bf16": {"autocast": "bf16"}, "ours+channels_last": {"channels_last": True},
+STAGE1_ROWS = {"ours": {}, "ours+bf16": {"autocast": "bf16"}, "ours+channels_last": {"channels_last": True},
             "ours+fused_adam": {"impl": "fused"}, "ours+all": {"autocast": "bf16", "channels_last": True,
                                                                 "impl": "fused"}}
+COMPILE_ROW = {"ours+compile": {"compile": True}}  # with --compile
 
 
 def compose(stage: str, overrides: list[str]):
@@ -76,21 +83,21 @@ def with_switches(cfg, switches: dict):
 
 
 def time_steps(step, steps: int, warmup: int, device) -> tuple[float, float]:
-    """(best seconds per step, peak memory growth in MiB)."""
+    """(best seconds per step, peak memory of the timed steps above what was resident, in MiB)."""
     for i in range(warmup):
         step(i)
-    rss = peak_rss_growth(device)
     best = float("inf")
-    for i in range(steps):
-        start = time.perf_counter()
-        step(warmup + i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, rss()
+    with track_peak(device) as memory:
+        for i in range(steps):
+            start = time.perf_counter()
+            step(warmup + i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return best, memory["peak_bytes"] / 2**20
 
 
-def stage1_rows(args, info, peaks) -> dict:
+def stage1_row(name: str, args, info, peak) -> dict:
     from train.autoencoder import AutoencoderTask
 
     overrides = ["experiment=ae_cpu_tiny" if args.tiny else "experiment=ae_ffhq_paper", "data=synthetic",
@@ -99,55 +106,49 @@ def stage1_rows(args, info, peaks) -> dict:
         overrides += ["data.synthetic.image_size=1024"]
     base = compose("autoencoder", overrides)
     batch = stage1_batch(base, info.device)
-    rows = {}
-    row = official_stage1(base, batch, info.device)
-    rows["official"] = measure(row.step, row.flops, "float32", args, info, peaks, row.phases)
-    del row
-    switches = dict(SWITCHES, **({"ours+compile": {"compile": True}} if args.compile else {}))
-    for name, switch in switches.items():
-        task = AutoencoderTask(with_switches(base, switch), info)
-        task.phases.enabled = True
-        flops = count_flops(lambda t=task: t.train_step([batch], 0))
-        task.phases.reset()
-        dtype = "bfloat16" if switch.get("autocast") == "bf16" else "float32"
-        rows[name] = measure(lambda s, t=task: t.train_step([batch], s), flops, dtype, args, info, peaks, task.phases)
-        task = None  # freed before the next row's model is built
-    return rows
+    if name == "official":
+        row = official_stage1(base, batch, info.device)
+        return measure(row.step, row.flops, peak, args, info, row.phases)
+    task = AutoencoderTask(with_switches(base, {**STAGE1_ROWS, **COMPILE_ROW}[name]), info)
+    task.phases.enabled = True
+    flops = count_flops(lambda: task.train_step([batch], 0))
+    task.phases.reset()
+    return measure(lambda s: task.train_step([batch], s), flops, peak, args, info, task.phases)
 
 
-def stage2_rows(args, info, peaks) -> dict:
+def stage2_row(name: str, args, info, peak) -> dict:
     from train.diffusion import DiffusionTask
 
-    rows = {}
+    kind, _, variant = name.partition("+")
     size = 8 if args.tiny else 64
     tiny = "experiment=diffusion_cpu_tiny"
-    unets = {"paper_unet": [tiny if args.tiny else "experiment=diffusion_ffhq_paper", "text.kind=none",
-                            "unet.context_dim=0"],
-             "sd_unet": [tiny]}
-    for kind, overrides in unets.items():
-        cfg = compose("diffusion", [*overrides, "data=synthetic", "diffusion.latent_scale=1.0", "trainer.ema=false",
-                                    f"data.loader.batch_size={args.batch2}"])
-        if kind == "sd_unet":
-            cfg = replace(cfg, unet=replace(cfg.unet, kind="diffusers", diffusers_config=sd15_widths(args)))
-        channels = 4 if kind == "sd_unet" else cfg.unet.in_channels
-        for autocast in ("none", "bf16"):
-            task = DiffusionTask(with_switches(cfg, {"autocast": autocast}), info)
-            batch = latent_batch(args.batch2, channels, size)
-            flops = count_flops(lambda t=task: t.train_step([batch], 0))
-            dtype = "bfloat16" if autocast == "bf16" else "float32"
-            name = kind + ("+bf16" if autocast == "bf16" else "")
-            rows[name] = measure(lambda s, t=task, b=batch: t.train_step([b], s), flops, dtype, args, info, peaks,
-                                 samples=args.batch2)
-            task = None  # freed before the next row's model is built
-    return rows
+    overrides = ([tiny if args.tiny else "experiment=diffusion_ffhq_paper", "text.kind=none", "unet.context_dim=0"]
+                 if kind == "paper_unet" else [tiny])
+    cfg = compose("diffusion", [*overrides, "data=synthetic", "diffusion.latent_scale=1.0", "trainer.ema=false",
+                                f"data.loader.batch_size={args.batch2}"])
+    if kind == "sd_unet":
+        cfg = replace(cfg, unet=replace(cfg.unet, kind="diffusers", diffusers_config=sd15_widths(args)))
+    if variant == "bf16":
+        cfg = with_switches(cfg, {"autocast": "bf16"})
+    if variant == "grad_ckpt":  # the UNet's activation checkpointing: memory for time
+        cfg = replace(cfg, unet=replace(cfg.unet, grad_checkpointing=True))
+    channels = 4 if kind == "sd_unet" else cfg.unet.in_channels
+    task = DiffusionTask(cfg, info)
+    batch = latent_batch(args.batch2, channels, size)
+    flops = count_flops(lambda: task.train_step([batch], 0))
+    # MFU counts the model's FLOPs: a checkpointed row's recomputed forward is not useful work (the parent
+    # passes the plain row's count).
+    return measure(lambda s: task.train_step([batch], s), args.model_flops or flops, peak, args, info,
+                   samples=args.batch2)
 
 
 def sd15_widths(args) -> dict:
     """Stable Diffusion 1.5's UNet2DConditionModel (widths, heads, block types) with --sd-layers resnets per
     block (SD: 2) and cross-attention from the tiny configuration's 512-wide random-init text tower (SD:
-    768 from CLIP ViT-L; the projections are a small share of the FLOPs)."""
+    768 from CLIP ViT-L; the projections are a small share of the FLOPs). --tiny: widths 32-64."""
+    widths = [32, 64, 64, 64] if args.tiny else [320, 640, 1280, 1280]
     return {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
-            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": args.sd_layers,
+            "block_out_channels": widths, "layers_per_block": args.sd_layers,
             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
             "cross_attention_dim": 512, "attention_head_dim": 8, "norm_num_groups": 32}
@@ -161,15 +162,42 @@ def latent_batch(batch: int, channels: int, size: int):
                        keys=[str(i) for i in range(batch)], captions=["a photograph"] * batch)
 
 
-def measure(step, flops: int, dtype: str, args, info, peaks, phases=None, samples: int | None = None) -> dict:
+def measure(step, flops: int, peak, args, info, phases=None, samples: int | None = None) -> dict:
     seconds, peak_mib = time_steps(step, args.steps, args.warmup, info.device)
     row = {"s_per_step": round(seconds, 4), "samples_per_s": round((samples or args.batch) / seconds, 4),
-           "tflop_per_step": round(flops / 1e12, 4), "mfu": round(mfu(flops, seconds, peaks[dtype]), 4),
-           "peak_mem_mib": round(peak_mib, 1)}
+           "tflop_per_step": round(flops / 1e12, 4), "mfu": round(mfu(flops, seconds, peak), 4),
+           "peak_tflops": round(peak.flops_per_s / 1e12, 4), "peak_mem_mib": round(peak_mib, 1)}
     if phases is not None:
-        per_step = {k: round(v / (args.steps + args.warmup), 3) for k, v in phases.reset().items()}  # mean
-        row["phases_s"] = per_step
+        row["phases_s"] = {k: round(v / (args.steps + args.warmup), 3) for k, v in phases.reset().items()}  # mean
+    return row
+
+
+def child(args) -> None:
+    """One row in this process: its dtype's peak, then the row; prints the row as one JSON line."""
+    from train.dist import init_distributed, shutdown
+
+    info = init_distributed()
+    bf16 = "bf16" in args.row or STAGE1_ROWS.get(args.row, {}).get("autocast") == "bf16"
+    peak = measure_peak(info.device, torch.bfloat16 if bf16 else torch.float32, size=512 if args.tiny else None)
+    try:
+        stage1 = args.row in STAGE1_ROWS or args.row in COMPILE_ROW or args.row == "official"
+        row = (stage1_row if stage1 else stage2_row)(
+            args.row, args, info, peak)
+    finally:
+        shutdown(keep_group=False, clean=True)
     print(json.dumps(row), flush=True)
+
+
+def run_row(name: str, args, model_flops: int | None = None) -> dict:
+    flags = [f"--batch={args.batch}", f"--batch2={args.batch2}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+             f"--sd-layers={args.sd_layers}", *(["--tiny"] if args.tiny else [])]
+    if model_flops:
+        flags.append(f"--model-flops={model_flops}")
+    res = subprocess.run([sys.executable, __file__, "--row", name, *flags], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"row {name} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    print(name, json.dumps(row), flush=True)
     return row
 
 
@@ -182,25 +210,28 @@ def main() -> None:
     parser.add_argument("--sd-layers", type=int, default=1, help="resnets per block of the SD-width UNet (SD: 2)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of compiling)")
     parser.add_argument("--tiny", action="store_true", help="the tiny configurations: checks the script, seconds")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--model-flops", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    from train.dist import init_distributed, shutdown
-
-    info = init_distributed()
-    peaks = {name: measure_peak(info.device, getattr(torch, name), size=512 if args.tiny else None)
-             for name in ("float32", "bfloat16")}
-    try:
-        stage1 = stage1_rows(args, info, peaks)
-        stage2 = stage2_rows(args, info, peaks)
-    finally:
-        shutdown(keep_group=False, clean=True)
+    if args.row:
+        return child(args)
+    # Each row in its own process: DeepSpeed keeps references to its engines, so rows built one after another
+    # in one process held the earlier rows' memory (measured: later rows slowed, the SD-width row was killed).
+    stage1 = {name: run_row(name, args) for name in ["official", *STAGE1_ROWS]
+              + (["ours+compile"] if args.compile else [])}
+    stage2 = {name: run_row(name, args) for name in ("paper_unet", "paper_unet+bf16")}
+    stage2["paper_unet+grad_ckpt"] = run_row("paper_unet+grad_ckpt", args,
+                                             int(stage2["paper_unet"]["tflop_per_step"] * 1e12))
+    stage2.update({name: run_row(name, args) for name in ("sd_unet", "sd_unet+bf16")})
+    fastest = min((n for n in stage1 if n.startswith("ours+")), key=lambda n: stage1[n]["s_per_step"])
     result = {
-        "device": str(info.device), "tiny": args.tiny, "stage1_batch": args.batch, "stage2_batch": args.batch2,
-        "peak_tflops": {k: round(v.flops_per_s / 1e12, 4) for k, v in peaks.items()},
-        "stage1": stage1, "stage2": stage2,
-        "stage1_speedup": round(stage1["ours"]["s_per_step"] / stage1["ours+all"]["s_per_step"], 3),
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "tiny": args.tiny, "stage1_batch": args.batch,
+        "stage2_batch": args.batch2, "stage1": stage1, "stage2": stage2,
+        "stage1_fastest_switches": fastest,
+        "stage1_speedup": round(stage1["ours"]["s_per_step"] / stage1[fastest]["s_per_step"], 3),
+        "stage1_all_speedup": round(stage1["ours"]["s_per_step"] / stage1["ours+all"]["s_per_step"], 3),
         "stage1_ratio_vs_official": round(stage1["official"]["s_per_step"] / stage1["ours"]["s_per_step"], 3),
-        "stage1_mfu": stage1["ours+all"]["mfu"],
+        "stage1_mfu": stage1[fastest]["mfu"],
         "stage2_mfu": stage2["paper_unet+bf16"]["mfu"],
         "stage2_sd_mfu": stage2["sd_unet+bf16"]["mfu"],
     }

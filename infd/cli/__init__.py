@@ -26,7 +26,7 @@ import json
 import sys
 
 from infd.cli import eval_gen, render, sample
-from infd.cli.common import HelpFormatter
+from infd.cli.common import HelpFormatter, add_render_flags
 from infd.config import ConfigError, from_mapping, load_mapping
 
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--size", help="WIDTHxHEIGHT of the output")
     p.add_argument("--region", help="x0,y0,x1,y1: render only this box of the output (default: all of it)")
     p.add_argument("--out", required=True, help="output image file (its suffix picks the format)")
-    p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")
+    add_render_flags(p)
     p.add_argument("--device", help=device)
 
     p = command(sub, "eval-ae", "PSNR at 1x/2x/4x, LPIPS and scale consistency of an autoencoder",
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     p.add_argument("--out", required=True, help="an image file (one image, or a grid of all of them), or any "
                    "other path: a folder of 0000.png, 0001.png, ...")
-    p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")
+    add_render_flags(p)
     p.add_argument("--device", help=device)
 
     eval_gen.add_parser(sub, command, device)

@@ -25,6 +25,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def add_render_flags(p) -> None:
+    """How images are rendered from phi (infd.render.RenderOptions); the same flags on every command."""
+    p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")
+    p.add_argument("--render-batch-pixels", type=int, default=1 << 19, help="query pixels per renderer call: "
+                   "several tiles at once (memory: about 7 KB each for the paper's CLIF in fp32)")
+    p.add_argument("--render-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 renders under a bf16 autocast (faster where bf16 is; see docs/benchmarks.md)")
+
+
+def render_options(args):
+    """The RenderOptions of add_render_flags' flags; a bad value names its flag."""
+    from infd.render import RenderOptions
+
+    for flag, value in (("--tile", args.tile), ("--render-batch-pixels", args.render_batch_pixels)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: expected at least 1")
+    return RenderOptions(tile=args.tile, batch_pixels=args.render_batch_pixels, precision=args.render_precision)
+
+
 def device(name: str | None):
     import torch
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from infd.cli.common import device, read_lines
+from infd.cli.common import add_render_flags, device, read_lines, render_options
 from infd.cli.sample import (add_sampling_flags, check_sampling, grid, latent_diffusion, latent_size, load_unet,
                              open_ae, resolve_sampling)
 from infd.config import ConfigError, from_mapping
@@ -117,10 +117,11 @@ def build_sampler(args, cfg, real, dev, rank: int):
     note(f"sampler {spec.sampler}, {spec.steps} steps (unset options: {source}); autoencoder {ae_path}", rank)
     identity = {"unet": str(Path(args.unet).resolve()), "ae": str(Path(ae_path).resolve()), "seed": cfg.seed,
                 "weights": {"unet": fingerprint(args.unet), "ae": fingerprint(ae_path)},
-                "sampling": vars(spec) | {"latent_size": size, "tile": args.tile},
+                "sampling": vars(spec) | {"latent_size": size, "tile": args.tile,
+                                          "render_precision": args.render_precision},
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
                 "captions": [real.index_id, len(real.ids)] if captions else None}
-    sampler = ImageSampler(model, ae, spec, cfg.seed, size, prompts, captions, args.tile)
+    sampler = ImageSampler(model, ae, spec, cfg.seed, size, prompts, captions, render_options(args))
     return sampler, identity
 
 
@@ -214,7 +215,7 @@ def add_parser(sub, command, device_help: str) -> None:
     add_sampling_flags(p)
     p.add_argument("--latent-size", type=int, help="side of the sampled latent (default: as infd sample)")
     p.add_argument("--batch-size", type=int, default=4, help="samples drawn at once per rank")
-    p.add_argument("--tile", type=int, default=256, help="render tile side in pixels (bounds the memory used)")
+    add_render_flags(p)
     p.add_argument("--out", required=True, help="folder for samples/, grid.png and metrics.json (reused on rerun)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", help=device_help)

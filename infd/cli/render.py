@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from infd.cli.common import check_image_out, device, open_export, parse_region, parse_size, read_image
+from infd.cli.common import (check_image_out, device, open_export, parse_region, parse_size, read_image,
+                             render_options)
 from infd.config import ConfigError
 
 
@@ -15,8 +16,7 @@ def cmd_upsample(args) -> int:
     from infd.image import pil_to_tensor, resize_antialiased, save_image
     from infd.render import render_tiles
 
-    if args.tile < 1:
-        raise ConfigError(f"--tile {args.tile}: expected at least 1")
+    options = render_options(args)
     if args.scale is not None and not args.scale > 0:
         raise ConfigError(f"--scale {args.scale}: expected a positive factor")
     check_image_out(args.out)
@@ -38,7 +38,7 @@ def cmd_upsample(args) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         phi = model.decode(model.encode(x))
-        out = render_tiles(model.renderer, phi, size, region=region, tile=args.tile, progress=True)
+        out = render_tiles(model.renderer, phi, size, region=region, options=options, progress=True)
     path = save_image(out, args.out)
     print(f"{args.image} ({img.width}x{img.height}) -> {path} ({out.shape[-1]}x{out.shape[-2]}) in "
           f"{time.perf_counter() - start:.1f} s on {dev}")

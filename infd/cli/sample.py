@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from infd.cli.common import device, open_export, parse_region, parse_size, read_lines
+from infd.cli.common import device, open_export, parse_region, parse_size, read_lines, render_options
 from infd.config import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -183,7 +183,8 @@ def cmd_sample(args) -> int:
         z = generate_latents(model, spec, cond, (len(batch), unet.cfg.in_channels, latent, latent),
                              [s for _, s in batch], progress=True)
         with torch.no_grad():
-            images = render_tiles(ae.renderer, ae.decode(z), size, region=region, tile=args.tile, progress=True)
+            images = render_tiles(ae.renderer, ae.decode(z), size, region=region, options=render_options(args),
+                                     progress=True)
         for k, ((prompt, seed), image) in enumerate(zip(batch, images), start):
             where = out / f"{k:04d}.png" if folder else out
             if folder or len(jobs) == 1:

@@ -23,7 +23,7 @@ from torch import Tensor
 from infd.diffusion.generate import LatentDiffusion, generate_latents
 from infd.diffusion.spec import Conditioning, SamplingSpec
 from infd.image import pil_to_tensor, tensor_to_pil
-from infd.render import render_tiles
+from infd.render import RenderOptions, render_tiles
 
 
 class ImageSampler:
@@ -32,14 +32,16 @@ class ImageSampler:
     spec: how each sample is drawn; seed: sample i's noise seed is seed + i; latent_size: the side
     of the sampled latent; prompts: text models' prompts, sample i takes prompts[i % len] ("" when
     empty); captions: a RealSet whose captions are the prompts instead (sample i: real image i mod
-    its size), read by the rank that draws the sample; tile: the render tile side, which bounds
-    the memory of a 1024 render.
+    its size), read by the rank that draws the sample; render: how the images are rendered
+    (tiles bound the memory of a 1024 render).
     """
 
     def __init__(self, model: LatentDiffusion, ae, spec: SamplingSpec, seed: int, latent_size: int,
-                 prompts: list[str] = (), captions=None, tile: int = 256):
+                 prompts: list[str] = (), captions=None, render: RenderOptions | None = None):
         self.model, self.ae, self.spec, self.seed, self.latent_size = model, ae, spec, seed, latent_size
-        self.spec_prompts, self.captions, self.tile, self._batch_captions = list(prompts), captions, tile, {}
+        self.spec_prompts, self.captions = list(prompts), captions
+        self.render_options = render or RenderOptions()
+        self._batch_captions = {}
 
     def prompts(self, indices: list[int]) -> list[str]:
         """The prompts of samples `indices` ("" without any)."""
@@ -63,7 +65,7 @@ class ImageSampler:
         cond = Conditioning(self.prompts(indices) if self.model.text is not None else None, self._labels(indices))
         z = generate_latents(self.model, self.spec, cond, shape, [self.seed + i for i in indices])
         phi = self.ae.decode(z)
-        return {size: render_tiles(self.ae.renderer, phi, (size, size), tile=self.tile) for size in sizes}
+        return {size: render_tiles(self.ae.renderer, phi, (size, size), options=self.render_options) for size in sizes}
 
 
 class SampleStore:

@@ -7,9 +7,14 @@ and loss reductions (the callers cast to fp32 before summing).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
 def full_precision(device_type: str):
-    """A region where autocast is off: inputs must be cast to fp32 by the caller."""
+    """A region where autocast is off: inputs must be cast to fp32 by the caller. Devices without an
+    autocast (meta tensors: `infd describe`) have nothing to turn off."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
