@@ -124,8 +124,9 @@ def stage2_row(name: str, args, info, peak) -> dict:
     tiny = "experiment=diffusion_cpu_tiny"
     overrides = ([tiny if args.tiny else "experiment=diffusion_ffhq_paper", "text.kind=none", "unet.context_dim=0"]
                  if kind == "paper_unet" else [tiny])
+    batch_size = args.batch_sd if kind == "sd_unet" else args.batch2
     cfg = compose("diffusion", [*overrides, "data=synthetic", "diffusion.latent_scale=1.0", "trainer.ema=false",
-                                f"data.loader.batch_size={args.batch2}"])
+                                f"data.loader.batch_size={batch_size}"])
     if kind == "sd_unet":
         cfg = replace(cfg, unet=replace(cfg.unet, kind="diffusers", diffusers_config=sd15_widths(args)))
     if variant == "bf16":
@@ -134,12 +135,12 @@ def stage2_row(name: str, args, info, peak) -> dict:
         cfg = replace(cfg, unet=replace(cfg.unet, grad_checkpointing=True))
     channels = 4 if kind == "sd_unet" else cfg.unet.in_channels
     task = DiffusionTask(cfg, info)
-    batch = latent_batch(args.batch2, channels, size)
+    batch = latent_batch(batch_size, channels, size)
     flops = count_flops(lambda: task.train_step([batch], 0))
     # MFU counts the model's FLOPs: a checkpointed row's recomputed forward is not useful work (the parent
     # passes the plain row's count).
     return measure(lambda s: task.train_step([batch], s), args.model_flops or flops, peak, args, info,
-                   samples=args.batch2)
+                   samples=batch_size)
 
 
 def sd15_widths(args) -> dict:
@@ -189,7 +190,8 @@ def child(args) -> None:
 
 
 def run_row(name: str, args, model_flops: int | None = None) -> dict:
-    flags = [f"--batch={args.batch}", f"--batch2={args.batch2}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+    flags = [f"--batch={args.batch}", f"--batch2={args.batch2}", f"--batch-sd={args.batch_sd}", f"--steps={args.steps}",
+             f"--warmup={args.warmup}",
              f"--sd-layers={args.sd_layers}", *(["--tiny"] if args.tiny else [])]
     if model_flops:
         flags.append(f"--model-flops={model_flops}")
@@ -207,6 +209,8 @@ def main() -> None:
     parser.add_argument("--batch2", type=int, default=4, help="stage-2 batch of latents")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per row (the best is kept)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps per row besides the FLOP-counting one")
+    parser.add_argument("--batch-sd", type=int, default=1, help="batch of the SD-width rows (4 ran out of 24 GB "
+                        "with ZeRO-2 fp32 Adam and 64x64 self-attention)")
     parser.add_argument("--sd-layers", type=int, default=1, help="resnets per block of the SD-width UNet (SD: 2)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of compiling)")
     parser.add_argument("--tiny", action="store_true", help="the tiny configurations: checks the script, seconds")
