@@ -1,12 +1,15 @@
 """Stage-1 training in real processes: distributed equivalence, exact resume, crash safety, W&B."""
 import shutil
+import signal
+import subprocess
 
 import pytest
 
 from infd.data.sample_index import SampleIndex
 from tests.images import build, write_folder
 from tests.test_export import check_autoencoder_exports
-from tests.training import assert_close, metrics, run, sample_keys
+from tests.training import (ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd,
+                            wait_for_step)
 from tests.wandb_reader import history_and_config
 
 AE = "train.autoencoder"
@@ -94,17 +97,33 @@ def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, ep
 
 
 @pytest.mark.slow
-def test_crash_while_saving_leaves_latest_on_the_previous_checkpoint(tmp_path):
-    steps = (*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2")
-    res = run(AE, tmp_path, "crash", *steps, check=False, INFD_FAULT_INJECT="crash_in_checkpoint_save:4")
-    assert res.returncode != 0
-    ckpts = tmp_path / "crash" / "checkpoints"
+def test_killed_during_a_background_save_resumes_from_the_previous_checkpoint_exactly(tmp_path):
+    """2 ranks save step 2 and step 4 in the background; step 4's writers stop after their first file
+    (fault injection) while training goes on to step 5, and the whole process tree is killed (SIGKILL,
+    as a node failure): `latest` stays on step 2, step 4 is never published, and the resumed run's
+    steps 3-5 equal the killed run's bit for bit (the same world size)."""
+    steps = (*TINY, "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.ema=true", "data.loader.batch_size=2",
+             "deepspeed=zero2")
+    ckpts, log = tmp_path / "kill" / "checkpoints", tmp_path / "kill" / "metrics.jsonl"
+    proc = subprocess.Popen(train_cmd(AE, tmp_path, "kill", *steps, nproc=2), cwd=ROOT, start_new_session=True,
+                            env=env(INFD_FAULT_INJECT="hold_background_save:4"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(log, 5, proc)  # step 5 trained while step 4's files were being written
+        assert any((ckpts / "step_0000004.tmp").rglob("*.safetensors"))
+    finally:
+        for process in step_tree(proc.pid):  # torchrun starts each rank in a session of its own
+            process.send_signal(signal.SIGKILL)
+        proc.wait()
     assert (ckpts / "latest").read_text() == "step_0000002"
-    assert (ckpts / "step_0000004.tmp").exists() and not (ckpts / "step_0000004").exists()
-    run(AE, tmp_path, "crash", *steps)  # resume=auto picks step 2 and finishes
-    assert (ckpts / "latest").read_text() == "step_0000004"
-    assert not (ckpts / "step_0000004.tmp").exists()
-    assert sorted(metrics(tmp_path, "crash")) == [1, 2, 3, 4]
+    assert not (ckpts / "step_0000004").exists()
+    killed = metrics(tmp_path, "kill")
+    run(AE, tmp_path, "kill", *steps, nproc=2)  # resume=auto picks step 2 and finishes
+    resumed = metrics(tmp_path, "kill")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6] and (ckpts / "latest").read_text() == "step_0000006"
+    assert not (ckpts / "step_0000004.tmp").exists()  # the cut-short save is cleared once a later one is published
+    for step in (3, 4, 5):
+        assert {k: resumed[step][k] for k in COMPARED} == {k: killed[step][k] for k in COMPARED}, step
 
 
 @pytest.mark.slow

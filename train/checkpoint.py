@@ -1,30 +1,39 @@
-"""Checkpoints: one protocol for every piece of a run's state; atomic, exact, portable.
+"""Checkpoints: one protocol for every piece of a run's state; atomic, exact at any world size,
+each tensor written once.
 
 Layout under runs/<name>/checkpoints/:
   step_0000100/
-    <engine>/            DeepSpeed checkpoint of each engine (exact resume at the same world size)
-    portable/<engine>.safetensors, <engine>.optim.safetensors
-                         full fp32 weights and Adam moments, gathered from all ranks (any world size)
-    ema.safetensors      EMA weights when enabled
-    rank00000.pt         per-rank RNG states (weights_only loadable)
-    state.json           step, world size, save time, and each part's entries: the engines and their
-                         optimizer step counts, the data position (a global sample count, the same on
-                         every rank and valid at any world size), the task's own state ("task")
+    portable/<engine>/weights-rankRRRRR-of-WWWWW.safetensors, moments-...
+                         full fp32 weights (and buffers) and Adam moments by name, each tensor written
+                         once by the rank that owns it (train/portable.py): any world size, any ZeRO
+                         stage and train.export read them; the ranks write their files in parallel
+    ema/ema-rankRRRRR-of-WWWWW.safetensors
+                         EMA weights when enabled, shared out the same way
+    rank00000.pt         per-rank RNG states (weights_only loadable; restored at the same world size)
+    state.json           step, world size, layout, save time, and each part's entries: the engines with
+                         their optimizer step counts and LR schedules, the data position (a global
+                         sample count, valid at any world size), the task's own state ("task")
   latest                 name of the newest complete checkpoint
+
+About 16 bytes per trained parameter with an EMA (4 weights + 8 Adam moments + 4 EMA), 12 without:
+DeepSpeed's own files, which repeated the weights and moments, are no longer written (checkpoints
+of earlier versions that hold them still load).
 
 A run's state is a list of parts (as torchtitan's checkpointer gathers Stateful objects): the
 engines (train/engine_state.py), the EMA, the data position, the task's state (e.g. the
-diffusion stage's latent scale) and the RNG. Each part saves itself through a `CheckpointWriter`
+diffusion stage's latent scale) and the RNG. Each part hands its files to a `CheckpointWriter`
 and returns its state.json entries, and restores itself from the directory and state.json. The
-`Checkpointer` gathers them: it writes step_XXXXXXX.tmp, renames it after every rank finished and
-then replaces `latest` atomically, so a crash mid-save leaves `latest` on the previous checkpoint.
-Checkpoints of older versions are read through infd.compat.
+`Checkpointer` gathers them into step_XXXXXXX.tmp, every file fsynced; once every rank's files are
+written, rank 0 writes state.json, renames the directory and then replaces `latest`, each rename
+synced, so a crash mid-save leaves `latest` on the previous checkpoint. A periodic save can run
+in the background (train/checkpoint_writer.py): the call returns after the snapshot, and the next
+save, a stop signal's or the last step's, first waits for it: never two in flight.
+Checkpoints of older versions are read through infd.compat and train/portable.py.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -34,33 +43,17 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from infd.compat import checkpoint_data_position, checkpoint_task_state
+from train.checkpoint_writer import (BackgroundSave, CheckpointWriter, clear_marks, mark_done, maybe_crash,
+                                     wait_for_marks)
 from train.dist import DistInfo
+from train.durable import fsync_dir, replace_durably, write_bytes
+from train.portable import EMA, assign_owners, read_ema, shard_name
 
 log = logging.getLogger("train.checkpoint")
-FAULT_ENV = "INFD_FAULT_INJECT"  # testing hook: "crash_in_checkpoint_save:STEP"
-
-
-class CheckpointWriter:
-    """Where parts write their files: `directory`, synchronously. A single-copy or asynchronous
-    writer replaces it by offering the same methods; `finish` returns once every file is durable."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
-        path = self.directory / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-
-    def torch_object(self, name: str, obj) -> None:
-        torch.save(obj, self.directory / name)
-
-    def finish(self) -> None:
-        """Nothing to wait for: every write above has returned."""
+LAYOUT = 2  # state.json "layout": 2 = portable tensors only, sharded by owner; absent = DeepSpeed files + copies
+MARK_TIMEOUT_S = 1800.0  # rank 0 gives up publishing a background save whose other ranks never finished
 
 
 class CheckpointPart(Protocol):
@@ -74,19 +67,24 @@ class CheckpointPart(Protocol):
 
 
 class EmaPart:
-    """The EMA of the exported model (None: the run keeps none)."""
+    """The EMA of the exported model (None: the run keeps none), shared out over the ranks' files."""
 
     def __init__(self, ema):
         self.ema = ema
 
     def save(self, writer: CheckpointWriter, info: DistInfo) -> dict:
-        if self.ema is not None and info.is_main:
-            writer.tensors("ema.safetensors", self.ema.state_dict())
+        if self.ema is not None:
+            shadow = self.ema.state_dict()
+            owners = assign_owners({k: v.numel() * v.element_size() for k, v in shadow.items()}, info.world_size)
+            mine = {k: v for k, v in shadow.items() if owners[k] == info.rank}
+            writer.tensors(f"{EMA}/{shard_name(EMA, info.rank, info.world_size)}", mine)
         return {}
 
     def load(self, path: Path, state: dict, info: DistInfo) -> None:
-        if self.ema is not None and (path / "ema.safetensors").exists():
-            self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
+        if self.ema is not None:
+            tensors = read_ema(path)
+            if tensors is not None:
+                self.ema.load_state_dict({k: v.to(info.device) for k, v in tensors.items()})
 
 
 class DataPart:
@@ -133,12 +131,16 @@ class Checkpointer:
     def __init__(self, root: Path, parts: list[CheckpointPart], info: DistInfo, keep_last: int,
                  grace_s: float | None = None):
         self.root, self.parts, self.info, self.keep_last, self.grace_s = root, parts, info, keep_last, grace_s
+        self.pending: BackgroundSave | None = None
 
-    def save(self, step: int) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory.
+    def save(self, step: int, background: bool = False) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint directory it publishes.
 
-        Its duration is logged and kept in state.json (`save_s`): a checkpoint taken on a stop
-        signal must fit the grace period before SIGKILL (`grace_s`: warned when it does not)."""
+        background: return once the snapshot is taken; the files are written and published while
+        training goes on (`wait()`). Its duration (both parts) is logged and kept in state.json
+        (`save_s`): a checkpoint taken on a stop signal must fit the grace period before SIGKILL
+        (`grace_s`: warned when it does not)."""
+        self.wait()  # never two in flight
         started, info = time.perf_counter(), self.info
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
@@ -146,29 +148,59 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        writer, entries = CheckpointWriter(tmp), {}
+        writer, entries = CheckpointWriter(tmp, snapshot=background), {}
         for part in self.parts:
             entries |= part.save(writer, info)
-            _maybe_crash(step, "crash_in_checkpoint_save")
-        writer.finish()
+            maybe_crash(step, "crash_in_checkpoint_save")
+        state = {"step": step, "world_size": info.world_size, "layout": LAYOUT, **entries}
+        if background:
+            blocking_s = time.perf_counter() - started
+            self.pending = BackgroundSave(step, lambda: self._finish_in_background(writer, state, started, blocking_s))
+            return final
+        writer.write(step)
         dist.barrier()
         if info.is_main:
-            state = {"step": step, "world_size": info.world_size, **entries,
-                     "save_s": round(time.perf_counter() - started, 3)}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer = self.root / "latest.tmp"
-            pointer.write_text(final.name)
-            os.replace(pointer, self.root / "latest")
-            _prune(self.root, self.keep_last)
+            self._publish(tmp, state | {"save_s": round(time.perf_counter() - started, 3)})
         dist.barrier()
-        if info.is_main:
-            self._report(final, time.perf_counter() - started)
         return final
 
-    def _report(self, final: Path, seconds: float) -> None:
-        log.info("saved checkpoint %s in %.1f s", final, seconds)
+    def wait(self) -> None:
+        """Return once the background save (if any) is written and, on rank 0, published."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait()
+
+    def _finish_in_background(self, writer: CheckpointWriter, state: dict, started: float, blocking_s: float) -> None:
+        info = self.info
+        writer.write(state["step"])
+        mark_done(writer.directory, info.rank)
+        if not info.is_main:
+            return
+        if not wait_for_marks(writer.directory, info.world_size, MARK_TIMEOUT_S):
+            log.error("checkpoint of step %d not published: not every rank finished writing its files within %.0f s",
+                      state["step"], MARK_TIMEOUT_S)
+            return
+        clear_marks(writer.directory, info.world_size)
+        self._publish(writer.directory, state | {"save_s": round(time.perf_counter() - started, 3),
+                                                 "blocking_s": round(blocking_s, 3)})
+
+    def _publish(self, tmp: Path, state: dict) -> None:
+        """Rank 0, once every rank's files are durable: state.json, the directory's name, `latest`."""
+        final = tmp.with_name(tmp.name[:-len(".tmp")])
+        write_bytes(tmp / "state.json", json.dumps(state, indent=1).encode())
+        fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        replace_durably(tmp, final)
+        pointer = self.root / "latest.tmp"
+        write_bytes(pointer, final.name.encode())
+        replace_durably(pointer, self.root / "latest")
+        _prune(self.root, self.keep_last, state["step"])
+        self._report(final, state)
+
+    def _report(self, final: Path, state: dict) -> None:
+        seconds = state["save_s"]
+        blocked = f" ({state['blocking_s']:.1f} s of it blocking training)" if "blocking_s" in state else ""
+        log.info("saved checkpoint %s in %.1f s%s", final, seconds, blocked)
         if self.grace_s is not None and seconds > self.grace_s:
             log.warning("the checkpoint took %.1f s, longer than trainer.grace_s=%g: a stop signal's checkpoint "
                         "would be killed before it completes. Raise the grace period (see docs/clusters.md, "
@@ -211,14 +243,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _maybe_crash(step: int, point: str) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec == f"{point}:{step}":
-        log.error("fault injection: crashing at %s, step %d", point, step)
-        os._exit(13)
-
-
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, published: int) -> None:
+    """Keep the newest `keep_last` checkpoints; drop the .tmp folders of saves older than the one just
+    published (cut short by a crash)."""
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
+    stale = [p for p in root.glob("step_*.tmp") if int(p.name[5:12]) < published]
+    for old in done[:-keep_last] + stale:
         shutil.rmtree(old, ignore_errors=True)

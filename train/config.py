@@ -28,6 +28,9 @@ class TrainerConfig:
     max_steps: int = 1000
     ckpt_every: int = 500
     keep_last: int = 3
+    # Periodic checkpoints are written by a background thread after a snapshot to host memory (training
+    # goes on meanwhile; the next save waits for it). A stop signal's and the last step's never are.
+    ckpt_async: bool = True
     resume: str = "auto"  # auto | never | a checkpoint directory
     log_every: int = 10
     image_every: int = 500

@@ -1,6 +1,8 @@
-"""The DeepSpeed engines' part of a checkpoint: DeepSpeed's own files (exact at the same world
-size) and a portable copy (full fp32 weights and Adam moments by parameter name) that any world
-size and ZeRO stage can load, and that train.export reads without DeepSpeed.
+"""The DeepSpeed engines' part of a checkpoint: full fp32 weights, buffers and Adam moments by
+name, each tensor written once by its owner rank (train/portable.py), with each engine's Adam step
+count and LR schedule in state.json. Restoring re-partitions them for this run's world size and ZeRO
+stage, so one format serves the same world size (exactly) and any other. Checkpoints of earlier
+versions (DeepSpeed's own files and one portable file per engine) still load.
 """
 from __future__ import annotations
 
@@ -8,42 +10,44 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from train.dist import DistInfo
+from train.portable import TensorIndex, assign_owners, shard_name
 
 log = logging.getLogger("train.checkpoint")
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class EnginesPart:
-    """engines: name -> DeepSpeed engine. state.json entries: "engines" (their names) and
-    "optimizer_steps" (each engine's Adam step count, for the portable path)."""
+    """engines: name -> DeepSpeed engine. state.json entries: "engines" (their names),
+    "optimizer_steps" (each engine's Adam step count) and "schedules" (each one's LR schedule state)."""
 
     def __init__(self, engines: dict):
         self.engines = engines
 
     def save(self, writer, info: DistInfo) -> dict:
-        counts = {}
+        counts, schedules = {}, {}
         for name, engine in self.engines.items():
-            engine.save_checkpoint(str(writer.directory), tag=name, save_latest=False)  # collective
-            weights, moments = portable_state(engine)  # collective
+            weights, moments = portable_state(engine, info, own_copies=writer.snapshot)  # collective
+            directory = f"portable/{name}"
+            writer.tensors(f"{directory}/{shard_name('weights', info.rank, info.world_size)}", weights, fresh=True)
+            writer.tensors(f"{directory}/{shard_name('moments', info.rank, info.world_size)}", moments, fresh=True)
             counts[name] = optimizer_step_count(engine)
-            if info.is_main:
-                writer.tensors(f"portable/{name}.safetensors", weights)
-                writer.tensors(f"portable/{name}.optim.safetensors", moments)
-        return {"engines": list(self.engines), "optimizer_steps": counts}
+            schedules[name] = schedule_state(engine)
+        return {"engines": list(self.engines), "optimizer_steps": counts, "schedules": schedules}
 
     def load(self, path: Path, state: dict, info: DistInfo) -> None:
-        """Same world size: DeepSpeed's own checkpoint, exact. Another: the portable weights and moments."""
-        if state["world_size"] == info.world_size:
-            for name, engine in self.engines.items():
+        if state.get("layout", 1) == 1 and state["world_size"] == info.world_size:
+            for name, engine in self.engines.items():  # an earlier version's checkpoint: DeepSpeed's files
                 engine.load_checkpoint(str(path), tag=name, load_module_strict=True)
             return
-        log.warning("checkpoint was written by %d ranks, this run has %d: loading the portable weights and "
-                    "optimizer moments; the data continues at the same global sample", state["world_size"],
-                    info.world_size)
+        if state["world_size"] != info.world_size:
+            log.warning("checkpoint was written by %d ranks, this run has %d: weights and Adam moments are "
+                        "re-partitioned; the data continues at the same global sample", state["world_size"],
+                        info.world_size)
         for name, engine in self.engines.items():
-            load_portable(engine, path / "portable", name, state["optimizer_steps"][name])
+            load_portable(engine, path, name, state["optimizer_steps"][name])
+            load_schedule(engine, state.get("schedules", {}).get(name))
 
 
 def _base_optimizer(engine):
@@ -57,22 +61,76 @@ def _is_partitioned(param) -> bool:
     return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
 
 
-def portable_state(engine) -> tuple[dict, dict]:
-    """Full fp32 weights and Adam moments of an engine, by parameter name (collective: all ranks call)."""
+def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict]:
+    """(weights and buffers, Adam moments) this rank owns, as full fp32 CPU tensors by name
+    (collective: every rank gathers every ZeRO-partitioned tensor, and keeps the ones it owns).
+    own_copies: copy tensors that would otherwise be the live ones (a background save)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    weights, moments = {}, {}
     base = _base_optimizer(engine)
     if not base.state:  # never stepped (e.g. the discriminator before disc_start): zero moments
         _materialize_adam_state(engine, 0)
-    for name, param in engine.module.named_parameters():
-        partitioned = _is_partitioned(param)
-        weights[name] = (safe_get_full_fp32_param(param) if partitioned else param).detach().float().cpu().clone()
-        for key in ("exp_avg", "exp_avg_sq"):
-            value = safe_get_full_optimizer_state(param, key) if partitioned else base.state.get(param, {}).get(key)
-            if value is not None:
-                moments[f"{name}::{key}"] = value.detach().cpu().clone()
+    params = dict(engine.module.named_parameters())
+    buffers = persistent_buffers(engine.module)
+    sizes = {n: 4 * _full_numel(t) for n, t in (params | buffers).items()}
+    owners = assign_owners(sizes, info.world_size)
+
+    def host(t):
+        out = t.detach().float().cpu()  # the live tensor itself when it is fp32 on the CPU
+        return out.clone() if own_copies and out.data_ptr() == t.data_ptr() else out
+
+    weights, moments = {}, {}
+    for name, param in params.items():
+        partitioned, mine = _is_partitioned(param), owners[name] == info.rank
+        if partitioned or mine:  # a partitioned tensor is gathered by every rank alike
+            full = safe_get_full_fp32_param(param) if partitioned else param
+            if mine:
+                weights[name] = host(full) if not partitioned else full.detach().float().cpu()
+        for key in MOMENTS:
+            if partitioned:
+                value = safe_get_full_optimizer_state(param, key)
+            else:
+                value = base.state.get(param, {}).get(key) if mine else None
+            if mine and value is not None:
+                moments[f"{name}::{key}"] = value.detach().cpu() if partitioned else host(value)
+    for name, buf in buffers.items():
+        if owners[name] == info.rank:
+            weights[name] = host(buf)
     return weights, moments
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state_dict holds (e.g. running statistics), by name."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
+def _full_numel(t) -> int:
+    shape = getattr(t, "ds_shape", None)  # ZeRO-3 keeps an empty local tensor and the full shape here
+    return int(torch.Size(shape).numel()) if shape is not None else t.numel()
+
+
+def schedule_state(engine) -> dict | None:
+    """The LR schedule's state (JSON-ready; None without one): its step count and current rates."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None:
+        return None
+    return {"last_epoch": scheduler.last_epoch, "step_count": getattr(scheduler, "_step_count", 0),
+            "last_lr": [float(x) for x in scheduler.get_last_lr()]}
+
+
+def load_schedule(engine, state: dict | None) -> None:
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None or state is None:
+        return
+    scheduler.last_epoch, scheduler._step_count = state["last_epoch"], state["step_count"]
+    scheduler._last_lr = list(state["last_lr"])
+    for group, lr in zip(scheduler.optimizer.param_groups, state["last_lr"]):
+        group["lr"] = lr
 
 
 def optimizer_step_count(engine) -> int:
@@ -82,21 +140,25 @@ def optimizer_step_count(engine) -> int:
     return 0
 
 
-def load_portable(engine, directory: Path, name: str, optimizer_steps: int) -> None:
-    """Set weights and Adam moments from full tensors; each rank keeps its own partition."""
+def load_portable(engine, path: Path, name: str, optimizer_steps: int) -> None:
+    """Set weights, buffers and Adam moments from the full tensors of checkpoint `path`, one tensor
+    at a time; each rank keeps its own partition."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    weights = load_file(str(directory / f"{name}.safetensors"))
-    moments = load_file(str(directory / f"{name}.optim.safetensors"))
+    weights, moments = TensorIndex(path, name, "weights"), TensorIndex(path, name, "moments")
     _materialize_adam_state(engine, optimizer_steps)
     base = _base_optimizer(engine)
+    params = dict(engine.module.named_parameters())
     with torch.no_grad():
-        for pname, param in engine.module.named_parameters():
-            param.data.copy_(weights[pname].to(param.device, param.dtype))  # the module's own copy
+        for pname, param in params.items():
+            full = weights.get(pname)
+            if full is None:
+                raise KeyError(f"checkpoint {path} has no weights for {name}.{pname}")
+            _set_module_param(param, full)
             partitioned = _is_partitioned(param)
             if partitioned:
-                safe_set_full_fp32_param(param, weights[pname].to(param.device))  # ZeRO's fp32 master
-            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_fp32_param(param, full.to(param.device))  # ZeRO's fp32 master
+            for key in MOMENTS:
                 value = moments.get(f"{pname}::{key}")
                 if value is None:
                     continue
@@ -104,6 +166,25 @@ def load_portable(engine, directory: Path, name: str, optimizer_steps: int) -> N
                     safe_set_full_optimizer_state(param, value.to(param.device), key)
                 else:
                     base.state[param][key].copy_(value)
+        for bname, buf in persistent_buffers(engine.module).items():
+            value = weights.get(bname)
+            if value is not None:  # checkpoints of earlier versions hold no buffers
+                buf.copy_(value.to(buf.device, buf.dtype))
+
+
+def _set_module_param(param, full: torch.Tensor) -> None:
+    """The module's own copy of a parameter: whole, or under ZeRO-3 this rank's slice of it (its
+    partition `ds_tensor`, padded at the end; the fp32 master is set separately)."""
+    if not hasattr(param, "ds_id"):
+        param.data.copy_(full.to(param.device, param.dtype))
+        return
+    import torch.distributed as dist
+
+    part = param.ds_tensor
+    flat = full.flatten().to(part.device, part.dtype)
+    start = part.numel() * dist.get_rank(group=param.ds_process_group)
+    count = max(0, min(part.numel(), flat.numel() - start))
+    part.data[:count].copy_(flat[start:start + count])
 
 
 def _materialize_adam_state(engine, steps: int) -> None:

@@ -138,7 +138,12 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
     batches, meter, saved = iter(data), Throughput(), step
 
     def checkpoint(stopping: bool = False) -> None:
-        path = saver.save(step)
+        # Periodic saves write in the background; a stop signal's and the last step's are written
+        # before the call returns (and wait for a background one first: never two in flight).
+        last = stopping or step == cfg.max_steps
+        path = saver.save(step, background=cfg.ckpt_async and not last)
+        if cfg.export_every and step % cfg.export_every == 0:
+            saver.wait()  # the export reads the published checkpoint
         export_after_checkpoint(run_dir, path, step, task.cfg, info, stopping)  # trainer.export_every; rank 0
 
     try:
@@ -149,6 +154,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
                 if step > saved:
                     data.load_state_dict(position)  # the batches fetched after step `step` were not trained on
                     checkpoint(stopping=True)
+                saver.wait()  # a background save of this very step is published before the process ends
                 log.warning("stopped by signal at step %d (%s)", step,
                             "checkpoint saved" if step else "before the first step: nothing to save")
                 # Ranks the signal did not reach stop too: they learn which signal it was here.
@@ -179,6 +185,7 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
                 saved = step
     finally:
         batches.close()  # ends the DataLoader iterator: its workers are stopped here, not left to exit
+    saver.wait()
     task.export(run_dir, step)  # collective; the task writes on rank 0
     return RunEnd(step)
 

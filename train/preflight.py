@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch.distributed as dist
 
 from train.dist import DistInfo
+from train.portable import has_portable
 
 log = logging.getLogger("train.preflight")
 
@@ -127,7 +128,7 @@ def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> N
                               "to it.")
     if state["world_size"] == info.world_size:
         return
-    portable = all((path / "portable" / f"{name}.safetensors").exists() for name in state["engines"])
+    portable = all(has_portable(path, name) for name in state["engines"])
     if not portable:
         found.errors.append(f"checkpoint {path} was written by {state['world_size']} ranks and has no portable "
                             f"weights, and this job has {info.world_size}: resume it with {state['world_size']} "

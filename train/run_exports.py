@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from infd.compat import checkpoint_task_state, logged_latent_scale
@@ -25,6 +24,7 @@ from infd.export import MODEL_KINDS, ExportRecord, save_export
 from train.checkpoint import step_dir_name
 from train.config import TrainerConfig
 from train.dist import DistInfo
+from train.portable import read_ema, read_tensors
 from train.zero import gathered
 
 log = logging.getLogger("train")
@@ -124,12 +124,12 @@ def _latent_scale(cfg, state: dict, run_dir: Path) -> float:
 
 
 def _weights(ckpt: Path, stage: Stage, use_ema: bool) -> tuple[dict, bool]:
-    """The full fp32 weights rank 0 wrote (whatever the ZeRO stage and world size), with the EMA's
+    """The full fp32 weights the ranks wrote (whatever the ZeRO stage and world size), with the EMA's
     in their place when asked for and kept. The exported models hold no buffers, only parameters."""
-    state = load_file(str(ckpt / "portable" / f"{stage.engine}.safetensors"))
-    ema = ckpt / "ema.safetensors"
-    if use_ema and ema.exists():
-        return state | load_file(str(ema)), True
+    state = read_tensors(ckpt, stage.engine, "weights")
+    ema = read_ema(ckpt) if use_ema else None
+    if ema is not None:
+        return state | ema, True
     return state, False
 
 

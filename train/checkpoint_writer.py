@@ -1,0 +1,134 @@
+"""Writing a checkpoint's files: now (a stop signal, the last step) or in the background (periodic).
+
+The parts hand their files to a `CheckpointWriter` while every rank is at the same step boundary;
+nothing is written then. `write()` writes them, each file fsynced. A background save first takes a
+snapshot (host copies of the tensors that training will change) and then writes from a thread
+while training goes on; each rank marks its files done (`.done-rankNNNNN`) and rank 0's thread,
+once it sees every rank's mark, publishes the checkpoint (`commit`). No collective runs off the
+main thread: the ranks meet only through the files, so the training's collectives are never
+interleaved with the checkpoint's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from train.durable import write_bytes, write_safetensors
+
+log = logging.getLogger("train.checkpoint")
+FAULT_ENV = "INFD_FAULT_INJECT"  # testing hooks: "crash_in_checkpoint_save:STEP", "hold_background_save:STEP"
+MARK = ".done-rank{:05d}"
+
+
+@dataclass
+class CheckpointWriter:
+    """Where parts put their files. snapshot: the files are written later, while training changes
+    the live tensors: take host copies now (a part passes fresh=True for tensors that are already
+    its own copies, e.g. gathered from ZeRO partitions)."""
+
+    directory: Path
+    snapshot: bool = False
+    files: list = field(default_factory=list)  # (relative name, dict of tensors | torch object)
+
+    def tensors(self, name: str, tensors: dict[str, Tensor], fresh: bool = False) -> None:
+        copy = self.snapshot and not fresh
+        self.files.append((name, {k: _host(v, copy) for k, v in tensors.items()}))
+
+    def torch_object(self, name: str, obj) -> None:
+        self.files.append((name, obj))
+
+    def write(self, step: int) -> int:
+        """Write every file, each fsynced; returns the bytes of tensors written."""
+        written = 0
+        for i, (name, payload) in enumerate(self.files):
+            path = self.directory / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
+                written += write_safetensors(path, payload)
+            else:
+                torch.save(payload, path)
+                _fsync_file(path)
+            if i == 0:
+                _maybe_hold(step)
+        return written
+
+
+def _host(t: Tensor, copy: bool) -> Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.to("cpu")  # a copy already
+    return t.clone() if copy else t
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_done(directory: Path, rank: int) -> None:
+    write_bytes(directory / MARK.format(rank), b"")
+
+
+def wait_for_marks(directory: Path, world_size: int, timeout_s: float) -> bool:
+    """True once every rank marked its files done; False after timeout_s (a rank died)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if all((directory / MARK.format(r)).exists() for r in range(world_size)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def clear_marks(directory: Path, world_size: int) -> None:
+    for r in range(world_size):
+        (directory / MARK.format(r)).unlink(missing_ok=True)
+
+
+class BackgroundSave:
+    """One checkpoint being written by a daemon thread (a crashed run does not wait for it, and its
+    `.tmp` directory is never published). `wait()` returns when it is done, publishing included on
+    rank 0; it re-raises what the thread raised."""
+
+    def __init__(self, step: int, work: Callable[[], None]):
+        self.step, self.error = step, None
+        self.thread = threading.Thread(target=self._run, args=(work,), name=f"checkpoint-{step}", daemon=True)
+        self.thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except BaseException as err:  # reported by wait(), on the main thread
+            self.error = err
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"the background save of step {self.step} failed") from self.error
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+
+def maybe_crash(step: int, point: str) -> None:
+    if os.environ.get(FAULT_ENV, "") == f"{point}:{step}":
+        log.error("fault injection: crashing at %s, step %d", point, step)
+        os._exit(13)
+
+
+def _maybe_hold(step: int) -> None:
+    """Fault injection: the writer stops for good after its first file (a test kills the process then)."""
+    if os.environ.get(FAULT_ENV, "") == f"hold_background_save:{step}" and threading.current_thread().daemon:
+        log.error("fault injection: holding the background save of step %d", step)
+        threading.Event().wait()
