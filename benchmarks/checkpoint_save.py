@@ -5,12 +5,16 @@ Per configuration, in its own process (one rank, random LPIPS weights and synthe
 the model and optimizer sizes matter), after one training step:
   stop       the checkpoint a stop signal saves (`Checkpointer.save`, synchronous: gathered, written,
              every file fsynced, published) against the time this disk takes to write the same number
-             of bytes, measured in the same process (one file, fsynced): stop_vs_disk_ratio;
-             bytes per trained parameter (weights, Adam moments, the EMA where the run keeps one);
+             of bytes of distinct data to one file, measured in the same process; --rounds of each,
+             alternating, compared by their medians (stop_vs_disk_ratio); bytes per trained parameter
+             (weights, Adam moments, the EMA where the run keeps one);
   periodic   N training steps with a background save taken before the first of them, against N steps
-             without: the added seconds as a fraction of the synchronous save's (periodic_slowdown_ratio;
-             0 = free, 1 = as if the save had blocked). What the background save had left to write
-             after the N steps is reported (`unfinished_s`), not counted.
+             without (the mean of N before and N after): the added seconds as a fraction of the
+             synchronous save's (periodic_slowdown_ratio; 0 = free, 1 = as if the save had blocked).
+             N is enough steps for the save to finish among them (--max-steps at most); what it had
+             left after them is reported (`unfinished_s`), not counted. Beside it the control: the
+             same N steps while another process writes the same bytes to the same disk
+             (disk_writer_slowdown_ratio): what writing them costs a training on this machine at all.
 Configurations: diffusion_ffhq_paper (the paper UNet, EMA on), ae_ffhq_paper (VQ-f4 autoencoder and its
 discriminator) and sd_unet (diffusers' UNet2DConditionModel at SD 1.5's widths with --sd-layers resnets
 per block, reduced for this machine's memory: the full SD UNet with Adam and a snapshot does not fit 24 GiB).
@@ -24,14 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,20 +75,30 @@ def build(name: str, args, info):
 
 
 def disk_seconds(directory: Path, nbytes: int) -> float:
-    """Seconds this disk takes to write `nbytes` to one new file and fsync it."""
-    block = os.urandom(1 << 20) * 64  # 64 MiB
-    path = directory / "disk_probe.bin"
+    """Seconds this disk takes to write `nbytes` of distinct data to one new file and fsync it. Each 64 MiB
+    chunk is a random block XORed with the chunk's own 64-bit word (about 30 ms of the time): this
+    machine's virtual disk stores repeated data once (a repeated 64 MiB buffer wrote at 1.14 GB/s,
+    distinct data at about 0.1), so a probe that repeats itself would flatter the disk."""
+    block = np.frombuffer(os.urandom(64 << 20), dtype=np.uint8).copy()
+    words = block.view(np.uint64)
+    path = directory / f"disk_probe_{os.getpid()}.bin"
     start = time.perf_counter()
     with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(memoryview(block)[:min(left, len(block))])
-            left -= len(block)
+        for i in range(-(-nbytes // block.nbytes)):
+            words ^= np.uint64((0x9E3779B97F4A7C15 * (i + 1)) % (1 << 64))
+            f.write(memoryview(block)[:min(block.nbytes, nbytes - i * block.nbytes)])
         f.flush()
         os.fsync(f.fileno())
     seconds = time.perf_counter() - start
     path.unlink()
     return seconds
+
+
+def disk_writer(directory: Path, nbytes: int) -> subprocess.Popen:
+    """Another process writing `nbytes` as disk_seconds does: what writing alone costs a training beside it."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from benchmarks.checkpoint_save import disk_seconds; disk_seconds(Path({str(directory)!r}), {nbytes})")
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def child(name: str, args) -> dict:
@@ -107,34 +124,50 @@ def child(name: str, args) -> dict:
         train(1)
         saver = Checkpointer(root, [EnginesPart(task.engines), EmaPart(task.ema), TaskPart(task), RngPart()], info,
                              keep_last=1)
-        path = saver.save(step)
-        state = json.loads((path / "state.json").read_text())
-        nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        disk_s = disk_seconds(root, nbytes)
-        plain_s = train(args.steps)
+        # This machine's virtual disk writes anywhere from 0.08 to 1.8 GB/s from one minute to the next: the
+        # save and the probe alternate, and their medians are compared.
+        saves, probes = [], []
+        for _ in range(args.rounds):
+            path = saver.save(step)
+            state = json.loads((path / "state.json").read_text())
+            nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            saves.append(state["save_s"])
+            probes.append(disk_seconds(root, nbytes))
+        state["save_s"], disk_s = statistics.median(saves), statistics.median(probes)
+        step_s = train(1)
+        # Enough steps for the background save to finish among them, as it does when ckpt_every is many steps.
+        steps = args.steps or min(args.max_steps, math.ceil(1.2 * state["save_s"] / step_s) + 1)
+        plain_s = train(steps)
         start = time.perf_counter()
         saver.save(step, background=True)
         blocking_s = time.perf_counter() - start
-        with_save_s = blocking_s + train(args.steps)
+        with_save_s = blocking_s + train(steps)
         start = time.perf_counter()
         saver.wait()
         unfinished_s = time.perf_counter() - start
+        writer = disk_writer(root, nbytes)
+        beside_writer_s = train(steps)
+        writer.wait()
+        plain_s = (plain_s + train(steps)) / 2  # before and after: this CPU's step times drift
     finally:
         shutdown(keep_group=False, clean=True)
     return {"params": params, "checkpoint_bytes": nbytes, "bytes_per_param": round(nbytes / params, 3),
-            "stop_save_s": state["save_s"], "disk_s": round(disk_s, 3),
+            "stop_save_s": state["save_s"], "disk_s": round(disk_s, 3), "stop_save_s_rounds": saves,
+            "disk_s_rounds": [round(x, 3) for x in probes],
             "disk_gb_per_s": round(nbytes / disk_s / 1e9, 3),
             "stop_vs_disk_ratio": round(state["save_s"] / disk_s, 3),
             "grace_fraction": {k: round(state["save_s"] / v, 3) for k, v in GRACE_S.items()},
-            "steps": args.steps, "steps_s": round(plain_s, 3), "steps_with_background_save_s": round(with_save_s, 3),
+            "steps": steps, "steps_s": round(plain_s, 3), "steps_with_background_save_s": round(with_save_s, 3),
             "background_blocking_s": round(blocking_s, 3), "unfinished_s": round(unfinished_s, 3),
-            "periodic_slowdown_ratio": round((with_save_s - plain_s) / state["save_s"], 3)}
+            "periodic_slowdown_ratio": round((with_save_s - plain_s) / state["save_s"], 3),
+            "steps_beside_a_disk_writer_s": round(beside_writer_s, 3),
+            "disk_writer_slowdown_ratio": round((beside_writer_s - plain_s) / state["save_s"], 3)}
 
 
 def run_config(name: str, args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         cmd = [sys.executable, __file__, "--child", name, "--dir", tmp, f"--steps={args.steps}",
-               f"--sd-layers={args.sd_layers}"]
+               f"--max-steps={args.max_steps}", f"--rounds={args.rounds}", f"--sd-layers={args.sd_layers}"]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         shutil.rmtree(tmp, ignore_errors=True)
     if res.returncode != 0:
@@ -150,7 +183,10 @@ def run_config(name: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--steps", type=int, default=3, help="training steps timed with and without a background save")
+    p.add_argument("--steps", type=int, default=0, help="training steps timed with and without a background save "
+                   "(0: enough for the save to finish among them, at most --max-steps)")
+    p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3, help="stop saves and disk probes, alternating (medians)")
     p.add_argument("--sd-layers", type=int, default=1, help="resnets per block of the SD-width UNet (SD: 2)")
     p.add_argument("--tmp", default=None, help="folder for the checkpoints (default: the system's temp folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -48,7 +48,7 @@ from infd.compat import checkpoint_data_position, checkpoint_task_state
 from train.checkpoint_writer import (BackgroundSave, CheckpointWriter, clear_marks, mark_done, maybe_crash,
                                      wait_for_marks)
 from train.dist import DistInfo
-from train.durable import fsync_dir, replace_durably, write_bytes
+from train.durable import fsync_path, replace_durably, write_bytes
 from train.portable import EMA, assign_owners, read_ema, shard_name
 
 log = logging.getLogger("train.checkpoint")
@@ -188,7 +188,7 @@ class Checkpointer:
         """Rank 0, once every rank's files are durable: state.json, the directory's name, `latest`."""
         final = tmp.with_name(tmp.name[:-len(".tmp")])
         write_bytes(tmp / "state.json", json.dumps(state, indent=1).encode())
-        fsync_dir(tmp)
+        fsync_path(tmp)
         shutil.rmtree(final, ignore_errors=True)
         replace_durably(tmp, final)
         pointer = self.root / "latest.tmp"

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from train.durable import write_bytes, write_safetensors
+from train.durable import fsync_path, write_bytes, write_safetensors
 
 log = logging.getLogger("train.checkpoint")
 FAULT_ENV = "INFD_FAULT_INJECT"  # testing hooks: "crash_in_checkpoint_save:STEP", "hold_background_save:STEP"
@@ -55,7 +55,7 @@ class CheckpointWriter:
                 written += write_safetensors(path, payload)
             else:
                 torch.save(payload, path)
-                _fsync_file(path)
+                fsync_path(path)
             if i == 0:
                 _maybe_hold(step)
         return written
@@ -66,14 +66,6 @@ def _host(t: Tensor, copy: bool) -> Tensor:
     if t.device.type != "cpu":
         return t.to("cpu")  # a copy already
     return t.clone() if copy else t
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def mark_done(directory: Path, rank: int) -> None:

@@ -3,8 +3,11 @@ and fsync of files and directories (a rename is durable only once its directory 
 
 `write_safetensors` writes the safetensors layout itself (8-byte little-endian header length, a
 JSON header of dtype, shape and byte offsets per tensor padded to 8 bytes, then the tensors'
-bytes in header order) straight from each CPU tensor's memory: `safetensors.torch.save_file`
-first copies every tensor into Python bytes, which doubles a checkpoint's memory and time.
+bytes in header order): `safetensors.torch.save_file` first copies every tensor into Python
+bytes, which doubles a checkpoint's memory. The bytes go out through one reused 64 MiB buffer
+rather than straight from each tensor's memory: on the development machine, writing the paper
+UNet's 3.4 GB of weights and moments took 20-31 s straight from the tensors and 4.5-19 s staged,
+against 4.3-4.8 s for the disk's own probe (the same process, alternating).
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 
+STAGE_BYTES = 64 << 20
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
@@ -36,11 +41,14 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         header["__metadata__"] = metadata
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
+    stage = np.empty(min(STAGE_BYTES, max(offset, 1)), dtype=np.uint8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for blob in blobs:
-            if blob is not None:
-                f.write(memoryview(blob))
+            for start in range(0, 0 if blob is None else blob.nbytes, stage.nbytes):
+                n = min(stage.nbytes, blob.nbytes - start)
+                stage[:n] = blob[start:start + n]
+                f.write(memoryview(stage)[:n])
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(text) + offset
@@ -53,7 +61,8 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,4 +73,4 @@ def fsync_dir(path: Path) -> None:
 def replace_durably(src: Path, dst: Path) -> None:
     """os.replace, then the directory synced: after a power loss `dst` is the new one or the old one."""
     os.replace(src, dst)
-    fsync_dir(dst.parent)
+    fsync_path(dst.parent)
