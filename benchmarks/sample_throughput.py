@@ -86,8 +86,11 @@ def main() -> None:
     cond = Conditioning([PROMPT])
     spec = SamplingSpec(sampler="ddim", steps=steps, cfg_scale=args.cfg_scale)
     with torch.no_grad():
-        step_flops = count_flops(lambda: generate_latents(model, SamplingSpec("ddim", 1, cfg_scale=args.cfg_scale),
-                                                          cond, shape, 0))
+        # The prompt is encoded once per sample (the prompt and the empty one): counted once, not per step.
+        text_flops = count_flops(lambda: (model.text([PROMPT]), model.text([""])))
+        one_step = count_flops(lambda: generate_latents(model, SamplingSpec("ddim", 1, cfg_scale=args.cfg_scale),
+                                                        cond, shape, 0))
+        sampler_flops = text_flops + steps * (one_step - text_flops)
         z, sample_s = timed(lambda: generate_latents(model, spec, cond, shape, 0, progress=True), device)
         phi, decode_s = timed(lambda: ae.decode(z), device)
         decode_flops = count_flops(lambda: ae.decode(z))
@@ -104,7 +107,8 @@ def main() -> None:
     result = {
         "device": str(device), "weights": "random init", "steps": steps, "cfg_scale": args.cfg_scale,
         "latent": list(shape), "s_per_step": round(s_per_step, 3), "sampler_s": round(sample_s, 2),
-        "sampler_mfu": round(mfu(step_flops * steps, sample_s, peak), 4),
+        "sampler_mfu": round(mfu(sampler_flops, sample_s, peak), 4), "text_share_of_a_step": round(
+            text_flops / (one_step - text_flops), 4),
         "decode_s": round(decode_s, 3), "decode_mfu": round(mfu(decode_flops, decode_s, peak), 4),
         "render": renders, "render_precision": args.render_precision,
         "end_to_end_s": {size: round(sample_s + decode_s + r["seconds"], 2) for size, r in renders.items()},

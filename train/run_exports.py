@@ -171,7 +171,7 @@ def export_after_checkpoint(run_dir: Path, ckpt: Path, step: int, run_cfg, info:
     later = f"make it later with: python -m train.export {run_dir} --step {step}"
     if stopping:
         # The export reads and writes one model's weights, a fraction of what the save wrote
-        # (every engine's weights, Adam moments and DeepSpeed's own files): with half of the
+        # (every engine's weights and Adam moments, and the EMA): with half of the
         # grace period left it fits; with less, SIGKILL could cut the export and the exit short.
         save_s = json.loads((ckpt / "state.json").read_text()).get("save_s", 0.0)
         if save_s > cfg.grace_s / 2:
