@@ -42,3 +42,44 @@ def test_owners_cover_every_tensor_once_in_balanced_shares(tmp_path):
     (folder / shard_name("weights", 2, 3)).unlink()
     with pytest.raises(FileNotFoundError, match="2 of 3"):
         read_tensors(tmp_path / "step", "unet", "weights")
+
+
+class _TensorPart:
+    """A checkpoint part with one tensor file; `blocked` puts a file where its folder goes (a real write error)."""
+
+    def __init__(self):
+        self.blocked, self.weight = False, torch.randn(1000)
+
+    def save(self, writer, info) -> dict:
+        if self.blocked:
+            (writer.directory / "part").write_text("not a folder")
+        writer.tensors("part/w.safetensors", {"w": self.weight})
+        return {}
+
+    def load(self, path, state, info) -> None:
+        self.weight = load_file(str(path / "part" / "w.safetensors"))["w"]
+
+
+def test_a_failed_background_save_is_logged_leaves_latest_and_the_next_save_publishes(tmp_path, caplog):
+    import torch.distributed as dist
+
+    from train.checkpoint import Checkpointer, latest_checkpoint
+    from train.dist import DistInfo
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        part = _TensorPart()
+        saver = Checkpointer(tmp_path, [part], DistInfo(0, 0, 1, torch.device("cpu")), keep_last=3)
+        saver.save(1)
+        part.blocked = True
+        saver.save(2, background=True)
+        assert saver.wait() is False and "background checkpoint of step 2 failed" in caplog.text
+        assert latest_checkpoint(tmp_path) == tmp_path / "step_0000001" and not (tmp_path / "step_0000002").exists()
+        part.blocked, saved = False, part.weight.clone()
+        saver.save(3, background=True)
+        assert saver.wait() is True and latest_checkpoint(tmp_path) == tmp_path / "step_0000003"
+        assert not (tmp_path / "step_0000002.tmp").exists()  # cleared once a later save is published
+        part.weight = torch.zeros(1000)
+        assert saver.load(tmp_path / "step_0000003") == 3 and torch.equal(part.weight, saved)
+    finally:
+        dist.destroy_process_group()

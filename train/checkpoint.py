@@ -164,22 +164,29 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def wait(self) -> None:
-        """Return once the background save (if any) is written and, on rank 0, published."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.wait()
+    def wait(self) -> bool:
+        """Return once the background save (if any) is written and, on rank 0, published; False if it
+        failed (logged; `latest` stays on the checkpoint before it)."""
+        if self.pending is None:
+            return True
+        pending, self.pending = self.pending, None
+        return pending.wait()
 
     def _finish_in_background(self, writer: CheckpointWriter, state: dict, started: float, blocking_s: float) -> None:
-        info = self.info
-        writer.write(state["step"])
+        info, step = self.info, state["step"]
+        try:
+            writer.write(step)
+        except Exception:
+            mark_done(writer.directory, info.rank, failed=True)  # rank 0 stops waiting for this rank's files
+            raise
         mark_done(writer.directory, info.rank)
         if not info.is_main:
             return
-        if not wait_for_marks(writer.directory, info.world_size, MARK_TIMEOUT_S):
-            log.error("checkpoint of step %d not published: not every rank finished writing its files within %.0f s",
-                      state["step"], MARK_TIMEOUT_S)
-            return
+        outcome = wait_for_marks(writer.directory, info.world_size, MARK_TIMEOUT_S)
+        if outcome != "done":
+            raise RuntimeError(f"checkpoint of step {step} not published: " + (
+                "a rank failed to write its files" if outcome == "failed" else
+                f"not every rank finished writing its files within {MARK_TIMEOUT_S:.0f} s"))
         clear_marks(writer.directory, info.world_size)
         self._publish(writer.directory, state | {"save_s": round(time.perf_counter() - started, 3),
                                                  "blocking_s": round(blocking_s, 3)})

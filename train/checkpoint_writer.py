@@ -26,6 +26,7 @@ from train.durable import fsync_path, write_bytes, write_safetensors
 log = logging.getLogger("train.checkpoint")
 FAULT_ENV = "INFD_FAULT_INJECT"  # testing hooks: "crash_in_checkpoint_save:STEP", "hold_background_save:STEP"
 MARK = ".done-rank{:05d}"
+FAILED = ".failed-rank{:05d}"
 
 
 @dataclass
@@ -68,18 +69,22 @@ def _host(t: Tensor, copy: bool) -> Tensor:
     return t.clone() if copy else t
 
 
-def mark_done(directory: Path, rank: int) -> None:
-    write_bytes(directory / MARK.format(rank), b"")
+def mark_done(directory: Path, rank: int, failed: bool = False) -> None:
+    """This rank's files are written (or, failed, will not be: rank 0 stops waiting for them)."""
+    write_bytes(directory / (FAILED if failed else MARK).format(rank), b"")
 
 
-def wait_for_marks(directory: Path, world_size: int, timeout_s: float) -> bool:
-    """True once every rank marked its files done; False after timeout_s (a rank died)."""
+def wait_for_marks(directory: Path, world_size: int, timeout_s: float) -> str:
+    """"done" once every rank marked its files done; "failed" as soon as one rank marked a failure;
+    "timeout" after timeout_s (a rank died)."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if any((directory / FAILED.format(r)).exists() for r in range(world_size)):
+            return "failed"
         if all((directory / MARK.format(r)).exists() for r in range(world_size)):
-            return True
+            return "done"
         if time.monotonic() > deadline:
-            return False
+            return "timeout"
         time.sleep(0.05)
 
 
@@ -91,7 +96,8 @@ def clear_marks(directory: Path, world_size: int) -> None:
 class BackgroundSave:
     """One checkpoint being written by a daemon thread (a crashed run does not wait for it, and its
     `.tmp` directory is never published). `wait()` returns when it is done, publishing included on
-    rank 0; it re-raises what the thread raised."""
+    rank 0; a failed save (a full disk, say) is logged there and leaves `latest` where it was: the
+    run goes on and the next save tries again."""
 
     def __init__(self, step: int, work: Callable[[], None]):
         self.step, self.error = step, None
@@ -101,13 +107,16 @@ class BackgroundSave:
     def _run(self, work) -> None:
         try:
             work()
-        except BaseException as err:  # reported by wait(), on the main thread
+        except Exception as err:  # reported by wait(), on the main thread
             self.error = err
 
-    def wait(self) -> None:
+    def wait(self) -> bool:
+        """True if this rank's part of the save succeeded (published too, on rank 0)."""
         self.thread.join()
         if self.error is not None:
-            raise RuntimeError(f"the background save of step {self.step} failed") from self.error
+            log.error("the background checkpoint of step %d failed and is not published (the previous one stays "
+                      "`latest`; the next save tries again)", self.step, exc_info=self.error)
+        return self.error is None
 
     def done(self) -> bool:
         return not self.thread.is_alive()

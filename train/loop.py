@@ -151,10 +151,11 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
             position, start = data.state_dict(), time.perf_counter()
             micro = fetch_micro_batches(batches, grad_accum, preempt)
             if any_rank(micro is None or preempt.raised, info.device):
-                if step > saved:
+                # A background save of this very step is published before the process ends; if it failed,
+                # the stop checkpoint is written now instead.
+                if step > saved or any_rank(not saver.wait(), info.device):
                     data.load_state_dict(position)  # the batches fetched after step `step` were not trained on
                     checkpoint(stopping=True)
-                saver.wait()  # a background save of this very step is published before the process ends
                 log.warning("stopped by signal at step %d (%s)", step,
                             "checkpoint saved" if step else "before the first step: nothing to save")
                 # Ranks the signal did not reach stop too: they learn which signal it was here.
