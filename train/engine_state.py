@@ -75,9 +75,9 @@ def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict
     sizes = {n: 4 * _full_numel(t) for n, t in (params | buffers).items()}
     owners = assign_owners(sizes, info.world_size)
 
-    def host(t):
+    def host(t, gathered: bool):
         out = t.detach().float().cpu()  # the live tensor itself when it is fp32 on the CPU
-        return out.clone() if own_copies and out.data_ptr() == t.data_ptr() else out
+        return out.clone() if own_copies and not gathered and out.data_ptr() == t.data_ptr() else out
 
     weights, moments = {}, {}
     for name, param in params.items():
@@ -85,17 +85,17 @@ def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict
         if partitioned or mine:  # a partitioned tensor is gathered by every rank alike
             full = safe_get_full_fp32_param(param) if partitioned else param
             if mine:
-                weights[name] = host(full) if not partitioned else full.detach().float().cpu()
+                weights[name] = host(full, partitioned)
         for key in MOMENTS:
             if partitioned:
                 value = safe_get_full_optimizer_state(param, key)
             else:
                 value = base.state.get(param, {}).get(key) if mine else None
             if mine and value is not None:
-                moments[f"{name}::{key}"] = value.detach().cpu() if partitioned else host(value)
+                moments[f"{name}::{key}"] = host(value, partitioned)
     for name, buf in buffers.items():
         if owners[name] == info.rank:
-            weights[name] = host(buf)
+            weights[name] = host(buf, False)
     return weights, moments
 
 
