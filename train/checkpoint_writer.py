@@ -118,9 +118,6 @@ class BackgroundSave:
                       "`latest`; the next save tries again)", self.step, exc_info=self.error)
         return self.error is None
 
-    def done(self) -> bool:
-        return not self.thread.is_alive()
-
 
 def maybe_crash(step: int, point: str) -> None:
     if os.environ.get(FAULT_ENV, "") == f"{point}:{step}":

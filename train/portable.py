@@ -98,6 +98,3 @@ class TensorIndex:
     def get(self, name: str) -> Tensor | None:
         handle = self.where.get(name)
         return None if handle is None else handle.get_tensor(name)
-
-    def keys(self):
-        return self.where.keys()
