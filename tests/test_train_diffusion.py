@@ -1,4 +1,4 @@
-"""Stage-2 training in real processes on a latent cache: 2 ranks x ZeRO-2, stop signal and exact resume, W&B
+"""Stage-2 training in real processes on a latent cache: 2 ranks x ZeRO-2 and ZeRO-3 (stop signal and exact resume), W&B
 sample panels, and sampling the export at any resolution."""
 import contextlib
 import json
@@ -80,12 +80,12 @@ def test_two_ranks_match_one_process_draw_their_own_timesteps_and_export_checkpo
 
 @pytest.mark.slow
 def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
-    """2 ranks x ZeRO-2 x 2 loader workers on the latent cache. SIGTERM goes to every process of the
+    """2 ranks x ZeRO-3 x 2 loader workers on the latent cache. SIGTERM goes to every process of the
     job (scancel's way: launcher, ranks, data workers) while they evaluate after step 1 (a long
     evaluation: 400 samples, captions as prompts), then again to the ranks every 50 ms until they
     exit, so that repeats land during the checkpoint. The evaluation is abandoned (nothing logged),
     the checkpoint of step 1 is whole, and resuming reproduces the uninterrupted run."""
-    args = common(cache, "data.loader.batch_size=2", "data.loader.num_workers=2", "deepspeed=zero2",
+    args = common(cache, "data.loader.batch_size=2", "data.loader.num_workers=2", "deepspeed=zero3",
                   "trainer.ckpt_every=100", "trainer.max_steps=6", "trainer.sample_log=true")
     evals = (f"eval.shards=[{cache / 'shards'}]", "eval.patches=[]", "eval.fid_size=64", "eval.num_samples=400",
              "eval.batch_size=2", "eval.features.kind=randinit", "eval.features.dim=8",

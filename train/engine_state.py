@@ -155,14 +155,18 @@ def load_portable(engine, path: Path, name: str, optimizer_steps: int) -> None:
             if full is None:
                 raise KeyError(f"checkpoint {path} has no weights for {name}.{pname}")
             _set_module_param(param, full)
-            partitioned = _is_partitioned(param)
-            if partitioned:
+            zero3, partitioned = hasattr(param, "ds_id"), _is_partitioned(param)
+            if zero3:
+                _set_zero3_fp32(param, full)
+            elif partitioned:
                 safe_set_full_fp32_param(param, full.to(param.device))  # ZeRO's fp32 master
             for key in MOMENTS:
                 value = moments.get(f"{pname}::{key}")
                 if value is None:
                     continue
-                if partitioned:
+                if zero3:
+                    _set_zero3_fp32(param, value, key)
+                elif partitioned:
                     safe_set_full_optimizer_state(param, value.to(param.device), key)
                 else:
                     base.state[param][key].copy_(value)
@@ -174,29 +178,45 @@ def load_portable(engine, path: Path, name: str, optimizer_steps: int) -> None:
 
 def _set_module_param(param, full: torch.Tensor) -> None:
     """The module's own copy of a parameter: whole, or under ZeRO-3 this rank's slice of it (its
-    partition `ds_tensor`, padded at the end; the fp32 master is set separately)."""
+    partition `ds_tensor`; the fp32 master is set separately)."""
     if not hasattr(param, "ds_id"):
         param.data.copy_(full.to(param.device, param.dtype))
         return
     import torch.distributed as dist
 
-    part = param.ds_tensor
+    _copy_rank_slice(param.ds_tensor, full, dist.get_rank(group=param.ds_process_group))
+
+
+def _set_zero3_fp32(param, full: torch.Tensor, key: str | None = None) -> None:
+    """ZeRO-3's fp32 master (key None) or Adam moment `key` of a parameter: this rank's slice.
+    DeepSpeed's own set_full_hp_param reads past the end of a tensor whose size the ranks do not divide
+    (a 3-element bias on 2 ranks: "start (2) + length (2) exceeds dimension size (3)")."""
+    optimizer = param._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    _copy_rank_slice(part, full, optimizer._get_param_partition_rank(param))
+
+
+def _copy_rank_slice(part: torch.Tensor, full: torch.Tensor, rank: int) -> None:
+    """Rank `rank`'s partition of the flattened `full`: equal slices, the last ones padded at the end."""
     flat = full.flatten().to(part.device, part.dtype)
-    start = part.numel() * dist.get_rank(group=param.ds_process_group)
+    start = part.numel() * rank
     count = max(0, min(part.numel(), flat.numel() - start))
-    part.data[:count].copy_(flat[start:start + count])
+    part.data.view(-1)[:count].copy_(flat[start:start + count])
 
 
 def _materialize_adam_state(engine, steps: int) -> None:
     """torch Adam creates its state at the first step; create it now (zeros) so that it can be
     filled in, and let ZeRO re-link its parameter fragments to it."""
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for p in group["params"]:
-            state = base.state[p]
-            state["step"] = torch.tensor(float(steps))
-            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+    params = [p for group in base.param_groups for p in group["params"]]
+    # ZeRO-3 steps its fp32 sub-groups one at a time, each swapped into the param group for its step: the
+    # state is keyed by those tensors, which are not in param_groups between steps.
+    params += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
+    for p in params:
+        state = base.state[p]
+        state["step"] = torch.tensor(float(steps))
+        state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+        state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
