@@ -1,5 +1,5 @@
-"""A real S3-compatible server (moto_server) on 127.0.0.1 for tests, and a TCP proxy that cuts
-its first connection mid-response (to test resuming reads)."""
+"""A real S3-compatible server (moto_server) on 127.0.0.1 for tests, a TCP proxy that cuts its first
+connection mid-response (to test resuming reads) and one that holds a response (to test hedged reads)."""
 from __future__ import annotations
 
 import os
@@ -66,16 +66,14 @@ def use_endpoint(monkeypatch, url: str) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
-class CuttingProxy:
-    """Forwards 127.0.0.1:port to a target; the first connection is closed after `cut_after`
-    bytes of response, the following ones pass through."""
+class _Proxy:
+    """Forwards 127.0.0.1:port to a target port; `_serve` handles each client connection."""
 
-    def __init__(self, target_port: int, cut_after: int):
-        self.target_port, self.cut_after = target_port, cut_after
-        self.connections = 0
+    def __init__(self, target_port: int):
+        self.target_port, self.connections = target_port, 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
+        self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -87,10 +85,10 @@ class CuttingProxy:
             except OSError:
                 return
             self.connections += 1
-            limit = self.cut_after if self.connections == 1 else None
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client, self.connections), daemon=True).start()
+
+    def _serve(self, client, number: int) -> None:
+        raise NotImplementedError
 
     @staticmethod
     def _pipe(src, dst, limit) -> None:
@@ -116,6 +114,53 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class CuttingProxy(_Proxy):
+    """The first connection is closed after `cut_after` bytes of response, the following ones pass through."""
+
+    def __init__(self, target_port: int, cut_after: int):
+        self.cut_after = cut_after
+        super().__init__(target_port)
+
+    def _serve(self, client, number: int) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+        self._pipe(upstream, client, self.cut_after if number == 1 else None)
+
+
+class HoldingProxy(_Proxy):
+    """The first connection whose first request is a GET of a `.tar` (a sample's ranged read) gets no
+    response bytes until `release()`: a request that hangs."""
+
+    def __init__(self, target_port: int):
+        self.released, self.held = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+        super().__init__(target_port)
+
+    def _serve(self, client, number: int) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        try:
+            first = client.recv(65536)
+        except OSError:
+            first = b""
+        line = first.split(b"\r\n", 1)[0]
+        with self._lock:
+            hold = line.startswith(b"GET ") and b".tar" in line and not self.held.is_set()
+            if hold:
+                self.held.set()
+        upstream.sendall(first)
+        threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+        if hold:
+            self.released.wait()
+        self._pipe(upstream, client, None)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        super().close()
 
 
 os.environ.setdefault("INFD_S3_BACKOFF", "0.05")

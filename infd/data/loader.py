@@ -40,6 +40,7 @@ from infd.data.batches import LatentBatch, LoaderNote, PatchBatch
 from infd.data.image_samples import collate_patches, image_patch_sample
 from infd.data.shard_source import ShardSource
 from infd.data.transforms import PatchConfig
+from infd.data.hedged import HEDGES
 from infd.data.urls import RANGE_READS
 from infd.data.workers import init_worker, preemption_signals_held
 from infd.utils.in_process import InProcess
@@ -57,6 +58,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_block: int = 262_144  # samples permuted together (after the shard order is shuffled)
     read_threads: int = 8  # concurrent sample reads per worker (S3 latency)
+    hedge_after_s: float = 0.3  # S3: a second GET for a sample still unanswered after this (0: never)
+    request_timeout_s: float = 10.0  # S3: a request that receives nothing for this long is retried
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
     p_hr: float = 0.0  # fraction of the samples that come from the high-res stream (paper: 0.5)
     seed: int = 0
     patch: PatchConfig = field(default_factory=PatchConfig)
@@ -64,9 +68,13 @@ class DataConfig:
     def validate(self, prefix: str = "") -> None:
         if not 0.0 <= self.p_hr < 1.0:
             raise ConfigError(f"config key '{prefix}p_hr' = {self.p_hr} must be in [0, 1)")
-        for name in ("batch_size", "shuffle_block", "read_threads"):
+        for name in ("batch_size", "shuffle_block", "read_threads", "prefetch_factor"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{prefix}{name}' must be >= 1")
+        if self.hedge_after_s < 0 or self.request_timeout_s <= 0:
+            raise ConfigError(f"config keys '{prefix}hedge_after_s' (>= 0, 0 turns hedging off) and "
+                              f"'{prefix}request_timeout_s' (> 0) are seconds: got {self.hedge_after_s}, "
+                              f"{self.request_timeout_s}")
 
 
 def start_position() -> dict:
@@ -113,8 +121,11 @@ class Loader:
         # global RNG (a resumed run creates one more iterator than the run it continues).
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.rank)
         workers = self.cfg.num_workers
+        # Not persistent_workers: a worker's stream starts at the position it is made with, and every
+        # iteration (a new epoch, a resume) starts from the loader's current position.
         loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                            pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None,
+                            pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
                             generator=generator, worker_init_fn=init_worker)
         with preemption_signals_held():  # see infd/data/workers.py
             batches = iter(loader)
@@ -143,6 +154,10 @@ class Loader:
         """Bytes this rank's current workers had read from shards by their last batches (counted
         since the workers started: a resume starts from 0)."""
         return sum(r["bytes"] for r in self.reads.values())
+
+    def hedges_fired(self) -> int:
+        """Second GETs this rank's current workers sent for slow reads (counted like bytes_read)."""
+        return sum(r.get("hedges", 0) for r in self.reads.values())
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None,
@@ -210,6 +225,7 @@ class RankBatches(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:  # a forked worker starts with its parent's counts
             RANGE_READS.update(bytes=0, reads=0)
+            HEDGES.update(fired=0, won=0)
         threads = self.cfg.read_threads
         with ThreadPoolExecutor(threads) if threads > 1 else InProcess() as pool:
             for j, (epoch, first, batch, after) in enumerate(self.plans()):
@@ -217,7 +233,7 @@ class RankBatches(IterableDataset):
                     samples = self._batch_samples(epoch, range(first, first + self.cfg.batch_size),
                                                   self.batch_cfg(batch), pool)
                     yield self.source.collate_fn(samples), LoaderNote(after, worker, self.counter.as_dict(),
-                                                                      dict(RANGE_READS))
+                                                                      dict(RANGE_READS, hedges=HEDGES["fired"]))
 
     def batch_cfg(self, batch: int) -> DataConfig:
         """The config that batch `batch` of the run is made with (see the module docstring)."""

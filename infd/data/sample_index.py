@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from infd.config import ConfigError
-from infd.data.urls import join_url, read_bytes
+from infd.data.urls import copy_to_file, join_url, read_bytes
 
 VERSION = 2
 INDEX_NAME = "index.json"
@@ -144,7 +144,9 @@ def index_cache_dir() -> Path:
 def open_index(url: str, cache_dir: Path | None = None) -> SampleIndex:
     """Open the index at a local directory, or at an s3:// prefix: its files are copied once per
     node into cache_dir (default: $INFD_INDEX_CACHE or ~/.cache/infd/index)/<hash of the URL and
-    index.json>, under a file lock: the first process copies, the others wait and map the same files."""
+    index.json>, under a file lock: the first process copies, the others wait and map the same files.
+    The copy streams each file to disk (samples.npy is about 4.3 GB at 100M samples) and a copy that
+    was killed continues where it stopped."""
     if not url.startswith("s3://"):
         return SampleIndex.open(url)
     meta = read_bytes(join_url(url, INDEX_NAME))  # small; keys the cache, so a rebuilt index is copied anew
@@ -154,8 +156,10 @@ def open_index(url: str, cache_dir: Path | None = None) -> SampleIndex:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (local / ".complete").exists():
             for name in FILES:
-                tmp = local / (name + ".tmp")
-                tmp.write_bytes(read_bytes(join_url(url, name)))
+                if (local / name).exists():  # copied whole before an earlier open was killed
+                    continue
+                tmp = local / (name + ".tmp")  # streamed to disk; a copy cut short continues
+                copy_to_file(join_url(url, name), tmp)
                 tmp.rename(local / name)
             (local / ".complete").write_text(url)
     return SampleIndex.open(local)

@@ -20,10 +20,14 @@ from infd.data.decode import SkipSample
 from infd.data.epoch_plan import BlockOrder
 from infd.data.sample_index import CAPTION_NONE, INDEX_NAME, SampleIndex, open_index
 from infd.data.tar_samples import sample_members
-from infd.data.urls import ShortRead, dirname_url, expand_urls, read_range
+from infd.data.urls import ReadOptions, ShortRead, dirname_url, expand_urls, join_url, read_range
 
 HEADER = 512
 NEXT_RECORDS = 16  # records read past a sample to find where the next one starts
+# Where the next sample's start is not known (the shard's last sample, or unindexed ones follow), the
+# read ends this far past the sample's last indexed member: room for its other members (.json, .cls,
+# a latent cache's extra arrays), never the rest of a multi-GB tar.
+SPAN_SLACK = 1 << 20
 
 
 class ShardSource:
@@ -35,19 +39,27 @@ class ShardSource:
 
     def __init__(self, cfg, sample_fn, collate_fn):
         self.sample_fn, self.collate_fn = sample_fn, collate_fn
-        self.urls = expand_urls(cfg.shards)
+        self.read_options = ReadOptions(cfg.hedge_after_s, cfg.request_timeout_s)
+        prefix = _single_s3_prefix(cfg)
+        if prefix is not None:
+            # The index beside the shards names them: no listing. (1000 ranks each listing a prefix of
+            # 10,000 shards at start is 10,000 LIST pages at once.)
+            self.index = self._open_index(cfg, prefix)
+            self.urls = [join_url(prefix, name) for name in self.index.shard_names]
+        else:
+            self.urls = expand_urls(cfg.shards)
         if not self.urls:
             raise ConfigError(f"config key 'shards' (data) = {cfg.shards!r} matches no shard: give shard patterns, "
                               "directories or s3:// prefixes")
         if any(u.startswith("pipe:") for u in self.urls):
             raise ConfigError("pipe: shard URLs cannot be read by offset, which the loader needs (a global shuffled "
                               "order and constant-time resume): give local paths or s3:// URLs in data.shards")
-        self.index = self._open_index(cfg)
+        if prefix is None:
+            self.index = self._open_index(cfg, cfg.index or dirname_url(self.urls[0]))
         self._plan(exclude_hr=cfg.p_hr > 0)
         self._ids_cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def _open_index(self, cfg) -> SampleIndex:
-        url = cfg.index or dirname_url(self.urls[0])
+    def _open_index(self, cfg, url: str) -> SampleIndex:
         url = dirname_url(url) if url.endswith(INDEX_NAME) else url
         try:
             return open_index(url)
@@ -108,10 +120,10 @@ class ShardSource:
         url, key = self.url_of[int(rec["shard"])], self.index.key(sample_id)
         start = span_start(rec)
         end = next((span_start(r) for r in records[1:] if r["shard"] == rec["shard"] and span_start(r) >= 0), None)
-        if end is None:  # the shard's last sample (or many unreadable ones follow): read to the tar's end
-            end = int(self.index.shards[int(rec["shard"])]["bytes"])
+        if end is None:  # the shard's last sample, or unindexed ones follow: a bounded read
+            end = min(int(self.index.shards[int(rec["shard"])]["bytes"]), span_end(rec) + SPAN_SLACK)
         try:
-            span = read_range(url, start, end - start)
+            span = read_range(url, start, end - start, self.read_options)
         except ShortRead as err:
             raise SkipSample("truncated_shard", str(err)) from None
         raw = {"__key__": key, "__url__": url} | members_of(span, key)
@@ -127,12 +139,31 @@ class ShardSource:
         return sample
 
 
+def _single_s3_prefix(cfg) -> str | None:
+    """data.shards when it is one s3:// prefix ('s3://bucket/set/') holding its index (data.index unset
+    or the same folder); else None."""
+    spec = cfg.shards if isinstance(cfg.shards, str) else (cfg.shards[0] if len(cfg.shards) == 1 else "")
+    if not (spec.startswith("s3://") and spec.endswith("/")) or any(c in spec for c in " {,"):
+        return None
+    index = cfg.index.removesuffix(INDEX_NAME) if cfg.index else spec
+    return spec if index.rstrip("/") == spec.rstrip("/") else None
+
+
 def span_start(rec: np.void) -> int:
     """Offset of the header of a record's first indexed member, -1 when it has none."""
     starts = [int(rec["offset"])] if rec["size"] > 0 else []
     if rec["caption_kind"] != CAPTION_NONE:
         starts.append(int(rec["caption_offset"]))
     return min(starts) - HEADER if starts else -1
+
+
+def span_end(rec: np.void) -> int:
+    """Offset just past the data of a record's indexed members (padded to the tar's 512-byte blocks)."""
+    ends = [int(rec["offset"]) + int(rec["size"])]
+    if rec["caption_kind"] != CAPTION_NONE:
+        ends.append(int(rec["caption_offset"]) + int(rec["caption_size"]))
+    end = max(ends)
+    return end + (-end % HEADER)
 
 
 def members_of(span: bytes, key: str) -> dict:

@@ -2,19 +2,26 @@
 
 S3 reads retry with exponential backoff and resume at the byte they reached; after the last
 retry they raise `ShardReadError`. A stream that ends before its announced length is an error,
-never a silently shorter shard. The S3 endpoint comes from boto3's usual configuration
-(AWS_ENDPOINT_URL, profiles, instance roles).
+never a silently shorter shard. A sample's ranged GET is hedged (infd/data/hedged.py) and each
+request has a short timeout (`ReadOptions`). The S3 endpoint comes from boto3's usual
+configuration (AWS_ENDPOINT_URL, profiles, instance roles).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import shutil
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import braceexpand
+
+from infd.data.hedged import POOL_THREADS, hedged
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +61,38 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a sample's ranged read behaves (data.loader.hedge_after_s, data.loader.request_timeout_s).
+    hedge_after_s: a second GET when the first has not answered by then (0: none);
+    request_timeout_s: a request that receives nothing for this long fails and is retried."""
+
+    hedge_after_s: float = 0.3
+    request_timeout_s: float = 10.0
+
+
+STREAM_TIMEOUT_S = 60.0  # whole-shard streams (indexing, evaluation): no hedge, a longer patience
 _S3_CLIENTS: dict = {}
+_S3_LOCK = threading.Lock()
 # Our own retries resume a broken stream at the byte reached; boto3's retry only whole requests.
 S3_RETRIES = int(os.environ.get("INFD_S3_RETRIES", "5"))
 S3_BACKOFF = float(os.environ.get("INFD_S3_BACKOFF", "0.5"))
 
 
-def s3_client():
-    """One boto3 client per process and endpoint (DataLoader workers build their own)."""
-    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"))
-    if key not in _S3_CLIENTS:
-        import boto3
-        from botocore.config import Config
+def s3_client(read_timeout_s: float = STREAM_TIMEOUT_S):
+    """One boto3 client per process, endpoint and timeout, shared by the process's threads (a client is
+    thread-safe; making one is not: boto3's default session is shared, so each is made under a lock from
+    a session of its own). Its connection pool holds every hedged request a process can have in flight."""
+    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"), read_timeout_s)
+    with _S3_LOCK:
+        if key not in _S3_CLIENTS:
+            import boto3
+            from botocore.config import Config
 
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-        _S3_CLIENTS[key] = boto3.client("s3", config=config)
-    return _S3_CLIENTS[key]
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=min(10, read_timeout_s),
+                            read_timeout=read_timeout_s, max_pool_connections=POOL_THREADS + 16)
+            _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+        return _S3_CLIENTS[key]
 
 
 def list_s3_tars(prefix_url: str) -> list[str]:
@@ -98,8 +121,9 @@ def _retryable(err: Exception) -> bool:
 class S3Stream(io.RawIOBase):
     """Sequential reader of one S3 object that resumes at its position after a failure."""
 
-    def __init__(self, url: str, retries: int | None = None, backoff: float | None = None):
-        self.url = url
+    def __init__(self, url: str, retries: int | None = None, backoff: float | None = None,
+                 timeout_s: float = STREAM_TIMEOUT_S):
+        self.url, self.timeout_s = url, timeout_s
         self.retries = S3_RETRIES if retries is None else retries
         self.backoff = S3_BACKOFF if backoff is None else backoff
         self.bucket, self.key = split_s3(url)
@@ -111,7 +135,7 @@ class S3Stream(io.RawIOBase):
     def _open(self) -> None:
         # A known end (a ranged read) asks for exactly those bytes, not the rest of the object.
         end = "" if self.size is None else self.size - 1
-        resp = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}")
+        resp = s3_client(self.timeout_s).get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}")
         if self.size is None:
             self.size = self.pos + resp["ContentLength"]
         self.body = resp["Body"]
@@ -181,8 +205,10 @@ def open_stream(url: str, buffer_size: int = 1 << 20):
 RANGE_READS = {"bytes": 0, "reads": 0}
 
 
-def read_range(url: str, offset: int, length: int, retries: int | None = None) -> bytes:
-    """Bytes [offset, offset + length) of a shard: the loader reads each sample this way."""
+def read_range(url: str, offset: int, length: int, options: ReadOptions = ReadOptions(),
+               retries: int | None = None) -> bytes:
+    """Bytes [offset, offset + length) of a shard: the loader reads each sample this way (on S3 one
+    ranged GET, hedged)."""
     if url.startswith("pipe:"):
         raise ShardReadError(f"random access (reading samples by offset) needs local or s3:// shards, not {url}")
     RANGE_READS["reads"] += 1
@@ -191,32 +217,67 @@ def read_range(url: str, offset: int, length: int, retries: int | None = None) -
             f.seek(offset)
             data = f.read(length)
     else:
-        stream = S3Stream(url, retries=retries)
-        stream.pos, stream.size = offset, offset + length
-        data = stream.read(length) if length else b""
-        while len(data) < length:  # RawIOBase.read may return short reads
-            chunk = stream.read(length - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = hedged(lambda: _s3_range(url, offset, length, options, retries), options.hedge_after_s)
     RANGE_READS["bytes"] += len(data)
     if len(data) != length:
         raise ShortRead(f"{url}: wanted {length} bytes at {offset}, got {len(data)}")
     return data
 
 
+def _s3_range(url: str, offset: int, length: int, options: ReadOptions, retries: int | None) -> bytes:
+    stream = S3Stream(url, retries=retries, timeout_s=options.request_timeout_s)
+    stream.pos, stream.size = offset, offset + length
+    parts, got = [], 0
+    while got < length:  # RawIOBase.read may return short reads
+        chunk = stream.read(length - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def read_bytes(url: str) -> bytes:
-    """A whole file (an index's files) from a local path or s3://. A missing one raises
+    """A whole small file (an index's index.json) from a local path or s3://. A missing one raises
     FileNotFoundError either way (callers name the fix, e.g. how to build the index)."""
     if url.startswith("s3://"):
         bucket, key = split_s3(url)
-        try:
+        with _not_found_as_file_error(url):
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as err:  # noqa: BLE001  botocore's ClientError, imported lazily
-            if _status(err) == 404:
-                raise FileNotFoundError(f"{url}: no such object") from err
-            raise
     return Path(url).read_bytes()
+
+
+COPY_CHUNK = 8 << 20
+
+
+def copy_to_file(url: str, dest: Path) -> None:
+    """Stream a file (local or s3://) into `dest` in COPY_CHUNK pieces, never whole in memory. An s3://
+    copy that was cut short (the process killed) continues from the bytes `dest` already holds."""
+    if not url.startswith("s3://"):
+        shutil.copyfile(url, dest)
+        return
+    bucket, key = split_s3(url)
+    with _not_found_as_file_error(url):
+        size = s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
+    have = dest.stat().st_size if dest.exists() else 0
+    if have > size:  # not a prefix of this object: start again
+        dest.unlink()
+        have = 0
+    stream = S3Stream(url)
+    stream.pos, stream.size = have, size
+    with open(dest, "ab") as f:
+        while chunk := stream.read(COPY_CHUNK):
+            f.write(chunk)
+
+
+@contextlib.contextmanager
+def _not_found_as_file_error(url: str):
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  botocore's ClientError, imported lazily
+        if _status(err) == 404:
+            raise FileNotFoundError(f"{url}: no such object") from err
+        raise
 
 
 def join_url(base: str, name: str) -> str:
