@@ -4,6 +4,8 @@
 #   make test-fast  the inner loop: the tests not marked slow (under 3 minutes), every module imported
 #   make lint   ruff (ruff.toml) on the whole repository
 #   make demo-sd  the Stable Diffusion conversion path on tiny random-init models
+#   make gpu-smoke  on a GPU machine: both paper configurations a few steps, the speed benchmarks, one table
+#                   (benchmarks/gpu_smoke.sh; the device tool's machine: benchmarks/gpu_wheels.sh first)
 # Override TORCH to pick another build, e.g. make test TORCH="torch==2.5.1 torchvision==0.20.1".
 # TEST_WORKERS: pytest-xdist processes (each runs whole test files); most tests wait on subprocesses,
 # so 2 workers keep 2 cores busy. TEST_WORKERS=0 runs the suite in this process.
@@ -17,7 +19,7 @@ PY := $(VENV)/bin/python
 SOURCES := infd train data_prep cluster tests benchmarks
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-sd test test-fast lint clean
+.PHONY: install demo demo-sd gpu-smoke test test-fast lint clean
 
 install: $(STAMP)
 
@@ -35,6 +37,9 @@ demo: install
 
 demo-sd: install
 	$(PY) -m train.demo_sd
+
+gpu-smoke: install
+	GPU_SMOKE_PY=$(PY) bash benchmarks/gpu_smoke.sh
 
 test: lint
 	$(PY) -m compileall -q $(SOURCES) > /dev/null

@@ -1,5 +1,5 @@
-"""SLURM and torchrun launch scripts: lint, command lines rendered from a fake SLURM environment,
-and the requeue path, with the stand-in `srun`/`scontrol` of tests/fake_slurm on PATH."""
+"""SLURM and torchrun launch scripts (and benchmarks/*.sh): lint, command lines rendered from a fake SLURM
+environment, and the requeue path, with the stand-in `srun`/`scontrol` of tests/fake_slurm on PATH."""
 import os
 import shlex
 import subprocess
@@ -12,7 +12,7 @@ from cluster.launch import torchrun_command
 from train.slurm_env import SlurmEnvError, expand_nodelist, gpus_per_node, slurm_dist_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted([*ROOT.glob("cluster/**/*.sh"), *ROOT.glob("cluster/**/*.sbatch")])
+SCRIPTS = sorted([*ROOT.glob("cluster/**/*.sh"), *ROOT.glob("cluster/**/*.sbatch"), *ROOT.glob("benchmarks/*.sh")])
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "infd-autoencoder", "SLURM_JOB_NODELIST": "gpu[001-002]",
              "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64",
              "SLURM_SUBMIT_DIR": str(ROOT)}
