@@ -12,7 +12,9 @@ Per mode (`sample`: one GET per sample, as the loader reads today; hedging on or
              prefix i mod --prefixes), object-store bytes per epoch over the dataset's size, mean MB per GET;
   shuffle    distinct shards in a global batch (the whole batch at --p-hr, its main half, and the whole
              batch at p_hr 0), same-shard pair odds against a perfect shuffle (two samples of one batch
-             drawn from one shard), and the share of a batch's shards the next batch reads again;
+             drawn from one shard), and the share of a batch's shards the next batch reads again; for the
+             global block shuffle the loader uses and for the node-partitioned order (infd/data/node_order.py,
+             --canonical-nodes; high-res draws from the shards of the node's current block);
   stalls     job efficiency (ideal time over simulated time) when a GET is slow with probability q
              (0.5-3 s extra) for q in 1e-5, 1e-4, 1e-3, and separately with one hang of 60 s per 10^6 GETs:
              every rank's workers build batches ahead (DataLoader: `prefetch_factor` batches per worker
@@ -23,8 +25,8 @@ Per mode (`sample`: one GET per sample, as the loader reads today; hedging on or
 
     python benchmarks/data_at_scale.py                # the defaults: 100M samples, 1000 GPUs (about 30 s)
 
-Last line: JSON of every figure per mode, with the assumptions. The `shard_cache` mode and the
-node-partitioned order (issue 26) are not built yet; their rows are absent.
+Last line: JSON of every figure per mode, with the assumptions. The `shard_cache` mode (issue 26) is not
+built yet, nor is the node order used by the loader; its shuffle figures are computed here.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from infd.data.epoch_plan import BlockOrder, SlotPlan, epoch_rng  # noqa: E402
 from infd.data.loader import HR_PICK  # noqa: E402
+from infd.data.node_order import NodeOrder  # noqa: E402
 
 SLOW_RATES = (1e-5, 1e-4, 1e-3)
 
@@ -68,15 +71,28 @@ class SyntheticIndex:
         return int(np.searchsorted(np.cumsum(self.hr_counts), k, side="right"))
 
 
-def batch_shards(index: SyntheticIndex, args, p_hr: float, batch: int, epoch: int = 0) -> tuple[list, list]:
-    """(shards of the main slots, shards of the high-res slots) of global batch `batch`."""
+def batch_shards(index: SyntheticIndex, args, p_hr: float, batch: int, kind: str, epoch: int = 0) -> tuple[list, list]:
+    """(shards of the main slots, shards of the high-res slots) of global batch `batch`, in order `kind`:
+    "global" (the loader's block shuffle today) or "node" (infd/data/node_order.py)."""
     exclude = p_hr > 0
     counts = index.n - index.hr_counts if exclude else np.full(args.shards, index.n)
-    order = BlockOrder(counts, lambda i: index.main_ids(i, exclude), args.shuffle_block, args.seed, epoch)
-    plan = SlotPlan(p_hr, int(counts.sum()), args.seed, epoch)
+    ids = lambda i: index.main_ids(i, exclude)  # noqa: E731
+    slots = range(batch * args.global_batch, (batch + 1) * args.global_batch)
     main, hr = [], []
+    if kind == "node":
+        order = NodeOrder(counts, ids, args.shuffle_block, args.seed, epoch, args.canonical_nodes,
+                          args.global_batch, p_hr)
+        for g in slots:
+            if order.is_hr(g):  # a high-res sample of the shards the node's current block covers
+                window = order.window_shards(g)
+                hr.append(int(window[epoch_rng(args.seed, epoch, HR_PICK, g).integers(len(window))]))
+            else:
+                main.append(order.main_sample(g) // index.n)
+        return main, hr
+    order = BlockOrder(counts, ids, args.shuffle_block, args.seed, epoch)
+    plan = SlotPlan(p_hr, int(counts.sum()), args.seed, epoch)
     hr_total = int(index.hr_counts.sum())
-    for g in range(batch * args.global_batch, (batch + 1) * args.global_batch):
+    for g in slots:
         if plan.is_hr(g):
             k = int(epoch_rng(args.seed, epoch, HR_PICK, g).integers(hr_total))
             hr.append(index.hr_shard(k))
@@ -92,18 +108,18 @@ def pair_odds(shards: list, n_shards: int) -> float:
     return float((counts * (counts - 1)).sum() / (n * (n - 1)) * n_shards) if n > 1 else 0.0
 
 
-def shuffle_figures(index: SyntheticIndex, args) -> dict:
+def shuffle_figures(index: SyntheticIndex, args, kind: str) -> dict:
     rng = np.random.default_rng(args.seed)
     batches = sorted(rng.choice(1000, args.batches_sampled, replace=False).tolist())
     whole, main_half, phr0, odds, reuse = [], [], [], [], []
     for b in batches:
-        main, hr = batch_shards(index, args, args.p_hr, b)
-        nxt, _ = batch_shards(index, args, args.p_hr, b + 1)
+        main, hr = batch_shards(index, args, args.p_hr, b, kind)
+        nxt, _ = batch_shards(index, args, args.p_hr, b + 1, kind)
         whole.append(len(set(main) | set(hr)))
         main_half.append(len(set(main)))
         odds.append(pair_odds(main, args.shards))
         reuse.append(len(set(main) & set(nxt)) / max(1, len(set(main))))
-        zero, _ = batch_shards(index, args, 0.0, b)
+        zero, _ = batch_shards(index, args, 0.0, b, kind)
         phr0.append(len(set(zero)))
     return {"shards_per_batch": float(np.mean(whole)), "main_shards_per_batch": float(np.mean(main_half)),
             "shards_per_batch_phr0": float(np.mean(phr0)), "same_shard_odds": float(np.mean(odds)),
@@ -112,7 +128,7 @@ def shuffle_figures(index: SyntheticIndex, args) -> dict:
 
 def request_figures(index: SyntheticIndex, args) -> dict:
     gets_per_s = args.gpus * args.samples_per_gpu_s
-    main, hr = batch_shards(index, args, args.p_hr, 7)
+    main, hr = batch_shards(index, args, args.p_hr, 7, "global")
     shards = np.array(main + hr)
     steps_per_s = gets_per_s / args.global_batch
     busiest_shard = np.unique(shards, return_counts=True)[1].max() * steps_per_s
@@ -187,6 +203,7 @@ def main() -> None:
     p.add_argument("--samples-per-gpu-s", type=float, default=20.0)
     p.add_argument("--p-hr", type=float, default=0.5)
     p.add_argument("--shuffle-block", type=int, default=262_144)
+    p.add_argument("--canonical-nodes", type=int, default=125, help="the node order's partitions")
     p.add_argument("--prefixes", type=int, default=64)
     p.add_argument("--get-s", type=float, default=0.05, help="mean GET latency (gamma, shape 4)")
     p.add_argument("--batch-s", type=float, default=0.3, help="a worker's decode and crop time per batch")
@@ -198,7 +215,7 @@ def main() -> None:
     args = p.parse_args()
     start = time.perf_counter()
     index = SyntheticIndex(args)
-    shuffle = shuffle_figures(index, args)
+    shuffle = {kind: shuffle_figures(index, args, kind) for kind in ("global", "node")}
     requests = request_figures(index, args)
     print("shuffle:", json.dumps(shuffle), "\nrequests:", json.dumps(requests), flush=True)
     modes = {"old_sample_unhedged": stall_figures(args, 0.0, 60.0),
@@ -207,7 +224,7 @@ def main() -> None:
         print(f"{name}:", json.dumps(figures), flush=True)
     result = {"assumptions": vars(args), "requests": requests, "shuffle": shuffle, "stalls": modes,
               "seconds": round(time.perf_counter() - start, 1),
-              "not_built": ["shard_cache mode", "node-partitioned order"]}
+              "not_built": ["shard_cache mode", "the node order in the loader (its shuffle figures are computed)"]}
     print(json.dumps(result))
 
 

@@ -35,10 +35,11 @@ def epoch_rng(seed: int, epoch: int, purpose: int, *more: int) -> np.random.Gene
 class SlotPlan:
     """Which slots of an epoch are high-res, and the main position of the others."""
 
-    def __init__(self, p_hr: float, main_total: int | None, seed: int, epoch: int):
-        """main_total: main-stream samples of an epoch (None: endless, one epoch forever)."""
+    def __init__(self, p_hr: float, main_total: int | None, seed: int, epoch: int, key: tuple = ()):
+        """main_total: main-stream samples of an epoch (None: endless, one epoch forever); key: added to the
+        phase's RNG key (a canonical node's own plan, infd/data/node_order.py)."""
         self.p = p_hr
-        self.phase = float(epoch_rng(seed, epoch, PHASE).random()) if p_hr > 0 else 0.0
+        self.phase = float(epoch_rng(seed, epoch, PHASE, *key).random()) if p_hr > 0 else 0.0
         self.slots = None if main_total is None else self._slots_for(main_total)
 
     def hr_before(self, g: int) -> int:
@@ -63,29 +64,45 @@ class BlockOrder:
 
     shard_ids(i) -> int64 array: the main-stream sample ids of shard i (of data.shards), in tar
     order. Holds the last few blocks (`block` ids each) and shards' id arrays; nothing grows
-    with the data set beyond one number per shard."""
+    with the data set beyond one number per shard.
+
+    span, key: the order of one range [lo, hi) of the epoch's shuffled concatenation (a canonical
+    node's partition, infd/data/node_order.py), its blocks permuted with `key` added to the RNG's key;
+    by default the whole epoch."""
 
     def __init__(self, main_counts: np.ndarray, shard_ids: Callable[[int], np.ndarray], block: int, seed: int,
-                 epoch: int, cached_blocks: int = 2):
+                 epoch: int, cached_blocks: int = 2, span: tuple[int, int] | None = None, key: tuple = ()):
         self.order = epoch_rng(seed, epoch, SHARDS).permutation(len(main_counts))
         self.ends = np.cumsum(main_counts[self.order])
         self.shard_ids, self.block, self.seed, self.epoch = shard_ids, block, seed, epoch
+        self.lo, self.hi = span if span is not None else (0, int(self.ends[-1]) if len(self.ends) else 0)
+        self.key = tuple(key)
         self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cached_blocks = cached_blocks
 
     @property
     def total(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
+        return self.hi - self.lo
 
     def sample_id(self, position: int) -> int:
         k = position // self.block
         return int(self._block(k)[position - k * self.block])
 
+    def block_shards(self, position: int) -> np.ndarray:
+        """The shards (of data.shards) that the block holding `position` draws from."""
+        lo, hi = self._block_range(position // self.block)
+        first = int(np.searchsorted(self.ends, lo, side="right"))
+        last = int(np.searchsorted(self.ends, hi - 1, side="right"))
+        return self.order[first:last + 1]
+
+    def _block_range(self, k: int) -> tuple[int, int]:
+        return self.lo + k * self.block, min(self.lo + (k + 1) * self.block, self.hi)
+
     def _block(self, k: int) -> np.ndarray:
         if k in self.blocks:
             self.blocks.move_to_end(k)
             return self.blocks[k]
-        lo, hi = k * self.block, min((k + 1) * self.block, self.total)
+        lo, hi = self._block_range(k)
         first = int(np.searchsorted(self.ends, lo, side="right"))
         parts, start = [], int(self.ends[first - 1]) if first else 0
         for j in range(first, len(self.order)):
@@ -95,7 +112,7 @@ class BlockOrder:
             parts.append(ids[max(lo - start, 0):hi - start])
             start += len(ids)
         ids = np.concatenate(parts)
-        ids = ids[epoch_rng(self.seed, self.epoch, BLOCK, k).permutation(len(ids))]
+        ids = ids[epoch_rng(self.seed, self.epoch, BLOCK, *self.key, k).permutation(len(ids))]
         self.blocks[k] = ids
         if len(self.blocks) > self.cached_blocks:
             self.blocks.popitem(last=False)
