@@ -26,7 +26,7 @@ Per mode (`sample`: one GET per sample, as the loader reads today; hedging on or
     python benchmarks/data_at_scale.py                # the defaults: 100M samples, 1000 GPUs (about 30 s)
 
 Last line: JSON of every figure per mode, with the assumptions. The `shard_cache` mode (issue 26) is not
-built yet, nor is the node order used by the loader; its shuffle figures are computed here.
+built yet.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from infd.data.epoch_plan import BlockOrder, SlotPlan, epoch_rng  # noqa: E402
-from infd.data.loader import HR_PICK  # noqa: E402
+from infd.data.orders import HR_PICK  # noqa: E402
 from infd.data.node_order import NodeOrder  # noqa: E402
 
 SLOW_RATES = (1e-5, 1e-4, 1e-3)
@@ -224,7 +224,7 @@ def main() -> None:
         print(f"{name}:", json.dumps(figures), flush=True)
     result = {"assumptions": vars(args), "requests": requests, "shuffle": shuffle, "stalls": modes,
               "seconds": round(time.perf_counter() - start, 1),
-              "not_built": ["shard_cache mode", "the node order in the loader (its shuffle figures are computed)"]}
+              "not_built": ["shard_cache mode"]}
     print(json.dumps(result))
 
 

@@ -409,3 +409,44 @@ def test_a_stage_builds_only_the_tensors_it_trains_on(tmp_path):
     assert not DiffusionTrainConfig().data.loader.patch.gt and AutoencoderTrainConfig().data.loader.patch.gt
     with pytest.raises(Exception, match="data.loader.patch.gt"):
         from_mapping(AutoencoderTrainConfig, {"data": {"loader": {"patch": {"gt": False}}}})
+
+
+def _node_cfg(shards, batch_size: int):
+    return data_cfg(shards, num_workers=2, batch_size=batch_size, p_hr=0.25, order="node", canonical_nodes=2,
+                    shuffle_block=10)
+
+
+def _global_batches(shards, world: int, batch_size: int, start=None, stop=None) -> tuple[list[set], dict]:
+    """Per global batch: (main keys, high-res keys) over every rank of a `world`-rank job; its end position."""
+    per_rank, state = [], None
+    for rank in range(world):
+        loader = build_loader(_node_cfg(shards, batch_size), rank, world)
+        if start is not None:
+            loader.load_state_dict(start)
+        per_rank.append(list(itertools.islice(loader.epoch_batches(), stop)))
+        state = loader.state_dict()
+    merged = []
+    for batches in zip(*per_rank):
+        main = {k for b in batches for k, hr in zip(b.keys, b.is_hr.tolist()) if not hr}
+        high = sorted(k for b in batches for k, hr in zip(b.keys, b.is_hr.tolist()) if hr)
+        merged.append((main, high))
+    return merged, state
+
+
+def test_node_order_gives_the_same_global_batches_at_any_world_size_and_resumes_across_them(tmp_path):
+    """data.loader.order=node with 2 canonical nodes, global batch 8, 2 loader workers, p_hr 0.25: 1, 2 and 4
+    ranks (1 per node) build the same global batches; 2 ranks stopped after 3 batches and resumed on 4 (and
+    on 1) continue them exactly, each main-stream sample once in the epoch."""
+    sizes = [(220, 210) if i % 6 == 0 else (40 + i % 30, 50) for i in range(84)]
+    shards = small_shards(tmp_path, sizes, per_shard=7, hr_threshold=200)
+    reference, _ = _global_batches(shards, 1, 8)
+    assert len(reference) >= 8
+    for world in (2, 4):
+        assert _global_batches(shards, world, 8 // world)[0] == reference
+    first, state = _global_batches(shards, 2, 4, stop=3)
+    assert first == reference[:3] and state["slot"] == 24
+    for world in (4, 1):
+        rest, _ = _global_batches(shards, world, 8 // world, start=state)
+        assert first + rest == reference
+    main = [k for m, _ in reference for k in m]
+    assert len(main) == len(set(main)) and sum(len(h) for _, h in reference) == 2 * len(reference)

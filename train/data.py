@@ -12,7 +12,7 @@ from infd.data.loader import Loader
 from infd.data.shard_source import ShardSource
 from infd.data.synthetic import synthetic_images, synthetic_latents
 from train.config import DataSourceConfig
-from train.dist import DistInfo
+from train.dist import DistInfo, ranks_per_node
 
 
 def build_batches(cfg: DataSourceConfig, info: DistInfo, grad_accum: int = 1, latent_channels: int = 0) -> Loader:
@@ -26,5 +26,5 @@ def build_batches(cfg: DataSourceConfig, info: DistInfo, grad_accum: int = 1, la
         source = ShardSource(loader, latent_sample, collate_latents)
     else:
         source = ShardSource(loader, image_patch_sample, collate_patches)
-    return Loader(source, loader, info.rank, info.world_size, grad_accum)
+    return Loader(source, loader, info.rank, info.world_size, grad_accum, ranks_per_node())
 

@@ -151,6 +151,11 @@ def shutdown(keep_group: bool = False, clean: bool = True) -> None:
     dist.destroy_process_group()
 
 
+def ranks_per_node() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
 def on_main(info: DistInfo, fn, *args, **kwargs):
     """Run a side effect (printing, logging, exporting) on rank 0 only."""
     return fn(*args, **kwargs) if info.is_main else None

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
-from train.dist import DistInfo
+from train.dist import DistInfo, ranks_per_node
 from train.portable import has_portable
 
 log = logging.getLogger("train.preflight")
@@ -100,7 +100,7 @@ def check_data(loader, key: str, info: DistInfo, found: Findings) -> None:
     if source.urls[0].startswith("s3://"):
         check_s3(source.urls[0], f"{key}.shards", found)
     try:
-        check_plan(source, loader, info.world_size, key)
+        check_plan(source, loader, info.world_size, ranks_per_node(), key=key)
     except ConfigError as err:
         found.errors.append(str(err))
 

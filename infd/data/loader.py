@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from infd.config import ConfigError
 from infd.data.counters import SkipCounter, merge_counts
 from infd.data.decode import SkipSample
-from infd.data.epoch_plan import SlotPlan, epoch_rng
 from infd.data.batches import LatentBatch, LoaderNote, PatchBatch
 from infd.data.image_samples import collate_patches, image_patch_sample
+from infd.data.orders import RETRIES, epoch_order
 from infd.data.shard_source import ShardSource
 from infd.data.transforms import PatchConfig
 from infd.data.hedged import HEDGES
@@ -46,8 +46,6 @@ from infd.data.workers import init_worker, preemption_signals_held
 from infd.utils.in_process import InProcess
 
 log = logging.getLogger("infd.data")
-RETRIES = 8  # positions (main) or draws (high-res) tried before a slot is given up on
-HR_PICK = 21  # RNG purpose
 
 
 @dataclass
@@ -57,6 +55,8 @@ class DataConfig:
     batch_size: int = 8  # per rank
     num_workers: int = 2
     shuffle_block: int = 262_144  # samples permuted together (after the shard order is shuffled)
+    order: str = "global"  # "global": one block shuffle; "node": partitioned over canonical nodes (data/orders.py)
+    canonical_nodes: int = 0  # order=node: partitions, constant for the run (node counts divide it or a multiple)
     read_threads: int = 8  # concurrent sample reads per worker (S3 latency)
     hedge_after_s: float = 0.3  # S3: a second GET for a sample still unanswered after this (0: never)
     request_timeout_s: float = 10.0  # S3: a request that receives nothing for this long is retried
@@ -85,20 +85,21 @@ class Loader:
     """Endless batches of `source` for one rank; `state_dict()` is the position after the last
     batch handed out. Iterating starts DataLoader workers from the current position."""
 
-    def __init__(self, source, cfg: DataConfig, rank: int = 0, world_size: int = 1, batches_per_step: int = 1):
+    def __init__(self, source, cfg: DataConfig, rank: int = 0, world_size: int = 1, batches_per_step: int = 1,
+                 ranks_per_node: int = 1):
         self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
-        self.batches_per_step = batches_per_step
+        self.batches_per_step, self.ranks_per_node = batches_per_step, ranks_per_node
         self.position = start_position()
         self.skips: dict[int, dict] = {}
         self.reads: dict[int, dict] = {}
-        check_plan(source, cfg, world_size)
+        check_plan(source, cfg, world_size, ranks_per_node)
 
     @property
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.world_size
 
     def slots(self, epoch: int) -> int | None:
-        return SlotPlan(self.cfg.p_hr, self.source.size, self.cfg.seed, epoch).slots
+        return epoch_order(self.source, self.cfg, epoch, self.global_batch).slots
 
     @property
     def batches_per_epoch(self) -> int:
@@ -116,7 +117,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[PatchBatch | LatentBatch]:
         stream = RankBatches(self.source, self.cfg, self.rank, self.world_size, dict(self.position),
-                             self.batches_per_step)
+                             self.batches_per_step, self.ranks_per_node)
         # Its own generator: creating an iterator draws a base seed, which must not consume the
         # global RNG (a resumed run creates one more iterator than the run it continues).
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.rank)
@@ -161,13 +162,14 @@ class Loader:
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None,
-                 batches_per_step: int = 1) -> Loader:
+                 batches_per_step: int = 1, ranks_per_node: int = 1) -> Loader:
     """A Loader over the shards of cfg (default samples: image patches)."""
     source = ShardSource(cfg, sample_fn or image_patch_sample, collate_fn or collate_patches)
-    return Loader(source, cfg, rank, world_size, batches_per_step)
+    return Loader(source, cfg, rank, world_size, batches_per_step, ranks_per_node)
 
 
-def check_plan(source, cfg: DataConfig, world_size: int, key: str = "data") -> None:
+def check_plan(source, cfg: DataConfig, world_size: int, ranks_per_node: int = 1,
+               key: str = "data") -> None:
     """Config errors that would otherwise hang or crash the workers, with the key and the fix
     (key: the DataConfig's dotted name in the config)."""
     if cfg.p_hr > 0 and source.hr_size == 0:
@@ -180,7 +182,10 @@ def check_plan(source, cfg: DataConfig, world_size: int, key: str = "data") -> N
                f"sample of this set is high-res: set {key}.p_hr=0 to train on them as one stream."
                if cfg.p_hr > 0 else "")
         raise ConfigError(f"the shards hold no trainable sample (the index excludes all of them).{why}")
-    slots = SlotPlan(cfg.p_hr, source.size, cfg.seed, 0).slots
+    order = epoch_order(source, cfg, 0, cfg.batch_size * world_size)
+    if cfg.order == "node":
+        order.rank_slots(0, 0, world_size, ranks_per_node)  # the node counts' error, if any, now
+    slots = order.slots
     if slots < cfg.batch_size * world_size:
         raise ConfigError(f"an epoch has no batch: {slots} samples per epoch for {world_size} ranks x "
                           f"{key}.batch_size={cfg.batch_size}: lower {key}.batch_size or add data")
@@ -190,35 +195,35 @@ class RankBatches(IterableDataset):
     """One rank's batches from `start` on, built in DataLoader workers (batch j by worker j mod n),
     each yielded as (batch, LoaderNote): the loader's position after it and the worker's counts."""
 
-    def __init__(self, source, cfg: DataConfig, rank: int, world_size: int, start: dict, batches_per_step: int):
+    def __init__(self, source, cfg: DataConfig, rank: int, world_size: int, start: dict, batches_per_step: int,
+                 ranks_per_node: int = 1):
         self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
-        self.start, self.batches_per_step = start, batches_per_step
+        self.start, self.batches_per_step, self.ranks_per_node = start, batches_per_step, ranks_per_node
         # The config of batches from patch.p_keep_late_step on, built once (None: no switch).
         self.late_cfg = replace(cfg, patch=cfg.patch.late()) if cfg.patch.p_keep_late is not None else None
         self.counter = SkipCounter()
         self._epoch = None
 
     def plans(self) -> Iterator[tuple[int, int, int, dict]]:
-        """(epoch, first slot of this rank's batch, run batch number, position after it), endlessly."""
+        """(epoch, first slot of the global batch, run batch number, position after it), endlessly."""
         epoch, slot, batch = self.start["epoch"], self.start["slot"], self.start["batches"]
-        G, B = self.cfg.batch_size * self.world_size, self.cfg.batch_size
+        G = self.cfg.batch_size * self.world_size
         while True:
-            slots = self._epoch_plan(epoch)[0].slots
+            slots = self._epoch_order(epoch).slots
             if slots is not None and slots < G:
                 raise ConfigError(f"epoch {epoch} has {slots} slots, fewer than one global batch ({G}): add data")
             while slots is None or slot + G <= slots:
-                first, slot, batch = slot + self.rank * B, slot + G, batch + 1
+                first, slot, batch = slot, slot + G, batch + 1
                 after = ({"epoch": epoch, "slot": slot} if slots is None or slot + G <= slots
                          else {"epoch": epoch + 1, "slot": 0})
                 yield epoch, first, batch - 1, after | {"batches": batch}
             epoch, slot = epoch + 1, 0
 
-    def _epoch_plan(self, epoch: int):
-        """(SlotPlan, order) of an epoch, the last one kept."""
+    def _epoch_order(self, epoch: int):
+        """The epoch's order (infd/data/orders.py), the last one kept."""
         if self._epoch is None or self._epoch[0] != epoch:
-            plan = SlotPlan(self.cfg.p_hr, self.source.size, self.cfg.seed, epoch)
-            self._epoch = (epoch, plan, self.source.order(self.cfg.seed, epoch, self.cfg.shuffle_block))
-        return self._epoch[1:]
+            self._epoch = (epoch, epoch_order(self.source, self.cfg, epoch, self.cfg.batch_size * self.world_size))
+        return self._epoch[1]
 
     def __iter__(self) -> Iterator[tuple[PatchBatch | LatentBatch, LoaderNote]]:
         info = get_worker_info()
@@ -230,8 +235,9 @@ class RankBatches(IterableDataset):
         with ThreadPoolExecutor(threads) if threads > 1 else InProcess() as pool:
             for j, (epoch, first, batch, after) in enumerate(self.plans()):
                 if j % n_workers == worker:
-                    samples = self._batch_samples(epoch, range(first, first + self.cfg.batch_size),
-                                                  self.batch_cfg(batch), pool)
+                    slots = self._epoch_order(epoch).rank_slots(first, self.rank, self.world_size,
+                                                                self.ranks_per_node)
+                    samples = self._batch_samples(epoch, slots, self.batch_cfg(batch), pool)
                     yield self.source.collate_fn(samples), LoaderNote(after, worker, self.counter.as_dict(),
                                                                       dict(RANGE_READS, hedges=HEDGES["fired"]))
 
@@ -241,29 +247,17 @@ class RankBatches(IterableDataset):
             return self.cfg
         return self.late_cfg if batch // self.batches_per_step >= self.cfg.patch.p_keep_late_step else self.cfg
 
-    def _batch_samples(self, epoch: int, slots: range, cfg: DataConfig, pool) -> list[dict]:
-        plan, order = self._epoch_plan(epoch)
-        picks = [self._hr_picks(epoch, g) if plan.is_hr(g) else self._main_picks(order, plan.main_position(g))
-                 for g in slots]
+    def _batch_samples(self, epoch: int, slots: list[int], cfg: DataConfig, pool) -> list[dict]:
+        order = self._epoch_order(epoch)
+        picks = [order.hr_picks(g) if order.is_hr(g) else order.main_picks(g) for g in slots]
         firsts = list(pool.map(self._read, [next(p) for p in picks]))
         samples = []
         for g, pick, first in zip(slots, picks, firsts):
             sample = self._decoded(itertools.chain([first], (self._read(i) for i in pick)),
                                    np.random.default_rng([self.cfg.seed, epoch, g]), cfg)
-            sample["is_hr"] = plan.is_hr(g)
+            sample["is_hr"] = order.is_hr(g)
             samples.append(sample)
         return samples
-
-    def _main_picks(self, order, position: int) -> Iterator[int]:
-        """The sample at a main position, then (replacements) those at the next positions."""
-        size = self.source.size
-        for k in range(RETRIES):
-            yield order.sample_id((position + k) % size if size else position + k)
-
-    def _hr_picks(self, epoch: int, g: int) -> Iterator[int]:
-        rng = epoch_rng(self.cfg.seed, epoch, HR_PICK, g)
-        for _ in range(RETRIES):
-            yield self.source.hr_id(int(rng.integers(self.source.hr_size)))
 
     def _read(self, sample_id: int):
         try:

@@ -1,5 +1,5 @@
-"""A node-partitioned epoch order (issue 26; the loader does not use it yet): a global batch draws
-from many shards, and each node reads only its own part of the data.
+"""A node-partitioned epoch order (data.loader.order=node, through infd/data/orders.py): a global
+batch draws from many shards, and each node reads only its own part of the data.
 
 The epoch's shuffled shard sequence (infd/data/epoch_plan.py) is cut into C equal ranges of main
 samples, one per canonical node (C = data.loader.canonical_nodes, a constant of the run that stays when

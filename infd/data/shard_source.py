@@ -18,7 +18,7 @@ import numpy as np
 from infd.config import ConfigError
 from infd.data.decode import SkipSample
 from infd.data.epoch_plan import BlockOrder
-from infd.data.sample_index import CAPTION_NONE, INDEX_NAME, SampleIndex, open_index
+from infd.data.sample_index import CAPTION_NONE, HR, INDEX_NAME, SampleIndex, open_index
 from infd.data.tar_samples import sample_members
 from infd.data.urls import ReadOptions, ShortRead, dirname_url, expand_urls, join_url, read_range
 
@@ -106,6 +106,16 @@ class ShardSource:
             if len(self._ids_cache) > 64:
                 self._ids_cache.popitem(last=False)
         return self._ids_cache[i]
+
+    def hr_counts(self, shards: np.ndarray) -> np.ndarray:
+        """High-res samples of shards `shards` (positions in data.shards)."""
+        return self.index.shards[self.shard_ids[shards]]["hr"].astype(np.float64)
+
+    def hr_ids_of(self, i: int) -> np.ndarray:
+        """The high-res sample ids of shard i of data.shards."""
+        rec = self.index.shards[int(self.shard_ids[i])]
+        flags = self.index.records(int(rec["first"]), int(rec["samples"]))["flags"]
+        return int(rec["first"]) + np.flatnonzero(flags & HR)
 
     def order(self, seed: int, epoch: int, block: int) -> BlockOrder:
         """An epoch's main order (main position -> sample id)."""
