@@ -2,7 +2,10 @@
 one sample's GET until the test lets it go, and the loader's batches arrive meanwhile through the
 second GET the hedge sent. No wall-clock threshold: the held response is released only after the
 batches are in hand."""
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from infd.data.hedged import HEDGES, hedged
 from infd.data.loader import build_loader
@@ -10,6 +13,8 @@ from tests.images import build, write_folder
 from tests.s3_server import HoldingProxy
 from tests.test_loader import data_cfg
 from tests.test_s3 import s3  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_held_response_is_overtaken_by_its_hedge(tmp_path, s3, monkeypatch):  # noqa: F811
@@ -55,3 +60,14 @@ def test_hedged_returns_the_second_answer_when_the_first_hangs_and_an_error_only
         assert "refused" in str(err)
     else:
         raise AssertionError("both requests failed, yet no error")
+
+
+def test_a_process_exits_while_a_hedged_request_still_hangs():
+    """The request threads are daemons: a straggler that never answers does not hold the process at exit
+    (ThreadPoolExecutor joins its threads at exit: this child would never end)."""
+    code = ("import threading\nfrom infd.data.hedged import hedged\nforever = threading.Event()\n"
+            "calls = []\n"
+            "def fetch():\n    calls.append(1)\n    if len(calls) == 1:\n        forever.wait()\n    return 'twin'\n"
+            "print(hedged(fetch, 0.05))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip() == "twin", res.stderr

@@ -12,24 +12,56 @@ Counts per process (`HEDGES`): fired, won by the second request.
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 HEDGES = {"fired": 0, "won": 0}
 # Requests in flight per process, twins and stragglers included; threads are made only as needed.
 POOL_THREADS = 64
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[int, "_DaemonPool"] = {}
 _lock = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
+class _DaemonPool:
+    """Up to `size` daemon threads running submitted calls: a request hanging at exit (a straggler whose
+    twin already answered) does not hold the process, as ThreadPoolExecutor's joined threads would."""
+
+    def __init__(self, size: int):
+        self.size, self.threads, self.idle = size, 0, 0
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], T]) -> Future:
+        future: Future = Future()
+        self.jobs.put((fn, future))
+        with self.lock:
+            if self.idle == 0 and self.threads < self.size:
+                self.threads += 1
+                threading.Thread(target=self._work, name="hedged-read", daemon=True).start()
+            else:
+                self.idle -= 1 if self.idle else 0
+        return future
+
+    def _work(self) -> None:
+        while True:
+            fn, future = self.jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # noqa: BLE001 (handed to the caller)
+                future.set_exception(err)
+            with self.lock:
+                self.idle += 1
+
+
+def _pool() -> _DaemonPool:
     """One pool per process (a forked loader worker must not use its parent's threads)."""
     pid = os.getpid()
     with _lock:
         if pid not in _pools:
-            _pools[pid] = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="hedged-read")
+            _pools[pid] = _DaemonPool(POOL_THREADS)
         return _pools[pid]
 
 
