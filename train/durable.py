@@ -4,10 +4,10 @@ and fsync of files and directories (a rename is durable only once its directory 
 `write_safetensors` writes the safetensors layout itself (8-byte little-endian header length, a
 JSON header of dtype, shape and byte offsets per tensor padded to 8 bytes, then the tensors'
 bytes in header order): `safetensors.torch.save_file` first copies every tensor into Python
-bytes, which doubles a checkpoint's memory. The bytes go out through one reused 64 MiB buffer
-rather than straight from each tensor's memory: on the development machine, writing the paper
-UNet's 3.4 GB of weights and moments took 20-31 s straight from the tensors and 4.5-19 s staged,
-against 4.3-4.8 s for the disk's own probe (the same process, alternating).
+bytes, which doubles a checkpoint's memory. The bytes are packed into a 64 MiB buffer per file and
+written only in full buffers, whatever the tensors' sizes: on the development machine 4.6 GB took
+23.3 s written tensor by tensor (1477 writes for the paper UNet) and 6.8 s packed, against 8.8 s for
+the disk's own one-stream probe (medians of 3).
 """
 from __future__ import annotations
 

@@ -36,11 +36,11 @@ from infd.config import ConfigError
 from infd.data.counters import SkipCounter, merge_counts
 from infd.data.decode import SkipSample
 from infd.data.batches import LatentBatch, LoaderNote, PatchBatch
+from infd.data.hedged import HEDGES
 from infd.data.image_samples import collate_patches, image_patch_sample
 from infd.data.orders import RETRIES, epoch_order
 from infd.data.shard_source import ShardSource
 from infd.data.transforms import PatchConfig
-from infd.data.hedged import HEDGES
 from infd.data.urls import RANGE_READS
 from infd.data.workers import init_worker, preemption_signals_held
 from infd.utils.in_process import InProcess

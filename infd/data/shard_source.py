@@ -57,7 +57,7 @@ class ShardSource:
         if prefix is None:
             self.index = self._open_index(cfg, cfg.index or dirname_url(self.urls[0]))
         self._plan(exclude_hr=cfg.p_hr > 0)
-        self._ids_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._ids_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     def _open_index(self, cfg, url: str) -> SampleIndex:
         url = dirname_url(url) if url.endswith(INDEX_NAME) else url
@@ -98,24 +98,33 @@ class ShardSource:
 
     def main_ids(self, i: int) -> np.ndarray:
         """The main-stream sample ids of shard i of data.shards, in tar order (a few cached)."""
-        if i not in self._ids_cache:
+        def make() -> np.ndarray:
             sid = int(self.shard_ids[i])
-            first = int(self.index.shards[sid]["first"])
             keep = self.index.in_main_stream(sid, exclude_hr=self.exclude_hr)
-            self._ids_cache[i] = first + np.flatnonzero(keep)
-            if len(self._ids_cache) > 64:
-                self._ids_cache.popitem(last=False)
-        return self._ids_cache[i]
+            return int(self.index.shards[sid]["first"]) + np.flatnonzero(keep)
+
+        return self._cached(("main", i), make)
 
     def hr_counts(self, shards: np.ndarray) -> np.ndarray:
         """High-res samples of shards `shards` (positions in data.shards)."""
         return self.index.shards[self.shard_ids[shards]]["hr"].astype(np.float64)
 
     def hr_ids_of(self, i: int) -> np.ndarray:
-        """The high-res sample ids of shard i of data.shards."""
-        rec = self.index.shards[int(self.shard_ids[i])]
-        flags = self.index.records(int(rec["first"]), int(rec["samples"]))["flags"]
-        return int(rec["first"]) + np.flatnonzero(flags & HR)
+        """The high-res sample ids of shard i of data.shards (a few cached: the node order draws from the
+        shards of one block again and again)."""
+        def make() -> np.ndarray:
+            rec = self.index.shards[int(self.shard_ids[i])]
+            flags = self.index.records(int(rec["first"]), int(rec["samples"]))["flags"]
+            return int(rec["first"]) + np.flatnonzero(flags & HR)
+
+        return self._cached(("hr", i), make)
+
+    def _cached(self, key: tuple, make) -> np.ndarray:
+        if key not in self._ids_cache:
+            self._ids_cache[key] = make()
+            if len(self._ids_cache) > 64:
+                self._ids_cache.popitem(last=False)
+        return self._ids_cache[key]
 
     def order(self, seed: int, epoch: int, block: int) -> BlockOrder:
         """An epoch's main order (main position -> sample id)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from infd.data.hedged import POOL_THREADS, hedged
+from infd.data.hedged import REQUESTS_IN_FLIGHT, hedged
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def s3_client(read_timeout_s: float = STREAM_TIMEOUT_S):
             from botocore.config import Config
 
             config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=min(10, read_timeout_s),
-                            read_timeout=read_timeout_s, max_pool_connections=POOL_THREADS + 16)
+                            read_timeout=read_timeout_s, max_pool_connections=REQUESTS_IN_FLIGHT + 16)
             _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
         return _S3_CLIENTS[key]
 
