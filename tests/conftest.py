@@ -28,3 +28,9 @@ def lpips_randinit():
     from infd.losses import build_lpips
 
     return build_lpips("random")
+
+
+@pytest.fixture(autouse=True)
+def _shard_cache(monkeypatch, tmp_path):
+    """The node shard cache (read_mode auto on S3) of each test in its own folder, never in ~/.cache."""
+    monkeypatch.setenv("INFD_SHARD_CACHE", str(tmp_path / "shard_cache"))

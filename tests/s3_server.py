@@ -105,7 +105,11 @@ class _Proxy:
                 sent += len(data)
         except OSError:
             pass
-        for s in (src, dst):
+        _Proxy._hang_up(src, dst)
+
+    @staticmethod
+    def _hang_up(*socks) -> None:
+        for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -164,3 +168,40 @@ class HoldingProxy(_Proxy):
 
 
 os.environ.setdefault("INFD_S3_BACKOFF", "0.05")
+
+
+class CountingProxy(_Proxy):
+    """Passes everything through and records each GET of a `.tar` (path, Range header): what the object
+    store served, counted outside the loader."""
+
+    def __init__(self, target_port: int):
+        self.gets: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        super().__init__(target_port)
+
+    def _serve(self, client, number: int) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+        buffer = b""
+        try:
+            while data := client.recv(65536):
+                upstream.sendall(data)
+                buffer += data
+                while b"\r\n\r\n" in buffer:  # GETs have no body: a request is its head
+                    head, buffer = buffer.split(b"\r\n\r\n", 1)
+                    self._record(head)
+        except OSError:
+            pass
+        self._hang_up(client, upstream)
+
+    def _record(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        method, path = (lines[0].split(" ") + ["", ""])[:2]
+        if method == "GET" and ".tar" in path:
+            ranges = [line.split(":", 1)[1].strip() for line in lines[1:] if line.lower().startswith("range:")]
+            with self._lock:
+                self.gets.append((path.split("?")[0], ranges[0] if ranges else ""))
+
+    def tar_gets(self) -> int:
+        with self._lock:
+            return len(self.gets)

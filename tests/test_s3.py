@@ -1,4 +1,6 @@
 """Shards on a real S3-compatible server (moto_server on 127.0.0.1, started by the fixtures)."""
+import itertools
+
 import boto3
 import numpy as np
 import pytest
@@ -33,9 +35,12 @@ def test_s3_shards_give_the_same_samples_as_local_ones(tmp_path, s3):
           "--hr-threshold", "200", "--no-verify")
     keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="bucket")["Contents"])
     assert "sets/a/index.json" in keys and "sets/a/shard-000004.tar" in keys
-    for p_hr in (0.0, 0.4):
-        a = list(build_loader(data_cfg(local, p_hr=p_hr)).epoch_batches())
-        b = list(build_loader(data_cfg("s3://bucket/sets/a/", p_hr=p_hr)).epoch_batches())
+    # S3's defaults (the node order, read through the node shard cache) against the node order on local
+    # files, and S3 read per sample against local files' defaults (the global order).
+    settings = (({"order": "node"}, {}), ({}, {"order": "global", "read_mode": "sample"}))
+    for p_hr, (local_kw, s3_kw) in itertools.product((0.0, 0.4), settings):
+        a = list(build_loader(data_cfg(local, p_hr=p_hr, **local_kw)).epoch_batches())
+        b = list(build_loader(data_cfg("s3://bucket/sets/a/", p_hr=p_hr, **s3_kw)).epoch_batches())
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
             assert x.keys == y.keys and torch.equal(x.gt, y.gt) and torch.equal(x.enc, y.enc)

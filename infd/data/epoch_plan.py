@@ -86,7 +86,7 @@ class BlockOrder:
 
     def sample_id(self, position: int) -> int:
         k = position // self.block
-        return int(self._block(k)[position - k * self.block])
+        return int(self.block_ids(k)[position - k * self.block])
 
     def block_shards(self, position: int) -> np.ndarray:
         """The shards (of data.shards) that the block holding `position` draws from."""
@@ -98,7 +98,8 @@ class BlockOrder:
     def _block_range(self, k: int) -> tuple[int, int]:
         return self.lo + k * self.block, min(self.lo + (k + 1) * self.block, self.hi)
 
-    def _block(self, k: int) -> np.ndarray:
+    def block_ids(self, k: int) -> np.ndarray:
+        """The sample ids of block k, in their permuted order (main positions k * block onwards)."""
         if k in self.blocks:
             self.blocks.move_to_end(k)
             return self.blocks[k]

@@ -38,8 +38,9 @@ from infd.data.decode import SkipSample
 from infd.data.batches import LatentBatch, LoaderNote, PatchBatch
 from infd.data.hedged import HEDGES
 from infd.data.image_samples import collate_patches, image_patch_sample
-from infd.data.orders import RETRIES, epoch_order
-from infd.data.shard_source import ShardSource
+from infd.data.orders import ORDERS, RETRIES, epoch_order, resolve_order
+from infd.data.shard_cache import CACHE
+from infd.data.shard_source import READ_MODES, ShardSource
 from infd.data.transforms import PatchConfig
 from infd.data.urls import RANGE_READS
 from infd.data.workers import init_worker, preemption_signals_held
@@ -55,8 +56,12 @@ class DataConfig:
     batch_size: int = 8  # per rank
     num_workers: int = 2
     shuffle_block: int = 262_144  # samples permuted together (after the shard order is shuffled)
-    order: str = "global"  # "global": one block shuffle; "node": partitioned over canonical nodes (data/orders.py)
-    canonical_nodes: int = 0  # order=node: partitions, constant for the run (node counts divide it or a multiple)
+    order: str = "auto"  # "global": one block shuffle; "node": partitioned over canonical nodes; auto: per URL scheme
+    canonical_nodes: int = 0  # order=node: partitions, constant for the run; 0: the first run's node count
+    read_mode: str = "auto"  # "sample": a read per sample; "shard_cache": node-local chunk cache; auto: per scheme
+    cache_dir: str | None = None  # shard_cache: the node-local folder (default $INFD_SHARD_CACHE, ~/.cache/infd/shards)
+    cache_gb: float = 200.0  # shard_cache: the bound on the folder (docs/data.md sizes it)
+    cache_chunk_mb: int = 16  # shard_cache: bytes per GET and per cached file
     read_threads: int = 8  # concurrent sample reads per worker (S3 latency)
     hedge_after_s: float = 0.3  # S3: a second GET for a sample still unanswered after this (0: never)
     request_timeout_s: float = 10.0  # S3: a request that receives nothing for this long is retried
@@ -71,6 +76,14 @@ class DataConfig:
         for name in ("batch_size", "shuffle_block", "read_threads", "prefetch_factor"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{prefix}{name}' must be >= 1")
+        if self.order not in ("auto", *ORDERS):
+            raise ConfigError(f"config key '{prefix}order' = {self.order!r}: use auto, {', '.join(ORDERS)}")
+        if self.read_mode not in READ_MODES:
+            raise ConfigError(f"config key '{prefix}read_mode' = {self.read_mode!r}: use one of "
+                              f"{', '.join(READ_MODES)}")
+        if self.cache_gb <= 0 or self.cache_chunk_mb < 1:
+            raise ConfigError(f"config keys '{prefix}cache_gb' (> 0) and '{prefix}cache_chunk_mb' (>= 1; 8 or more on "
+                              f"object storage) got {self.cache_gb}, {self.cache_chunk_mb}")
         if self.hedge_after_s < 0 or self.request_timeout_s <= 0:
             raise ConfigError(f"config keys '{prefix}hedge_after_s' (>= 0, 0 turns hedging off) and "
                               f"'{prefix}request_timeout_s' (> 0) are seconds: got {self.hedge_after_s}, "
@@ -87,12 +100,14 @@ class Loader:
 
     def __init__(self, source, cfg: DataConfig, rank: int = 0, world_size: int = 1, batches_per_step: int = 1,
                  ranks_per_node: int = 1):
-        self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
+        self.source, self.rank, self.world_size = source, rank, world_size
         self.batches_per_step, self.ranks_per_node = batches_per_step, ranks_per_node
+        self.configured = cfg
+        self.cfg = resolve_order(cfg, source, max(1, world_size // ranks_per_node))
         self.position = start_position()
         self.skips: dict[int, dict] = {}
         self.reads: dict[int, dict] = {}
-        check_plan(source, cfg, world_size, ranks_per_node)
+        check_plan(source, self.cfg, world_size, ranks_per_node)
 
     @property
     def global_batch(self) -> int:
@@ -109,10 +124,20 @@ class Loader:
         return self.slots(0) // self.global_batch
 
     def state_dict(self) -> dict:
-        return dict(self.position)
+        """The position; with order=node also the canonical node count its epochs are planned with."""
+        nodes = {"canonical_nodes": self.cfg.canonical_nodes} if self.cfg.order == "node" else {}
+        return dict(self.position) | nodes
 
     def load_state_dict(self, state: dict) -> None:
         """state: a state_dict() (older checkpoints' positions are converted by infd.compat)."""
+        saved = int(state.get("canonical_nodes", 0))
+        if self.cfg.order == "node" and saved and saved != self.cfg.canonical_nodes:
+            if self.configured.canonical_nodes:
+                raise ConfigError(f"data.loader.canonical_nodes = {self.configured.canonical_nodes}, but the run being "
+                                  f"resumed plans its epochs with {saved} canonical nodes: set "
+                                  f"data.loader.canonical_nodes={saved} (or 0, which takes it from the checkpoint)")
+            self.cfg = replace(self.cfg, canonical_nodes=saved)  # the first run's node count stays
+            check_plan(self.source, self.cfg, self.world_size, self.ranks_per_node)
         self.position = {k: int(state[k]) for k in ("epoch", "slot", "batches")}
 
     def __iter__(self) -> Iterator[PatchBatch | LatentBatch]:
@@ -177,6 +202,7 @@ def check_plan(source, cfg: DataConfig, world_size: int, ranks_per_node: int = 1
                           "the shards with a lower --hr-threshold")
     if source.size is None:
         return
+    cfg = resolve_order(cfg, source, max(1, world_size // ranks_per_node))
     if source.size == 0:
         why = (f" With {key}.p_hr > 0 the epoch is planned over the samples that are not high-res, and every "
                f"sample of this set is high-res: set {key}.p_hr=0 to train on them as one stream."
@@ -231,6 +257,7 @@ class RankBatches(IterableDataset):
         if info is not None:  # a forked worker starts with its parent's counts
             RANGE_READS.update(bytes=0, reads=0)
             HEDGES.update(fired=0, won=0)
+            CACHE.update(reads=0, fills=0, fill_bytes=0, evicted=0)
         threads = self.cfg.read_threads
         with ThreadPoolExecutor(threads) if threads > 1 else InProcess() as pool:
             for j, (epoch, first, batch, after) in enumerate(self.plans()):
@@ -239,7 +266,13 @@ class RankBatches(IterableDataset):
                                                                 self.ranks_per_node)
                     samples = self._batch_samples(epoch, slots, self.batch_cfg(batch), pool)
                     yield self.source.collate_fn(samples), LoaderNote(after, worker, self.counter.as_dict(),
-                                                                      dict(RANGE_READS, hedges=HEDGES["fired"]))
+                                                                      self._reads())
+
+    @staticmethod
+    def _reads() -> dict:
+        """This worker's object-store / file reads so far (with the shard cache: its chunk fills), hedges and
+        cache counts."""
+        return dict(RANGE_READS, hedges=HEDGES["fired"], cache_reads=CACHE["reads"], cache_evicted=CACHE["evicted"])
 
     def batch_cfg(self, batch: int) -> DataConfig:
         """The config that batch `batch` of the run is made with (see the module docstring)."""

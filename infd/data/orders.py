@@ -11,6 +11,7 @@ then its replacements, see infd/data/loader.py).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 from infd.config import ConfigError
@@ -96,6 +97,18 @@ class NodeEpochOrder:
             shard = int(window[rng.choice(len(window), p=counts / counts.sum())])
             ids = self.source.hr_ids_of(shard)
             yield int(ids[rng.integers(len(ids))])
+
+
+def resolve_order(cfg, source, nodes: int):
+    """cfg with `order: auto` and `canonical_nodes: 0` decided for a run of `nodes` physical nodes: the node
+    order for indexed shards on object storage (a node then reads only its partition, what the node shard
+    cache needs), the global order otherwise; canonical nodes: the node count of the run that starts the
+    epoch (a resumed run takes the checkpoint's, see Loader.load_state_dict)."""
+    order = cfg.order
+    if order == "auto":
+        urls = getattr(source, "urls", None) or []
+        order = "node" if source.size is not None and urls and urls[0].startswith("s3://") else "global"
+    return replace(cfg, order=order, canonical_nodes=cfg.canonical_nodes or (nodes if order == "node" else 0))
 
 
 def epoch_order(source, cfg, epoch: int, global_batch: int) -> GlobalOrder | NodeEpochOrder:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from infd.config import ConfigError
 from infd.data.decode import SkipSample
 from infd.data.epoch_plan import BlockOrder
 from infd.data.sample_index import CAPTION_NONE, HR, INDEX_NAME, SampleIndex, open_index
+from infd.data.shard_cache import CacheOptions, ShardCache, default_cache_dir
 from infd.data.tar_samples import sample_members
 from infd.data.urls import ReadOptions, ShortRead, dirname_url, expand_urls, join_url, read_range
 
@@ -28,6 +30,7 @@ NEXT_RECORDS = 16  # records read past a sample to find where the next one start
 # read ends this far past the sample's last indexed member: room for its other members (.json, .cls,
 # a latent cache's extra arrays), never the rest of a multi-GB tar.
 SPAN_SLACK = 1 << 20
+READ_MODES = ("auto", "sample", "shard_cache")
 
 
 class ShardSource:
@@ -58,6 +61,7 @@ class ShardSource:
             self.index = self._open_index(cfg, cfg.index or dirname_url(self.urls[0]))
         self._plan(exclude_hr=cfg.p_hr > 0)
         self._ids_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.cache = shard_cache(cfg, self.urls, self.read_options)
 
     def _open_index(self, cfg, url: str) -> SampleIndex:
         url = dirname_url(url) if url.endswith(INDEX_NAME) else url
@@ -134,28 +138,53 @@ class ShardSource:
     def read(self, sample_id: int) -> dict:
         """A raw sample {"__key__", "__url__", ext: bytes, ...} by one ranged read of its span.
         Raises SkipSample (truncated_shard, index_mismatch)."""
-        records = self.index.records(sample_id, NEXT_RECORDS + 1)
-        rec = records[0]
-        url, key = self.url_of[int(rec["shard"])], self.index.key(sample_id)
-        start = span_start(rec)
-        end = next((span_start(r) for r in records[1:] if r["shard"] == rec["shard"] and span_start(r) >= 0), None)
-        if end is None:  # the shard's last sample, or unindexed ones follow: a bounded read
-            end = min(int(self.index.shards[int(rec["shard"])]["bytes"]), span_end(rec) + SPAN_SLACK)
+        shard, start, end = self.span(sample_id)
+        url, key = self.url_of[shard], self.index.key(sample_id)
         try:
-            span = read_range(url, start, end - start, self.read_options)
+            span = self._read_span(url, shard, start, end - start)
         except ShortRead as err:
             raise SkipSample("truncated_shard", str(err)) from None
         raw = {"__key__": key, "__url__": url} | members_of(span, key)
-        ext = self.index.meta["exts"][int(rec["ext"])]
+        ext = self.index.meta["exts"][int(self.index.records(sample_id, 1)[0]["ext"])]
         if ext not in raw:
             raise SkipSample("index_mismatch", f"{url}: no {key}.{ext} where the index says; the shard changed "
                              "after indexing: re-index the shards")
         return raw
 
+    def span(self, sample_id: int) -> tuple[int, int, int]:
+        """(shard id in the index, first byte, end byte) of the one read that fetches a sample: from its
+        first indexed member's header to the next sample's."""
+        records = self.index.records(sample_id, NEXT_RECORDS + 1)
+        rec = records[0]
+        start = span_start(rec)
+        end = next((span_start(r) for r in records[1:] if r["shard"] == rec["shard"] and span_start(r) >= 0), None)
+        if end is None:  # the shard's last sample, or unindexed ones follow: a bounded read
+            end = min(int(self.index.shards[int(rec["shard"])]["bytes"]), span_end(rec) + SPAN_SLACK)
+        return int(rec["shard"]), start, end
+
+    def _read_span(self, url: str, shard: int, offset: int, length: int) -> bytes:
+        """One ranged read of the shard (index id `shard`): directly, or through the node's shard cache."""
+        if self.cache is None:
+            return read_range(url, offset, length, self.read_options)
+        shard_bytes = int(self.index.shards[shard]["bytes"])
+        data = self.cache.read(url, shard_bytes, offset, length)
+        if len(data) != length:
+            raise ShortRead(f"{url}: wanted {length} bytes at {offset}, the index gives the shard {shard_bytes}")
+        return data
+
     def decode(self, raw: dict, rng: np.random.Generator, cfg) -> dict:
         sample = self.sample_fn(raw, cfg, rng)
         sample["key"] = raw["__key__"]
         return sample
+
+
+def shard_cache(cfg, urls: list[str], read_options: ReadOptions) -> ShardCache | None:
+    """The node's shard cache when data.loader.read_mode asks for it (auto: for shards on object storage)."""
+    mode = cfg.read_mode
+    if mode == "sample" or (mode == "auto" and not urls[0].startswith("s3://")):
+        return None
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return ShardCache(CacheOptions(root, int(cfg.cache_gb * 1e9), cfg.cache_chunk_mb << 20), read_options)
 
 
 def _single_s3_prefix(cfg) -> str | None:
