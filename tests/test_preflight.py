@@ -57,6 +57,25 @@ def test_missing_shards_and_index_are_named(tmp_path, shards):
     assert "cannot read the shard index" in found.errors[-1] and "data.loader.index" in found.errors[-1]
 
 
+def test_the_shard_cache_folder_is_checked_for_room_and_write_access(tmp_path, shards):
+    """read_mode=shard_cache (here on local shards): a bound larger than the disk is a warning naming the
+    keys, a folder that cannot be made is an error."""
+    found = Findings()
+    cfg = DataConfig(shards=[str(shards)], read_mode="shard_cache", cache_dir=str(tmp_path / "c"), cache_gb=1e9)
+    check_data(cfg, "data.loader", rank(0, 1), found)
+    assert found.errors == [] and len(found.warnings) == 1
+    assert "data.loader.cache_gb=1e+09" in found.warnings[0] and "data.loader.cache_dir" in found.warnings[0]
+    (tmp_path / "file").write_text("")
+    bad = Findings()
+    check_data(DataConfig(shards=[str(shards)], read_mode="shard_cache", cache_dir=str(tmp_path / "file" / "c")),
+               "data.loader", rank(0, 1), bad)
+    assert len(bad.errors) == 1 and "data.loader.cache_dir" in bad.errors[0]
+    fine = Findings()
+    check_data(DataConfig(shards=[str(shards)], read_mode="shard_cache", cache_dir=str(tmp_path / "c"), cache_gb=0.001),
+               "data.loader", rank(0, 1), fine)
+    assert fine.errors == fine.warnings == []
+
+
 def test_s3_reachability(monkeypatch):
     server = MotoServer()
     try:

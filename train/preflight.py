@@ -103,6 +103,25 @@ def check_data(loader, key: str, info: DistInfo, found: Findings) -> None:
         check_plan(source, loader, info.world_size, ranks_per_node(), key=key)
     except ConfigError as err:
         found.errors.append(str(err))
+    if source.cache is not None:
+        check_shard_cache(source.cache.options, key, found)
+
+
+def check_shard_cache(options, key: str, found: Findings) -> None:
+    """The node's shard cache folder: writable, and room for its bound (options: a CacheOptions)."""
+    root = options.root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+    except OSError as err:
+        found.errors.append(f"{key}.cache_dir: cannot create the shard cache folder {root}: {err}. Point "
+                            f"{key}.cache_dir (or INFD_SHARD_CACHE) at a node-local disk")
+        return
+    held = sum(p.stat().st_size for p in root.glob("*/*") if p.name.isdigit())
+    if free + held < options.limit_bytes:
+        found.warnings.append(f"{key}.cache_gb={options.limit_bytes / 1e9:g}, but {root} has {free / 1e9:.1f} GB free "
+                              f"(+{held / 1e9:.1f} GB cached): the disk fills before the cache reaches its bound; "
+                              f"lower {key}.cache_gb or move {key}.cache_dir (docs/data.md sizes it)")
 
 
 def check_resume(trainer, ckpt_root: Path, info: DistInfo, found: Findings) -> None:
