@@ -101,14 +101,15 @@ def test_a_nodes_processes_fill_each_chunk_once_evict_past_the_limit_and_reuse_w
     assert 0 < sum(p.stat().st_size for p in held) <= limit
     assert not orphan.exists()
 
-    # What the cache holds is read without a GET (a restarted job on the node).
+    # What the cache holds is read without a GET (a restarted job on the node): 100 bytes of a held chunk.
     cache = ShardCache(CacheOptions(small, limit, chunk), ReadOptions())
-    held_spans = [i for i, (u, b, off, n) in enumerate(spans)
-                  if all(cache.chunk_path(u, b, c).exists() for c in range(off // chunk, (off + n - 1) // chunk + 1))]
-    assert held_spans
+    held_chunks = [(u, b, c) for u, b in shard_sizes.items() for c in range(-(-b // chunk))
+                   if cache.chunk_path(u, b, c).exists()]
+    assert held_chunks
+    u, b, c = held_chunks[0]
     gets = proxy.tar_gets()
-    assert _read_all(str(small), chunk, limit, [spans[held_spans[0]]], False) == [expected[held_spans[0]]]
-    assert proxy.tar_gets() == gets
+    assert _read_all(str(small), chunk, limit, [(u, b, c * chunk, 100)], False) == [read_range(u, c * chunk, 100)]
+    assert proxy.tar_gets() == gets + 1  # the direct read only
 
 
 def test_the_cache_model_predicts_a_two_rank_read_with_four_canonical_nodes(tmp_path, counted):

@@ -53,11 +53,13 @@ def data_workers(pid: int) -> list[psutil.Process]:
     return [w for trainer in psutil.Process(pid).children() for w in trainer.children()]
 
 
-def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: str, reference: Path, shards) -> None:
+def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: str, reference: Path, shards,
+                                        late: int = 1) -> None:
+    """late: steps the stop may come after the one seen when the signal was sent (its way to the ranks)."""
     stopped = re.search(r"stopped at step (\d+) by SIG\w+: checkpoint saved", out)
     assert stopped, out[-4000:]
     step = int(stopped.group(1))
-    assert step in (seen, seen + 1), (seen, step)
+    assert seen <= step <= seen + late, (seen, step)
     assert "killed by signal" not in out and "exited unexpectedly" not in out
     ckpts = sorted(p.name for p in (root / name / "checkpoints").glob("step_*"))
     assert ckpts == [f"step_{step:07d}"] and (root / name / "checkpoints" / "latest").read_text() == ckpts[0]
@@ -117,7 +119,9 @@ def test_slurm_time_limit_reaches_every_process_of_the_step_and_requeues(tmp_pat
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
     task = (tmp_path / "task0").read_text()
     assert "--signals_to_handle" in task and task.count("received SIGUSR1") >= 2  # directly and from torchrun
-    assert_stopped_then_resumes_exactly(tmp_path, "slurm", seen, task, reference, shards)
+    # The batch script's trap runs once its `wait` returns and then signals the step through srun: on a
+    # loaded machine a short step or two can pass meanwhile (seen 3, stopped at 5 in one CI run).
+    assert_stopped_then_resumes_exactly(tmp_path, "slurm", seen, task, reference, shards, late=2)
 
 
 @pytest.mark.slow
