@@ -79,3 +79,29 @@ def query_nearest(feat: Tensor, coords: Tensor, cells: Tensor, shift: tuple[floa
     rel_coord = ((coords - centre) * size).permute(0, 3, 1, 2)
     rel_cell = (cells * size).permute(0, 3, 1, 2)
     return q_feat, rel_coord, rel_cell
+
+
+def box_queries(canvas: tuple[int, int], box: tuple[int, int, int, int], out_size: tuple[int, int], batch: int = 1,
+                device=None, dtype=torch.float32, pad: int = 0):
+    """Coords and cells that render `box` (top, left, bottom, right) of a canvas of size (H, W) at an output of
+    out_size (h, w) pixels, whatever the box's own size: pixel i of the output sits at canvas row
+    top + (i + 1/2) (bottom - top) / h, and its cell is the box's extent over h. With out_size equal to the box's
+    size these are crop_queries(canvas, box). pad: output pixels of context added on each side (where they still
+    lie on the canvas), as render_tiles pads its tiles.
+
+    Returns coords, cells (B, h', w', 2) and the (top, left) offset of the box's first pixel in that grid.
+    """
+    def axis(n: int, lo: int, hi: int, out: int) -> tuple[Tensor, int]:
+        step = (hi - lo) / out
+        first = -min(pad, int(lo / step + 1e-9))  # context pixels whose centre stays on the canvas
+        last = out + min(pad, int((n - hi) / step + 1e-9))
+        idx = torch.arange(first, last, device=device, dtype=torch.float64)
+        return (-1 + 2 * (lo + (idx + 0.5) * step) / n).to(dtype), -first
+
+    ys, oy = axis(canvas[0], box[0], box[2], out_size[0])
+    xs, ox = axis(canvas[1], box[1], box[3], out_size[1])
+    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+    cell = torch.tensor([2 * (box[2] - box[0]) / (out_size[0] * canvas[0]),
+                         2 * (box[3] - box[1]) / (out_size[1] * canvas[1])], device=device, dtype=dtype)
+    cells = cell.expand(*coords.shape[:2], 2)
+    return coords.expand(batch, *coords.shape), cells.expand(batch, *cells.shape), (oy, ox)

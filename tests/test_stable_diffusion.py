@@ -178,3 +178,26 @@ def test_build_unet_from_recorded_config_without_source_random_init(sd_root, tmp
     save_file(state, unet_dir / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ConfigError, match=r"missing keys \['conv_in.weight'\].*unexpected keys \['extra.weight'\]"):
         build_unet(UNetConfig(kind="diffusers", pretrained=str(unet_dir)), load_pretrained=True)
+
+
+def test_guided_sampling_runs_through_the_diffusers_unet_with_classifier_free_guidance(sd_root):
+    """DPS (infd/solve/dps.py) with diffusers' UNet2DConditionModel, text prompts and classifier-free guidance:
+    the gradient through the UNet (both guidance branches) and the one stopped at z0 both pull the latents
+    towards a target on a corner of the latent (a stand-in for a region render, which tests/test_solve.py covers)."""
+    settings = read_sd_settings(sd_root)
+    diffusion = from_mapping(DiffusionConfig, settings["diffusion"])
+    unet = build_unet(UNetConfig(kind="diffusers", pretrained=str(sd_root)), load_pretrained=True)
+    model = LatentDiffusion(unet, diffusion, build_text_encoder(TextEncoderConfig(kind="hf_clip",
+                                                                                  pretrained=str(sd_root))))
+    target = torch.full((4, 4, 4), 0.5)
+
+    def corner_loss(z):
+        return (z[:, :, :4, :4] - target).pow(2).flatten(1).sum(1)
+
+    shape, seeds = (2, 4, 8, 8), [1, 2]
+    base = dict(sampler="ddim", steps=6, spacing=settings["spacing"], cfg_scale=3.0)
+    plain = corner_loss(generate_latents(model, SamplingSpec(**base), Conditioning(PROMPTS), shape, seeds))
+    for grad in ("unet", "z0"):
+        spec = SamplingSpec(**base, guide_scale=0.1, guide_grad=grad)
+        guided = corner_loss(generate_latents(model, spec, Conditioning(PROMPTS, guide=corner_loss), shape, seeds))
+        assert (guided < 0.5 * plain).all(), (grad, plain, guided)

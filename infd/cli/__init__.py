@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from infd.cli import eval_gen, render, sample
+from infd.cli import eval_gen, render, sample, solve
 from infd.cli.common import HelpFormatter, add_render_flags
 from infd.config import ConfigError, from_mapping, load_mapping
 
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=device)
 
     eval_gen.add_parser(sub, command, device)
+    solve.add_parser(sub, command, device)
 
     data = command(sub, "data", "look at a dataset: index statistics, loader preview", None).add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")

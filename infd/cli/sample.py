@@ -50,7 +50,7 @@ def resolve_sampling(args, recorded, flow: bool = False):
         base, source = recorded, "the UNet export's defaults"
     elif recorded is not None:
         base = replace(defaults, cfg_scale=recorded.cfg_scale)
-    given = {f.name: getattr(args, f.name) for f in fields(base)}
+    given = {f.name: getattr(args, f.name, None) for f in fields(base)}
     return replace(base, **{k: v for k, v in given.items() if v is not None}), source
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from infd.diffusion.samplers import guided, sample
+from infd.diffusion.samplers import guided, randn, sample
 from infd.diffusion.schedule import DiffusionConfig, FlowSchedule, build_schedule
 from infd.diffusion.spec import Conditioning, SamplingSpec
 
@@ -92,6 +92,22 @@ def generate_latents(model: LatentDiffusion, spec: SamplingSpec, cond: Condition
     if isinstance(seeds, (list, tuple)) and len(seeds) != shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
     generator = [make(s) for s in seeds] if isinstance(seeds, (list, tuple)) else make(seeds)
+    if cond.guide is not None:
+        return _guided(model, spec, cond.guide, fn, schedule, randn(shape, generator, device), generator, progress)
     z = sample(fn, schedule, shape, spec.sampler, spec.steps, generator=generator, device=device, eta=spec.eta,
                progress=progress, spacing=spec.spacing)
     return z / model.latent_scale
+
+
+def _guided(model: LatentDiffusion, spec: SamplingSpec, guide, fn, schedule, noise: Tensor, generator,
+            progress: bool) -> Tensor:
+    """Diffusion posterior sampling towards the conditions of `guide` (infd/solve/dps.py)."""
+    from infd.solve.dps import dps
+
+    if spec.sampler not in ("ddim", "ddpm") or isinstance(schedule, FlowSchedule):
+        raise ValueError(f"guided sampling runs ddim or ddpm steps on an epsilon/v UNet, not {spec.sampler!r}")
+    scale = model.latent_scale
+    eta = 1.0 if spec.sampler == "ddpm" else spec.eta
+    z = dps(fn, schedule, noise, spec.steps, lambda x0: guide(x0 / scale), spec.guide_scale, spec.guide_grad,
+            eta=eta, generator=generator, progress=progress, spacing=spec.spacing)
+    return z / scale

@@ -85,12 +85,12 @@ def logsnr_timesteps(schedule: VPSchedule, steps: int) -> list[int]:
     return sorted(set(ts), reverse=True)
 
 
-def _abar(schedule: VPSchedule, t: int) -> float:
+def abar_at(schedule: VPSchedule, t: int) -> float:
     """abar_t; t = -1 is the end of the chain: 1, or alphas_cumprod[0] without set_alpha_to_one."""
     return schedule.final_alpha_cumprod if t < 0 else float(schedule.alphas_cumprod[t])
 
 
-def _progress(items, progress: bool, desc: str):
+def progress_steps(items, progress: bool, desc: str):
     if not progress:
         return items
     from tqdm import tqdm
@@ -123,11 +123,11 @@ def ddim(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, eta: float =
     the noise of each step is drawn by `randn` from `generator` after the model call."""
     x = noise
     ts = vp_timesteps(schedule, steps, spacing)
-    for i in _progress(range(len(ts)), progress, "ddim" if eta == 0 else "ddpm"):
+    for i in progress_steps(range(len(ts)), progress, "ddim" if eta == 0 else "ddpm"):
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
         x0, eps = schedule.to_x0_eps(model_fn(x, torch.full((x.shape[0],), t, device=x.device)), x,
                                      torch.full((x.shape[0],), t, device=x.device))
-        a_t, a_prev = _abar(schedule, t), _abar(schedule, t_prev)
+        a_t, a_prev = abar_at(schedule, t), abar_at(schedule, t_prev)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
@@ -150,9 +150,9 @@ def dpmpp_2m(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, progress
     step to the clean data is first order."""
     x = noise
     ts = logsnr_timesteps(schedule, steps)
-    lam = lambda t: 0.5 * math.log(_abar(schedule, t) / (1 - _abar(schedule, t)))  # noqa: E731  log(alpha/sigma)
+    lam = lambda t: 0.5 * math.log(abar_at(schedule, t) / (1 - abar_at(schedule, t)))  # noqa: E731  log(alpha/sigma)
     prev_x0, prev_h = None, None
-    for i in _progress(range(len(ts)), progress, "dpm-solver++"):
+    for i in progress_steps(range(len(ts)), progress, "dpm-solver++"):
         t = ts[i]
         tt = torch.full((x.shape[0],), t, device=x.device)
         x0, _ = schedule.to_x0_eps(model_fn(x, tt), x, tt)
@@ -164,8 +164,8 @@ def dpmpp_2m(model_fn, schedule: VPSchedule, noise: Tensor, steps: int, progress
         if prev_x0 is not None:
             r = prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-        sigma, sigma_next = math.sqrt(1 - _abar(schedule, t)), math.sqrt(1 - _abar(schedule, t_next))
-        alpha_next = math.sqrt(_abar(schedule, t_next))
+        sigma, sigma_next = math.sqrt(1 - abar_at(schedule, t)), math.sqrt(1 - abar_at(schedule, t_next))
+        alpha_next = math.sqrt(abar_at(schedule, t_next))
         x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
         prev_x0, prev_h = x0, h
     return x
@@ -176,7 +176,7 @@ def euler(model_fn, noise: Tensor, steps: int, heun: bool = False, progress: boo
     """Rectified flow from t = 1 (noise) to t = 0 (data): Euler, or Heun's second order."""
     x = noise
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
-    for i in _progress(range(steps), progress, "heun" if heun else "euler"):
+    for i in progress_steps(range(steps), progress, "heun" if heun else "euler"):
         t, t_next = ts[i], ts[i + 1]
         v = model_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x_next = x + (t_next - t) * v

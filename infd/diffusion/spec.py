@@ -5,15 +5,15 @@ evaluation, `infd sample`, `infd eval-gen` (whose flags are declared from its fi
 export (which records the run's spec as the default of `infd sample`). Its defaults are the only
 sampling defaults in the code base.
 
-`Conditioning` is what one batch of samples is conditioned on. Conditions still to come go here
-as fields (planned: conditions on boxes of the canvas at any scale, which guide the sample through
-region renders, and a low-resolution image for super-resolution), with their sampler-side knobs
-(guidance strength, its schedule) in `SamplingSpec`, so `generate_latents` keeps its signature.
+`Conditioning` is what one batch of samples is conditioned on: prompts, labels, and conditions on boxes
+of the canvas at any scale (`guide`, which steers the sample through region renders), with their
+sampler-side knobs (guide_scale, guide_grad) in `SamplingSpec`, so `generate_latents` keeps its signature.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import Tensor
 
@@ -32,6 +32,8 @@ class SamplingSpec:
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 the paper's (DDPM-like) sampling; ddim only
     spacing: str = "linspace"  # timesteps of ddim/ddpm: linspace | leading (the official code) | trailing
     cfg_scale: float = 1.0  # classifier-free guidance (1: none)
+    guide_scale: float = 1.0  # guided sampling (Conditioning.guide): DPS's zeta, the step is zeta / sqrt(loss) x grad
+    guide_grad: str = "unet"  # guided sampling: the gradient through the UNet (true DPS) or stopped at z0 ("z0")
 
     def validate(self, prefix: str = "") -> None:
         if self.sampler not in SAMPLERS:
@@ -40,6 +42,8 @@ class SamplingSpec:
             raise ConfigError(f"config key '{prefix}spacing' = {self.spacing!r}: choose one of {list(SPACINGS)}")
         if self.steps < 1:
             raise ConfigError(f"config key '{prefix}steps' = {self.steps}: expected at least 1")
+        if self.guide_grad not in ("unet", "z0"):
+            raise ConfigError(f"config key '{prefix}guide_grad' = {self.guide_grad!r}: choose unet (true DPS) or z0")
 
     def check(self, schedule) -> None:
         """ValueError for a sampler that does not fit the schedule's objective, options the sampler
@@ -67,7 +71,11 @@ class Conditioning:
 
     prompts: B strings (text-conditioned UNets; "" is the unconditional prompt).
     labels: (B,) class indices (class-conditional UNets).
+    guide: conditions on boxes of the canvas (infd.solve.conditions.RegionGuide: z in the autoencoder's units
+      -> loss (B,)); sampling then follows them by diffusion posterior sampling (infd.solve.dps), with
+      SamplingSpec.guide_scale and guide_grad, on ddim or ddpm steps.
     """
 
     prompts: list[str] | None = None
     labels: Tensor | None = None
+    guide: Callable[[Tensor], Tensor] | None = None

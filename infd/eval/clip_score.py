@@ -67,6 +67,10 @@ class ClipScorer(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         pp = open_clip.get_model_preprocess_cfg(self.model)
         self.transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+        size = pp["size"]
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.register_buffer("mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -86,6 +90,17 @@ class ClipScorer(nn.Module):
         img = self.model.encode_image(self.preprocess(images).to(device), normalize=True)
         txt = self.model.encode_text(self.tokenizer(list(prompts)).to(device), normalize=True)
         return (img.float() * txt.float()).sum(dim=-1)
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """(B, 3, s, s) in [-1, 1] at the model's input size s -> unit embeddings (B, D), differentiable
+        (guided sampling: the image is rendered at s, so only the mean/std normalisation is applied)."""
+        x = ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return self.model.encode_image(x, normalize=True)
+
+    def embed_texts(self, prompts: list[str]) -> Tensor:
+        """Unit text embeddings (B, D)."""
+        device = next(self.model.parameters()).device
+        return self.model.encode_text(self.tokenizer(list(prompts)).to(device), normalize=True)
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
         return 100 * self.cosine(images, prompts).clamp(min=0)

@@ -100,9 +100,12 @@ class Bottleneck(nn.Module):
         return moments.chunk(2, dim=1)[0] if self.kind == "kl" else moments
 
     def to_decoder(self, z: Tensor) -> Tensor:
-        """Latent z -> decoder input (quantised for vq)."""
+        """Latent z -> decoder input (quantised for vq). When z needs a gradient (guided sampling renders
+        regions of a z estimate) the quantiser passes it straight through, as in training; otherwise the
+        codes are used as they are."""
         if self.quantizer is not None:
-            z = self.quantizer.lookup(self.quantizer.codes(z)).to(z.dtype)
+            zq = self.quantizer.lookup(self.quantizer.codes(z)).to(z.dtype)
+            z = z + (zq - z).detach() if torch.is_grad_enabled() and z.requires_grad else zq
         return self.post_quant_conv(z)
 
     def forward(self, h: Tensor, rand: KeyedRandom | None = None) -> BottleneckOutput:
