@@ -7,8 +7,8 @@
 - `TextCondition`: CLIP similarity between the box rendered at the CLIP tower's input size and a prompt
   (the paper's zero-shot layout-to-image, section 5.5); loss 1 - cos.
 
-`RegionGuide(z)` decodes phi = D(z) once, renders each condition's box and returns the weighted sum of the
-conditions' losses per sample; `residuals(z)` the per-condition figures that are reported (RMSE in [-1, 1]
+`RegionGuide(z)` decodes phi = D(z) once, renders each condition's box and returns each condition's weighted
+loss per sample; `residuals(z)` the per-condition figures that are reported (RMSE in [-1, 1]
 units for L2, the LPIPS distance, 1 - cos for text).
 """
 from __future__ import annotations
@@ -77,9 +77,10 @@ class RegionGuide:
         return torch.stack([self._loss(cond, phi) for cond in self.conditions], dim=1)
 
     def __call__(self, z: Tensor) -> Tensor:
-        """The weighted sum of the conditions' losses (B,)."""
+        """The conditions' weighted losses (B, K) (infd/solve/dps.py steps on each; a weight w scales its
+        condition's step by sqrt(w))."""
         weights = torch.tensor([c.weight for c in self.conditions], device=z.device, dtype=z.dtype)
-        return (self.losses(z) * weights).sum(1)
+        return self.losses(z) * weights
 
     def residuals(self, z: Tensor) -> Tensor:
         """Each condition's reported residual (B, K): RMSE over its (masked) pixels, LPIPS, or 1 - cos."""
