@@ -1,6 +1,9 @@
 """Convolutional building blocks of the LDM-style encoder and decoder."""
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -86,3 +89,12 @@ class MidBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.res2(self.attn(self.res1(x)))
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+

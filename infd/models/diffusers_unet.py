@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from infd.config import ConfigError
 from infd.convert.stable_diffusion import read_json, sd_folders
+from infd.models.lowres_cond import LevelEmbedding, check_lowres, widen_conv_in, widen_weight
 from infd.models.unet import UNetConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -76,16 +77,37 @@ class DiffusersUNet(nn.Module):
         self.cfg = cfg if cfg.diffusers_config else fill_unet_config(cfg)
         with torch.device("meta") if empty else contextlib.nullcontext():
             self.unet = UNet2DConditionModel.from_config(self.cfg.diffusers_config)
+            if self.cfg.lowres_channels:  # zero input channels (loaded weights are widened to fit)
+                self.unet.conv_in = widen_conv_in(self.unet.conv_in, self.cfg.lowres_channels)
+        self.level_emb, self._level = None, None
+        if self.cfg.lowres_channels:  # not a diffusers weight: made here, zero, on the CPU
+            proj = self.unet.time_embedding.linear_1
+            self.level_emb = LevelEmbedding(proj.in_features, self.unet.time_embedding.linear_2.out_features)
+            self.unet.time_embedding.register_forward_hook(self._add_level)
         if self.cfg.grad_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+    def _add_level(self, module, inputs, emb: Tensor) -> Tensor:
+        """The time embedding plus the noise level's (a hook: diffusers' forward has no input for it)."""
+        return emb + self._level.to(emb.dtype) if self._level is not None else emb
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, labels: Tensor | None = None,
+                lowres: Tensor | None = None, level: Tensor | None = None) -> Tensor:
         if labels is not None:
             raise ValueError("a diffusers UNet2DConditionModel takes no class labels (labels must be None)")
         if context is None:  # diffusers would fail deep inside cross-attention
             raise ValueError("a Stable Diffusion UNet needs text tokens as context (B, L, "
                              f"{self.cfg.context_dim}); its unconditional input is the empty prompt's tokens")
-        return self.unet(x, t, encoder_hidden_states=context).sample
+        if self.level_emb is None:
+            if lowres is not None:
+                raise ValueError("this UNet takes no low-resolution condition (unet.lowres_channels is 0)")
+            return self.unet(x, t, encoder_hidden_states=context).sample
+        x = torch.cat([x, check_lowres(lowres, x, self.cfg.lowres_channels)], dim=1)
+        self._level = self.level_emb(level if level is not None else torch.zeros(x.shape[0], device=x.device))
+        try:
+            return self.unet(x, t, encoder_hidden_states=context).sample
+        finally:
+            self._level = None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -111,6 +133,9 @@ def load_unet_weights(model: DiffusersUNet, folder: Path) -> None:
     for path in _weight_files(folder):
         state.update(load_file(str(path)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    wide = model.unet.conv_in.in_channels
+    if model.cfg.lowres_channels and state["conv_in.weight"].shape[1] < wide:  # a UNet without the condition
+        state["conv_in.weight"] = widen_weight(state["conv_in.weight"], wide)
     missing, unexpected = model.unet.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ConfigError(f"unet.pretrained: the weights in {folder} do not fit its config.json: "

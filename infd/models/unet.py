@@ -9,7 +9,6 @@ the same call (kind "diffusers": a Stable Diffusion UNet, see infd.models.diffus
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from infd.config import ConfigError
-from infd.models.blocks import Downsample, Upsample, group_norm
+from infd.models.blocks import Downsample, Upsample, group_norm, timestep_embedding
+from infd.models.lowres_cond import LevelEmbedding, check_lowres, widen_conv_in
 
 
 @dataclass
@@ -34,6 +34,9 @@ class UNetConfig:
     context_dim: int = 0  # text token width for cross-attention; 0 = none
     num_classes: int = 0  # class labels (index num_classes = "no label" for guidance); 0 = none
     grad_checkpointing: bool = False
+    # super-resolution: channels of the low-resolution image's latent concatenated to x, and a noise-level
+    # embedding (infd/models/lowres_cond.py), both zero at initialisation; 0: none
+    lowres_channels: int = 0
     # "diffusers": diffusers' UNet2DConditionModel (Stable Diffusion); the keys above except
     # grad_checkpointing then do not apply, and in_channels / context_dim are filled from
     # diffusers_config (in_channels, cross_attention_dim).
@@ -58,14 +61,6 @@ class UNetConfig:
             if (self.ch * mult) % self.head_channels:
                 raise ConfigError(f"config key '{prefix}head_channels' = {self.head_channels} must divide every "
                                   f"level width (ch * ch_mult: {self.ch * mult})")
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimeResBlock(nn.Module):
@@ -136,6 +131,10 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(cfg.ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.level_emb = None
+        if cfg.lowres_channels:
+            self.conv_in = widen_conv_in(self.conv_in, cfg.lowres_channels)
+            self.level_emb = LevelEmbedding(cfg.ch, emb_dim)
         self.down, skips, ch, ds = nn.ModuleList(), [cfg.ch], cfg.ch, 1
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
@@ -180,11 +179,19 @@ class UNet(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, labels: Tensor | None = None,
+                lowres: Tensor | None = None, level: Tensor | None = None) -> Tensor:
+        """x (B, C, h, w), t (B,); context (B, L, D) text tokens; labels (B,); lowres (B, lowres_channels, h, w)
+        and level (B,) in [0, 1]: a super-resolution UNet's condition and its noise level (default 0)."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.ch))
         if self.label_emb is not None:
             labels = labels if labels is not None else torch.full_like(t, self.cfg.num_classes, dtype=torch.long)
             emb = emb + self.label_emb(labels)
+        if self.level_emb is not None:
+            x = torch.cat([x, check_lowres(lowres, x, self.cfg.lowres_channels)], dim=1)
+            emb = emb + self.level_emb(level if level is not None else torch.zeros_like(t, dtype=torch.float32))
+        elif lowres is not None:
+            raise ValueError("this UNet takes no low-resolution condition (unet.lowres_channels is 0)")
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
