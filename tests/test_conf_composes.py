@@ -14,14 +14,15 @@ from train.autoencoder import AutoencoderTrainConfig
 from train.diffusion import DiffusionTrainConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-STAGES = {"autoencoder": (AutoencoderTrainConfig, "ae_"), "diffusion": (DiffusionTrainConfig, "diffusion_")}
+STAGES = {"autoencoder": (AutoencoderTrainConfig, ("ae_",)), "diffusion": (DiffusionTrainConfig, ("diffusion_", "sr_"))}
 # Options a stage refuses on purpose, with the message that names the fix.
 REFUSED = {("autoencoder", "data=latents"): "stage 1 trains on images",
            ("autoencoder", "deepspeed=zero3"): "not supported for the autoencoder"}
 # What an option needs from the command line to be complete.
 NEEDS = {("diffusion", "data=shards"): ["data.autoencoder=/exports/ae"],
          ("autoencoder", "experiment=ae_from_sd"): ["model.init.autoencoder=/models/sd"],
-         ("diffusion", "experiment=diffusion_from_sd"): ["unet.pretrained=/models/sd"]}
+         ("diffusion", "experiment=diffusion_from_sd"): ["unet.pretrained=/models/sd"],
+         ("diffusion", "experiment=sr_cpu_tiny"): ["data.autoencoder=/exports/ae"]}
 
 
 def groups(stage: str) -> list[str]:

@@ -60,3 +60,31 @@ def test_a_pretrained_diffusers_unet_is_unchanged_by_the_zero_initialised_condit
         for p in sr.level_emb.parameters():
             p.add_(0.05 * torch.randn_like(p))
         assert not torch.allclose(sr(x, t, context, lowres=lowres, level=level), plain(x, t, context))
+
+
+def test_low_resolution_views_are_keyed_by_slot_at_any_world_size(tmp_path):
+    """data.loader.patch.lowres: the degraded view of each sample (scale, blur, JPEG drawn per slot) is the
+    same whether 1 rank or 2 build the batches, and switching it on moves no other draw (the GT crops)."""
+    from infd.data.loader import build_loader
+    from tests.test_loader import SMALL_PATCH, data_cfg, small_shards
+
+    shards = small_shards(tmp_path, [(96 + 7 * i, 80 + 5 * i) for i in range(16)], per_shard=4)
+    lowres = {"enabled": True, "scale_min": 2, "scale_max": 6, "blur_p": 0.5, "jpeg_p": 0.5}
+
+    def views(world: int, **patch_kw) -> dict:
+        out = {}
+        for rank in range(world):
+            cfg = data_cfg(shards, batch_size=4 // world, num_workers=1, patch={**SMALL_PATCH, **patch_kw})
+            for batch in build_loader(cfg, rank, world).epoch_batches():
+                for i, key in enumerate(batch.keys):
+                    out[key] = (batch.lowres[i] if batch.lowres is not None else None,
+                                None if batch.lowres_scale is None else float(batch.lowres_scale[i]), batch.gt[i])
+        return out
+
+    one, two, off = views(1, lowres=lowres), views(2, lowres=lowres), views(1)
+    assert sorted(one) == sorted(two) == sorted(off) and len(one) == 16
+    for key in one:
+        (low1, s1, gt1), (low2, s2, gt2), (none, _, gt0) = one[key], two[key], off[key]
+        assert torch.equal(low1, low2) and s1 == s2 and 2 <= s1 <= 6
+        assert none is None and torch.equal(gt1, gt0) and torch.equal(gt1, gt2)  # the crops do not move
+    assert len({s for _, s, _ in one.values()}) == 16  # a scale per sample

@@ -188,20 +188,34 @@ def test_wandb_sample_panels_eval_metrics_and_sampling_the_export(tmp_path, cach
 
 
 @pytest.mark.slow
-def test_stage2_on_image_shards_encodes_the_encoder_inputs_on_the_fly(tmp_path, cache):
+@pytest.mark.parametrize("kind", ["plain", "superres"])
+def test_stage2_on_image_shards_encodes_the_encoder_inputs_on_the_fly(tmp_path, cache, kind):
     """data.kind=shards: 2 ranks x 2 loader workers, p_hr 0.5; the loader builds no GT patches
     (patch.gt is off in stage 2), the autoencoder encodes the batches, the latent scale is
-    estimated from the shards and checkpointed as the task's state."""
+    estimated from the shards and checkpointed as the task's state. superres: a super-resolution UNet
+    (unet.lowres_channels) conditioned on the encoded low-resolution views (blurred and JPEG-compressed at
+    random, noise-augmented), stopped mid-epoch and resumed: the same losses as the run straight through."""
     write_folder(tmp_path / "src", [(80 + 5 * i, 70) for i in range(16)])  # long side >= 120: 8 high-res
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "4",
           "--hr-threshold", "120")
-    run(DIFF, tmp_path, "img", "experiment=diffusion_cpu_tiny", "data=shards",
-        f"data.loader.shards={tmp_path / 'shards'}", f"data.autoencoder={cache / 'ae'}", "data.loader.num_workers=2",
-        "data.loader.p_hr=0.5",
-        "data.loader.batch_size=2", "data.loader.patch.encoder_size=64", "data.loader.patch.patch_size=64",
-        "data.loader.patch.r_max=128", "trainer.max_steps=2", "trainer.image_every=1000",
-        "diffusion.latent_scale_samples=8", "text.kind=none", "unet.context_dim=0", nproc=2)
+    args = ("experiment=diffusion_cpu_tiny", "data=shards", f"data.loader.shards={tmp_path / 'shards'}",
+            f"data.autoencoder={cache / 'ae'}", "data.loader.num_workers=2", "data.loader.p_hr=0.5",
+            "data.loader.batch_size=2", "data.loader.patch.encoder_size=64", "data.loader.patch.patch_size=64",
+            "data.loader.patch.r_max=128", "trainer.image_every=1000",
+            "diffusion.latent_scale_samples=8", "text.kind=none", "unet.context_dim=0")
+    if kind == "superres":
+        args += ("unet.lowres_channels=3", "data.loader.patch.lowres.enabled=true",
+                 "data.loader.patch.lowres.blur_p=0.5", "data.loader.patch.lowres.jpeg_p=0.5", "trainer.ckpt_every=2")
+    steps = 4 if kind == "superres" else 2  # an epoch: 8 main samples + 8 high-res slots over 2 ranks x 2
+    run(DIFF, tmp_path, "img", *args, f"trainer.max_steps={steps}", nproc=2)
     logged = metrics(tmp_path, "img")
-    assert sorted(logged) == [1, 2] and all(np.isfinite(logged[s]["loss"]) for s in (1, 2))
+    assert sorted(logged) == list(range(1, steps + 1)) and all(np.isfinite(logged[s]["loss"]) for s in logged)
     state = json.loads((tmp_path / "img" / "checkpoints" / "step_0000002" / "state.json").read_text())
     assert state["task"] == {"latent_scale": logged[1]["latent_scale"]} and logged[1]["latent_scale"] != 1.0
+    if kind == "superres":
+        run(DIFF, tmp_path, "cut", *args, "trainer.max_steps=2", nproc=2)
+        run(DIFF, tmp_path, "cut", *args, f"trainer.max_steps={steps}", nproc=2)
+        resumed = metrics(tmp_path, "cut")
+        assert sorted(resumed) == sorted(logged)
+        for step in logged:
+            assert_close(logged[step], resumed[step], ("loss",), rtol=1e-6)

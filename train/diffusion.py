@@ -77,6 +77,13 @@ class DiffusionTrainConfig:
         if self.data.kind == "shards" and not self.data.autoencoder:
             raise ConfigError("config key 'data.autoencoder' is empty: data.kind=shards encodes images on the fly "
                               "and needs an autoencoder export (or use data.kind=latents with a latent cache)")
+        if self.unet.lowres_channels and self.trainer.eval_every:
+            raise ConfigError("config key 'trainer.eval_every': generative evaluation (FID of unconditional samples) "
+                              "does not apply to a super-resolution UNet (unet.lowres_channels > 0); set it to 0")
+        if self.unet.lowres_channels and not (self.data.kind == "shards" and self.data.loader.patch.lowres.enabled):
+            raise ConfigError(f"config key 'unet.lowres_channels' = {self.unet.lowres_channels}: a super-resolution "
+                              "UNet trains on image shards with their low-resolution views: set data=shards and "
+                              "data.loader.patch.lowres.enabled=true")
         if self.text.kind != "none" and self.unet.kind == "infd" and self.unet.context_dim == 0:
             raise ConfigError(f"config key 'unet.context_dim' is 0 but text.kind={self.text.kind}: set it to the "
                               "text encoder's width (512 for OpenCLIP ViT-B-32, 768 for SD 1.x's CLIP ViT-L/14)")
@@ -181,7 +188,18 @@ class DiffusionTask:
         cached = isinstance(batch, LatentBatch)  # only a latent cache holds text embeddings and labels
         cond = {"context": self._context(batch.captions or [""] * z.shape[0], batch.text if cached else None, drop),
                 "labels": self._labels(batch.labels if cached else None, drop)}
+        if self.cfg.unet.lowres_channels:
+            cond |= self._lowres(batch, rand)
         return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
+
+    def _lowres(self, batch: PatchBatch, rand: KeyedRandom) -> dict:
+        """A super-resolution UNet's condition: the low-resolution view encoded by the frozen encoder (on the
+        latent grid, scaled as z), plus Gaussian noise at a level drawn per sample from [0, lowres_noise]."""
+        with torch.no_grad():
+            c = self.ae.encode(batch.to(self.info.device).lowres) * self.latent_scale
+        level = (rand.rand("lowres_level") * self.cfg.diffusion.lowres_noise).to(c.device)
+        noise = rand.randn(c.shape[1:], "lowres_noise").to(c.device, c.dtype)
+        return {"lowres": self.speed.images(c + level.view(-1, 1, 1, 1) * noise), "level": level}
 
     def resolved_cfg(self) -> DiffusionTrainConfig:
         """The config with diffusion.latent_scale a number: "auto" is estimated at its first use,
@@ -218,11 +236,18 @@ class DiffusionTask:
         s = self.cfg.samples
         prompts = list(s.prompts) or [""]
         c, h = self.cfg.unet.in_channels, s.latent_size
-        cond = Conditioning(prompts if self.text is not None else None)
+        cond, panels = Conditioning(prompts if self.text is not None else None), {}
+        if self.cfg.unet.lowres_channels:  # super-resolution: the batch's low-resolution views as conditions
+            low = batch.to(self.info.device).lowres[:len(prompts)]
+            prompts = prompts[:len(low)]
+            cond = Conditioning(prompts if self.text is not None else None, lowres=self.ae.encode(low))
+            h = cond.lowres.shape[-1]
+            panels["samples/lowres"] = (low.float().cpu(), prompts)
         z = generate_latents(self.latent_diffusion(self.unet.module), spec_of(s), cond, (len(prompts), c, h, h), 0)
         phi = self.ae.decode(z)
         base = self.ae.cfg.net.resolution
-        return {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
+        renders = {f"samples/{n}": (render_tiles(self.ae.renderer, phi, (n, n)), prompts) for n in (base, 2 * base)}
+        return panels | renders
 
     def evaluate(self, should_stop) -> dict:
         """FID-256 / pFID (eval section) of the EMA UNet's samples; rank 0 gets them."""

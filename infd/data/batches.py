@@ -29,7 +29,9 @@ class PatchBatch:
     None where the stage does not train on them (data.loader.patch.gt=false: stage 2's default).
     r (B,): the size the GT square was downsampled to; is_hr, kept (B,) bool: drawn from the
     high-res stream, kept at its original resolution. keys, captions: B strings.
-    enc and gt are uint8 until to(device), float in [-1, 1] after.
+    lowres (B, 3, E, E), lowres_scale (B,): super-resolution pairs (data.loader.patch.lowres), the encoder
+    input's degraded low-resolution view and its scale factor; None otherwise.
+    enc, gt and lowres are uint8 until to(device), float in [-1, 1] after.
     """
 
     enc: Tensor
@@ -41,13 +43,15 @@ class PatchBatch:
     kept: Tensor
     keys: list[str]
     captions: list[str]
+    lowres: Tensor | None = None
+    lowres_scale: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to(self, device: torch.device) -> PatchBatch:
         moved = _moved(self, lambda t: t.to(device, non_blocking=True))
-        images = {k: to_unit_range(getattr(moved, k)) for k in ("enc", "gt") if getattr(moved, k) is not None}
+        images = {k: to_unit_range(getattr(moved, k)) for k in ("enc", "gt", "lowres") if getattr(moved, k) is not None}
         return replace(moved, **images)
 
     def pin_memory(self) -> PatchBatch:

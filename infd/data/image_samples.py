@@ -37,4 +37,6 @@ def collate_patches(samples: list[dict]) -> PatchBatch:
     return PatchBatch(enc=stacked("enc"), gt=stacked("gt"), coords=stacked("coords"), cells=stacked("cells"),
                       r=torch.tensor([s["r"] for s in samples]), is_hr=torch.tensor([s["is_hr"] for s in samples]),
                       kept=torch.tensor([s["kept"] for s in samples]), keys=[s["key"] for s in samples],
-                      captions=[s.get("caption", "") for s in samples])
+                      captions=[s.get("caption", "") for s in samples], lowres=stacked("lowres"),
+                      lowres_scale=torch.tensor([s["lowres_scale"] for s in samples]) if "lowres_scale" in samples[0]
+                      else None)

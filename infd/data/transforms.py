@@ -11,7 +11,7 @@ encoder input in the project (latent cache, evaluation, CLI).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from infd.config import ConfigError
+from infd.data.degrade import LowResConfig, low_res_view
 from infd.data.decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb, open_image, orientation, oriented_size
 from infd.geometry import crop_queries
 from infd.image import resize_antialiased
@@ -64,6 +65,8 @@ class PatchConfig:
     # Build the GT crop and its query grid. Stage 2 on image shards encodes the encoder input alone
     # and turns this off (its default), unless it trains on pixels too.
     gt: bool = True
+    # Super-resolution pairs: a degraded low-resolution view of the encoder input (infd/data/degrade.py).
+    lowres: LowResConfig = field(default_factory=LowResConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.r_max < self.patch_size:
@@ -188,7 +191,8 @@ def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -
     Returns enc (3, E, E) uint8 (the square, Lanczos-resized), gt (3, P, P) uint8 (a crop of the
     square Lanczos-resized to r x r), coords and cells (P, P, 2) of the crop in the r x r image
     (these three None with cfg.gt off: the decode then only serves the encoder input),
-    r, kept, the upright original size (W, H) and the square (top, left, side) it was cut from.
+    r, kept, the upright original size (W, H) and the square (top, left, side) it was cut from;
+    with cfg.lowres on, lowres (3, E, E) uint8 (infd/data/degrade.py) and lowres_scale.
     Both are `resize_antialiased` of a window of the whole image (the filter sees the pixels
     around the window, also beyond the square, like resizing the whole image and cropping).
     Raises SkipSample.
@@ -209,6 +213,9 @@ def make_patch_sample(data: bytes, cfg: PatchConfig, rng: np.random.Generator) -
         gt = resize_antialiased(dec.rgb, (p, p), box=dec.box(plan, (ct, cl, ct + p, cl + p)))
         coords, cells = crop_queries((plan.r, plan.r), (ct, cl, ct + p, cl + p))
         sample |= {"gt": _to_uint8_tensor(gt), "coords": coords[0], "cells": cells[0]}
+    if cfg.lowres.enabled:  # drawn after every other draw of the sample: turning it on moves none of them
+        low, scale = low_res_view(enc, cfg.lowres, rng)
+        sample |= {"lowres": _to_uint8_tensor(low), "lowres_scale": scale}
     return sample
 
 

@@ -48,9 +48,11 @@ def unet_fn(unet, schedule):
     flow = isinstance(schedule, FlowSchedule)
 
     def fn(x: Tensor, t: Tensor, cond) -> Tensor:
-        """cond: text tokens (B, L, D), or {"context": tokens or None, "labels": (B,) or None}."""
+        """cond: text tokens (B, L, D), or {"context": tokens or None, "labels": (B,) or None, and for a
+        super-resolution UNet "lowres": (B, C, h, w), "level": (B,)}."""
         cond = cond if isinstance(cond, dict) else {"context": cond}
-        return unet(x, t * 1000 if flow else t, cond.get("context"), cond.get("labels"))
+        extra = {k: cond[k] for k in ("lowres", "level") if cond.get(k) is not None}
+        return unet(x, t * 1000 if flow else t, cond.get("context"), cond.get("labels"), **extra)
 
     return fn
 
@@ -65,6 +67,9 @@ def _branches(model: LatentDiffusion, cond: Conditioning, batch: int) -> tuple[d
     if cond.labels is not None:
         null = torch.full_like(cond.labels, model.unet.cfg.num_classes)
         c, u = (c or {}) | {"labels": cond.labels}, (u or {}) | {"labels": null}
+    if cond.lowres is not None:  # not dropped for guidance: both branches see the image
+        low = {"lowres": cond.lowres * model.latent_scale, "level": cond.lowres.new_zeros(cond.lowres.shape[0])}
+        c, u = (c or {}) | low, (u or {}) | low
     return c, u
 
 

@@ -42,6 +42,9 @@ class DiffusionConfig:
     # betas, steps_offset, set_alpha_to_one) and latent_scale come from its folder
     # (scheduler/scheduler_config.json, vae/config.json), replacing these keys; False keeps them.
     from_source: bool = True
+    # Super-resolution UNets (unet.lowres_channels > 0): in training the condition gets Gaussian noise at a
+    # level drawn per sample from [0, lowres_noise] (noise augmentation), the level an input of the UNet.
+    lowres_noise: float = 0.3
 
     def validate(self, prefix: str = "") -> None:
         if self.latent_scale != "auto" and not self.latent_scale > 0:

@@ -74,8 +74,12 @@ class Conditioning:
     guide: conditions on boxes of the canvas (infd.solve.conditions.RegionGuide: z in the autoencoder's units
       -> loss (B,)); sampling then follows them by diffusion posterior sampling (infd.solve.dps), with
       SamplingSpec.guide_scale and guide_grad, on ddim or ddpm steps.
+    lowres: (B, C, h, w) a super-resolution UNet's condition: the low-resolution image's latent (the image
+      resized to the encoder's input and encoded), in the autoencoder's units, on the sampled latent's grid;
+      both guidance branches get it, at noise level 0.
     """
 
     prompts: list[str] | None = None
     labels: Tensor | None = None
     guide: Callable[[Tensor], Tensor] | None = None
+    lowres: Tensor | None = None
