@@ -166,11 +166,15 @@ def test_upsample_refuses_unreadable_images(tmp_path, exports, capsys):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "bomb.png").write_bytes(bomb_png())
     cases = {"text.jpg": "not an image format PIL can read", "empty.png": "the file is empty",
-             "bomb.png": "too many pixels", "missing.png": "no such file", ".": "is a directory"}
+             "bomb.png": "too many pixels", "missing.png": "no such file"}
     for name, message in cases.items():
         line = error_of(capsys, "upsample", "upsample", tmp_path / name, "--ckpt", exports / "ae", "--scale", 2,
                         "--out", tmp_path / "x.png")
         assert f"image {tmp_path / name}: {message}" in line, line
+    # A folder is a folder of inputs (images by suffix): its results go to a folder.
+    line = error_of(capsys, "upsample", "upsample", tmp_path, "--ckpt", exports / "ae", "--scale", 2,
+                    "--out", tmp_path / "x.png")
+    assert "writes a folder of images; give a folder path" in line, line
     assert not (tmp_path / "x.png").exists()
 
 

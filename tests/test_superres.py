@@ -88,3 +88,39 @@ def test_low_resolution_views_are_keyed_by_slot_at_any_world_size(tmp_path):
         assert torch.equal(low1, low2) and s1 == s2 and 2 <= s1 <= 6
         assert none is None and torch.equal(gt1, gt0) and torch.equal(gt1, gt2)  # the crops do not move
     assert len({s for _, s, _ in one.values()}) == 16  # a scale per sample
+
+
+def test_infd_upsample_with_a_superres_unet_samples_per_seed_and_refuses_a_plain_unet(tmp_path, capsys):
+    """`infd upsample --unet`: a folder of inputs, two seeds each, rendered at 2x; a UNet without the
+    condition and an image path as --out for several results exit 2 naming the fix."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.exports import save_ae, save_unet
+    from tests.test_cli import run
+    from tests.test_solve import tiny_ae
+
+    save_ae(tiny_ae(), tmp_path / "ae")
+    torch.manual_seed(0)
+    sr = UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16, lowres_channels=3))
+    for p in sr.parameters():  # past initialisation: the condition and the noise matter
+        p.data.add_(0.02 * torch.randn_like(p))
+    save_unet(sr, tmp_path / "sr")
+    save_unet(UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)), tmp_path / "plain")
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "in" / f"im{i}.png")
+    (tmp_path / "in" / "broken.jpg").write_text("not a JPEG")  # skipped and counted, the others go on
+    common = ["upsample", tmp_path / "in", "--ckpt", tmp_path / "ae", "--scale", "2", "--steps", "3"]
+    code, out, err = run(capsys, *common, "--unet", tmp_path / "sr", "--num-images", "2", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "broken.jpg: not an image format PIL can read" in out and "1 of 3 inputs skipped" in out
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["im0_0.png", "im0_1.png", "im1_0.png", "im1_1.png"]
+    a, b = (np.asarray(Image.open(tmp_path / "out" / n)) for n in ("im0_0.png", "im0_1.png"))
+    assert a.shape == (48, 64, 3) and not np.array_equal(a, b)  # another seed, another result
+    code, _, err = run(capsys, *common, "--unet", tmp_path / "plain", "--out", tmp_path / "x")
+    assert code == 2 and "not a super-resolution UNet" in err
+    code, _, err = run(capsys, *common, "--out", tmp_path / "x.png")
+    assert code == 2 and "give a folder path" in err

@@ -138,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--scale", type=float, help="output size = the (upright) input size x this factor")
     group.add_argument("--size", help="WIDTHxHEIGHT of the output")
     p.add_argument("--region", help="x0,y0,x1,y1: render only this box of the output (default: all of it)")
-    p.add_argument("--out", required=True, help="output image file (its suffix picks the format)")
+    p.add_argument("--out", required=True, help="output image file (its suffix picks the format); a folder for a "
+                   "folder of inputs or --num-images > 1")
+    p.add_argument("--unet", help="a super-resolution UNet export (unet.lowres_channels): sample the latent "
+                   "conditioned on the input (default: the autoencoder alone)")
+    p.add_argument("--num-images", type=int, default=1, help="with --unet: results per input, seeds --seed + k")
+    p.add_argument("--seed", type=int, default=0, help="with --unet: the first result's seed")
+    sample.add_sampling_flags(p)
     add_render_flags(p)
     p.add_argument("--device", help=device)
 

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from infd.cli.common import (check_image_out, device, open_export, parse_region, parse_size, read_image,
                              render_options)
+from infd.cli.sample import IMAGE_SUFFIXES
 from infd.config import ConfigError
 
 
 def cmd_upsample(args) -> int:
+    """An image (or a folder of them) rendered at any scale: through the autoencoder alone, or with --unet a
+    super-resolution UNet samples the latent conditioned on the input (--num-images plausible results)."""
     import time
 
     import torch
@@ -19,30 +23,97 @@ def cmd_upsample(args) -> int:
     options = render_options(args)
     if args.scale is not None and not args.scale > 0:
         raise ConfigError(f"--scale {args.scale}: expected a positive factor")
-    check_image_out(args.out)
-    img = read_image(args.image)  # upright: EXIF orientation applied, like the loader
-    if args.size:
-        size = parse_size(args.size)
-    else:
-        size = (round(img.height * args.scale), round(img.width * args.scale))
-        if min(size) < 1:
-            raise ConfigError(f"--scale {args.scale}: the {img.width}x{img.height} image would be "
-                              f"{size[1]}x{size[0]} pixels")
-    region = parse_region(args.region, size)
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images {args.num_images}: expected at least 1")
+    inputs = _input_images(args.image)
+    many = len(inputs) > 1 or Path(args.image).is_dir() or args.num_images > 1
+    if many and Path(args.out).suffix:
+        raise ConfigError(f"--out {args.out}: a folder of inputs or --num-images > 1 writes a folder of images; "
+                          "give a folder path")
+    if not many:
+        check_image_out(args.out)
     dev = device(args.device)
     model, _ = open_export(args.ckpt, "autoencoder", "--ckpt", dev)
-    # The field covers the whole image in [-1, 1]^2 whatever its aspect: encode a square resize at
-    # the model's input size, render at the requested (H, W).
-    enc = model.cfg.net.resolution
-    x = pil_to_tensor(resize_antialiased(img, (enc, enc)))[None].to(dev)
-    start = time.perf_counter()
-    with torch.no_grad():
-        phi = model.decode(model.encode(x))
-        out = render_tiles(model.renderer, phi, size, region=region, options=options, progress=True)
-    path = save_image(out, args.out)
-    print(f"{args.image} ({img.width}x{img.height}) -> {path} ({out.shape[-1]}x{out.shape[-2]}) in "
-          f"{time.perf_counter() - start:.1f} s on {dev}")
+    sr = _superres(args, model, dev) if args.unet else None
+    skipped = 0
+    for path in inputs:
+        try:
+            img = read_image(str(path))  # upright: EXIF orientation applied, like the loader
+        except ConfigError as err:
+            if len(inputs) == 1:
+                raise
+            skipped += 1  # one unreadable file of a folder does not stop the others
+            print(f"skipped {err}", flush=True)
+            continue
+        size = _output_size(args, img)
+        region = parse_region(args.region, size)
+        # The field covers the whole image in [-1, 1]^2 whatever its aspect: encode a square resize at
+        # the model's input size, render at the requested (H, W).
+        enc = model.cfg.net.resolution
+        x = pil_to_tensor(resize_antialiased(img, (enc, enc)))[None].to(dev)
+        start = time.perf_counter()
+        with torch.no_grad():
+            z = model.encode(x)
+        latents = [z] if sr is None else [sr(z, args.seed + k) for k in range(args.num_images)]
+        for k, z in enumerate(latents):
+            with torch.no_grad():
+                out = render_tiles(model.renderer, model.decode(z), size, region=region, options=options,
+                                   progress=True)
+            where = Path(args.out) / (f"{path.stem}_{k}.png" if args.num_images > 1 else f"{path.stem}.png")
+            saved = save_image(out, where if many else args.out)
+            print(f"{path} ({img.width}x{img.height}) -> {saved} ({out.shape[-1]}x{out.shape[-2]}"
+                  f"{f', seed {args.seed + k}' if sr is not None else ''}) in {time.perf_counter() - start:.1f} s "
+                  f"on {dev}", flush=True)
+    if skipped:
+        print(f"{skipped} of {len(inputs)} inputs skipped (unreadable)", flush=True)
     return 0
+
+
+def _input_images(spec: str) -> list[Path]:
+    """The input: one image, or the images of a folder (sorted)."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ConfigError(f"image folder {spec}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return found
+    return [path]
+
+
+def _output_size(args, img) -> tuple[int, int]:
+    if args.size:
+        return parse_size(args.size)
+    size = (round(img.height * args.scale), round(img.width * args.scale))
+    if min(size) < 1:
+        raise ConfigError(f"--scale {args.scale}: the {img.width}x{img.height} image would be {size[1]}x{size[0]} "
+                          "pixels")
+    return size
+
+
+def _superres(args, ae, dev):
+    """(z of the input, seed) -> a latent sampled by the --unet super-resolution UNet conditioned on it."""
+    from infd.cli.sample import check_sampling, latent_diffusion, load_unet, resolve_sampling
+    from infd.diffusion.generate import generate_latents
+    from infd.diffusion.spec import Conditioning
+
+    unet, record = load_unet(args.unet, dev)
+    if not unet.cfg.lowres_channels:
+        raise ConfigError(f"--unet {args.unet} is not a super-resolution UNet (its lowres_channels is 0): train one "
+                          "with experiment=sr_cpu_tiny, or leave out --unet for the autoencoder alone")
+    if unet.cfg.lowres_channels != ae.cfg.bottleneck.embed_dim:
+        raise ConfigError(f"--unet {args.unet} takes a {unet.cfg.lowres_channels}-channel condition, the autoencoder "
+                          f"--ckpt {args.ckpt} has {ae.cfg.bottleneck.embed_dim}-channel latents: use the autoencoder "
+                          "the UNet was trained with")
+    spec, source = resolve_sampling(args, record.sampling, record.schedule().objective == "rectified_flow")
+    check_sampling(spec, record.schedule())
+    print(f"super-resolution UNet {args.unet}: sampler {spec.sampler}, {spec.steps} steps ({source})", flush=True)
+    model = latent_diffusion(unet, record, dev)
+
+    def sample(z, seed: int):
+        return generate_latents(model, spec, Conditioning(lowres=z), (1, unet.cfg.in_channels, *z.shape[2:]), [seed],
+                                progress=True)
+
+    return sample
 
 
 def cmd_eval_ae(args) -> int:

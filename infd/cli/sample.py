@@ -160,6 +160,9 @@ def cmd_sample(args) -> int:
     prompts = read_lines(args.prompts, "--prompts") if args.prompts else [args.prompt or ""]
     dev = device(args.device)
     unet, record = load_unet(args.unet, dev)
+    if unet.cfg.lowres_channels:
+        raise ConfigError(f"--unet {args.unet} is a super-resolution UNet (conditioned on a low-resolution image): "
+                          "use infd upsample IMAGE --unet ... --ckpt AE")
     if args.label is not None and not 0 <= args.label < unet.cfg.num_classes:
         raise ConfigError(f"--label {args.label}: " + (f"expected a class in [0, {unet.cfg.num_classes})"
                           if unet.cfg.num_classes else "needs a class-conditional UNet (its num_classes is 0)"))
