@@ -124,3 +124,32 @@ def test_infd_upsample_with_a_superres_unet_samples_per_seed_and_refuses_a_plain
     assert code == 2 and "not a super-resolution UNet" in err
     code, _, err = run(capsys, *common, "--out", tmp_path / "x.png")
     assert code == 2 and "give a folder path" in err
+
+
+def test_the_alignment_loss_reaches_the_unet_and_not_the_frozen_autoencoder():
+    """diffusion.align (infd/diffusion/align.py): the decoded clean-latent prediction against GT patches; the
+    gradient flows through the frozen decoder and renderer to the UNet, none lands on the autoencoder;
+    samples above t_max contribute nothing."""
+    from infd.diffusion.align import AlignConfig, alignment_loss, frozen
+    from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_prediction
+    from infd.geometry import crop_queries
+    from infd.keyed_random import KeyedRandom
+    from tests.test_solve import tiny_ae
+
+    ae = frozen(tiny_ae())
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16))
+    for p in unet.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    schedule = build_schedule(DiffusionConfig(latent_scale=1.0))
+    z = torch.randn(2, 3, 8, 8)
+    pred, _, x_t, t = training_prediction(lambda x, t: unet(x, t), schedule, z, KeyedRandom(0, 0, [0, 1]))
+    z0_hat = schedule.to_x0_eps(pred, x_t, t)[0]
+    coords, cells = crop_queries((48, 48), (8, 8, 24, 24), batch=2)
+    gt = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss = alignment_loss(ae, z0_hat, t, gt, coords, cells, AlignConfig(enabled=True, t_max=1000), None)
+    loss.backward()
+    assert unet.conv_in.weight.grad.abs().sum() > 0 and unet.conv_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in ae.parameters())
+    above = alignment_loss(ae, z0_hat.detach(), t, gt, coords, cells, AlignConfig(t_max=int(t.min()) - 1), None)
+    assert float(above) == 0.0

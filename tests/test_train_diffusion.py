@@ -194,7 +194,8 @@ def test_stage2_on_image_shards_encodes_the_encoder_inputs_on_the_fly(tmp_path, 
     (patch.gt is off in stage 2), the autoencoder encodes the batches, the latent scale is
     estimated from the shards and checkpointed as the task's state. superres: a super-resolution UNet
     (unet.lowres_channels) conditioned on the encoded low-resolution views (blurred and JPEG-compressed at
-    random, noise-augmented), stopped mid-epoch and resumed: the same losses as the run straight through."""
+    random, noise-augmented) with the alignment loss on GT patches, stopped mid-epoch and resumed: the same
+    losses as the run straight through."""
     write_folder(tmp_path / "src", [(80 + 5 * i, 70) for i in range(16)])  # long side >= 120: 8 high-res
     build(tmp_path / "src", str(tmp_path / "shards"), "--min-side", "64", "--samples-per-shard", "4",
           "--hr-threshold", "120")
@@ -205,7 +206,10 @@ def test_stage2_on_image_shards_encodes_the_encoder_inputs_on_the_fly(tmp_path, 
             "diffusion.latent_scale_samples=8", "text.kind=none", "unet.context_dim=0")
     if kind == "superres":
         args += ("unet.lowres_channels=3", "data.loader.patch.lowres.enabled=true",
-                 "data.loader.patch.lowres.blur_p=0.5", "data.loader.patch.lowres.jpeg_p=0.5", "trainer.ckpt_every=2")
+                 "data.loader.patch.lowres.blur_p=0.5", "data.loader.patch.lowres.jpeg_p=0.5", "trainer.ckpt_every=2",
+                 # the alignment loss on GT patches (every t, random-init LPIPS: offline)
+                 "data.loader.patch.gt=true", "diffusion.align.enabled=true", "diffusion.align.t_max=1000",
+                 "diffusion.align.lpips=random")
     steps = 4 if kind == "superres" else 2  # an epoch: 8 main samples + 8 high-res slots over 2 ranks x 2
     run(DIFF, tmp_path, "img", *args, f"trainer.max_steps={steps}", nproc=2)
     logged = metrics(tmp_path, "img")
@@ -218,4 +222,5 @@ def test_stage2_on_image_shards_encodes_the_encoder_inputs_on_the_fly(tmp_path, 
         resumed = metrics(tmp_path, "cut")
         assert sorted(resumed) == sorted(logged)
         for step in logged:
-            assert_close(logged[step], resumed[step], ("loss",), rtol=1e-6)
+            assert_close(logged[step], resumed[step], ("loss", "loss_mse", "loss_align"), rtol=1e-6)
+            assert logged[step]["loss_align"] > 0

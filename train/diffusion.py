@@ -22,11 +22,13 @@ from infd.config import ConfigError
 from infd.data.batches import LatentBatch, PatchBatch
 from infd.data.loader import DataConfig
 from infd.data.transforms import PatchConfig
-from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss
+from infd.diffusion.align import alignment_loss, frozen
+from infd.diffusion.schedule import DiffusionConfig, build_schedule, training_loss, training_prediction
 from infd.diffusion.generate import LatentDiffusion, generate_latents, unet_fn
 from infd.diffusion.spec import Conditioning, SamplingSpec, spec_of
 from infd.export import load_export
 from infd.keyed_random import KeyedRandom
+from infd.losses import build_lpips
 from infd.models import UNetConfig, build_unet
 from infd.render import render_tiles
 from infd.text import TextEncoderConfig, build_text_encoder
@@ -77,6 +79,12 @@ class DiffusionTrainConfig:
         if self.data.kind == "shards" and not self.data.autoencoder:
             raise ConfigError("config key 'data.autoencoder' is empty: data.kind=shards encodes images on the fly "
                               "and needs an autoencoder export (or use data.kind=latents with a latent cache)")
+        if self.diffusion.align.enabled and not (self.data.kind == "shards" and self.data.loader.patch.gt):
+            raise ConfigError("config key 'diffusion.align.enabled': the alignment loss compares renders with GT "
+                              "patches: set data=shards and data.loader.patch.gt=true")
+        if self.diffusion.align.enabled and self.diffusion.objective == "rectified_flow":
+            raise ConfigError("config key 'diffusion.align.enabled': the alignment loss needs an epsilon or v "
+                              "objective (diffusion.objective)")
         if self.unet.lowres_channels and self.trainer.eval_every:
             raise ConfigError("config key 'trainer.eval_every': generative evaluation (FID of unconditional samples) "
                               "does not apply to a super-resolution UNet (unet.lowres_channels > 0); set it to 0")
@@ -120,7 +128,11 @@ class DiffusionTask:
         self.engines = {"unet": self.unet}
         self.ema = GatheredEMA(self.unet.module, cfg.trainer.ema_decay) if cfg.trainer.ema else None
         self.schedule = build_schedule(cfg.diffusion)
-        self.ae = load_export(cfg.data.autoencoder, info.device)[0] if cfg.data.autoencoder else None
+        self.ae = frozen(load_export(cfg.data.autoencoder, info.device)[0]) if cfg.data.autoencoder else None
+        align = cfg.diffusion.align
+        self.align_lpips = None
+        if align.enabled and align.lpips != "none":
+            self.align_lpips = frozen(build_lpips(align.lpips).to(info.device))
         self.evaluator = None
         if cfg.trainer.eval_every:
             with own_rng(info.device):
@@ -159,28 +171,32 @@ class DiffusionTask:
         return torch.where(drop.cpu(), n, labels).to(self.info.device)
 
     def _latents(self, batch: LatentBatch | PatchBatch) -> torch.Tensor:
-        """z (B, C, h, w): the cached latents, or the encoder inputs encoded on the fly."""
+        """z (B, C, h, w): the cached latents, or the encoder inputs (of a batch on the device) encoded."""
         if isinstance(batch, LatentBatch):
             return batch.z.to(self.info.device)
         with torch.no_grad():
-            return self.ae.encode(batch.to(self.info.device).enc)
+            return self.ae.encode(batch.enc)
 
     def train_step(self, micro_batches: list[LatentBatch | PatchBatch], step: int) -> StepOutput:
-        total, timesteps = 0.0, []
+        logs, timesteps = {"loss": 0.0}, []
         randoms = micro_batch_randoms(self.cfg.trainer.seed, step, micro_batches, self.info)
         fn = unet_fn(self.unet, self.schedule)
         for batch, rand in zip(micro_batches, randoms):
             with self.speed.autocast():  # the loss is reduced in fp32 (training_loss); the backward runs outside
-                loss, t = self._loss(batch, rand, fn)
+                loss, t, parts = self._loss(batch, rand, fn)
             self.unet.backward(loss)
             self.unet.step()
-            total += all_reduce_mean(loss.detach().float()).item() / len(micro_batches)
+            for name, value in {"loss": loss, **parts}.items():
+                logs[name] = logs.get(name, 0.0) + all_reduce_mean(value.detach().float()).item() / len(micro_batches)
             timesteps += t.tolist()
         if self.ema is not None:
             self.ema.update(self.unet.module)
-        return StepOutput({"loss": total, "latent_scale": self.latent_scale}, {"t": timesteps})
+        return StepOutput(logs | {"latent_scale": self.latent_scale}, {"t": timesteps})
 
     def _loss(self, batch: LatentBatch | PatchBatch, rand: KeyedRandom, fn):
+        """(the loss, t (B,), its parts to log)."""
+        if isinstance(batch, PatchBatch):
+            batch = batch.to(self.info.device)  # once: its images become float in [-1, 1] here
         z = self.speed.images(self._latents(batch) * self.latent_scale)
         # One draw drops the caption and the label together: guidance's unconditional branch has neither.
         conditioned = self.text is not None or self.cfg.unet.num_classes > 0
@@ -190,13 +206,21 @@ class DiffusionTask:
                 "labels": self._labels(batch.labels if cached else None, drop)}
         if self.cfg.unet.lowres_channels:
             cond |= self._lowres(batch, rand)
-        return training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
+        align = self.cfg.diffusion.align
+        if not align.enabled:
+            loss, t = training_loss(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
+            return loss, t, {}
+        pred, target, x_t, t = training_prediction(lambda x, t: fn(x, t, cond), self.schedule, z, rand)
+        mse = (pred.float() - target.float()).pow(2).mean()
+        z0_hat = self.schedule.to_x0_eps(pred, x_t, t)[0] / self.latent_scale
+        aligned = alignment_loss(self.ae, z0_hat, t, batch.gt, batch.coords, batch.cells, align, self.align_lpips)
+        return mse + align.weight * aligned, t, {"loss_mse": mse, "loss_align": aligned}
 
     def _lowres(self, batch: PatchBatch, rand: KeyedRandom) -> dict:
         """A super-resolution UNet's condition: the low-resolution view encoded by the frozen encoder (on the
         latent grid, scaled as z), plus Gaussian noise at a level drawn per sample from [0, lowres_noise]."""
         with torch.no_grad():
-            c = self.ae.encode(batch.to(self.info.device).lowres) * self.latent_scale
+            c = self.ae.encode(batch.lowres) * self.latent_scale
         level = (rand.rand("lowres_level") * self.cfg.diffusion.lowres_noise).to(c.device)
         noise = rand.randn(c.shape[1:], "lowres_noise").to(c.device, c.dtype)
         return {"lowres": self.speed.images(c + level.view(-1, 1, 1, 1) * noise), "level": level}
@@ -276,7 +300,10 @@ def resolve_models(cfg: DiffusionTrainConfig) -> DiffusionTrainConfig:
     if cfg.trainer.init_from:
         record = export_record(cfg.trainer.init_from, "unet")
         unet = replace(record.model, grad_checkpointing=cfg.unet.grad_checkpointing)
-        return replace(cfg, unet=unet, diffusion=record.diffusion or DiffusionConfig())
+        # The export's schedule; the training-only keys (noise augmentation, alignment) are this run's.
+        diffusion = replace(record.diffusion or DiffusionConfig(), lowres_noise=cfg.diffusion.lowres_noise,
+                            align=cfg.diffusion.align)
+        return replace(cfg, unet=unet, diffusion=diffusion)
     if cfg.unet.kind != "diffusers":
         return cfg
     from infd.convert.stable_diffusion import read_sd_settings

@@ -9,13 +9,14 @@ Rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1], the network predicts the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from infd.config import ConfigError
+from infd.diffusion.align import AlignConfig
 from infd.keyed_random import KeyedRandom
 
 
@@ -45,6 +46,8 @@ class DiffusionConfig:
     # Super-resolution UNets (unet.lowres_channels > 0): in training the condition gets Gaussian noise at a
     # level drawn per sample from [0, lowres_noise] (noise augmentation), the level an input of the UNet.
     lowres_noise: float = 0.3
+    # Super-resolution: the alignment loss on decoded clean-latent predictions (infd/diffusion/align.py).
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.latent_scale != "auto" and not self.latent_scale > 0:
@@ -129,8 +132,8 @@ def build_schedule(cfg: DiffusionConfig):
     return FlowSchedule(cfg) if cfg.objective == "rectified_flow" else VPSchedule(cfg)
 
 
-def training_loss(model_fn, schedule, x0: Tensor, rand: KeyedRandom) -> tuple[Tensor, Tensor]:
-    """(mean squared error of the network's prediction at a random noise level, t (B,)).
+def training_prediction(model_fn, schedule, x0: Tensor, rand: KeyedRandom) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(the network's prediction at a random noise level, its target, x_t, t (B,)).
 
     x0 (B, C, h, w); rand draws each sample's noise and t from its own key (seed, step, global
     index), so the loss of a global batch does not depend on how it is split over ranks.
@@ -142,5 +145,12 @@ def training_loss(model_fn, schedule, x0: Tensor, rand: KeyedRandom) -> tuple[Te
         t = rand.rand("t")
     else:
         t = rand.randint(schedule.timesteps, "t")
-    pred = model_fn(schedule.add_noise(x0, noise, t), t)
-    return (pred.float() - schedule.target(x0, noise, t).float()).pow(2).mean(), t
+    x_t = schedule.add_noise(x0, noise, t)
+    return model_fn(x_t, t), schedule.target(x0, noise, t), x_t, t
+
+
+def training_loss(model_fn, schedule, x0: Tensor, rand: KeyedRandom) -> tuple[Tensor, Tensor]:
+    """(mean squared error of the network's prediction at a random noise level, t (B,)); see
+    training_prediction."""
+    pred, target, _, t = training_prediction(model_fn, schedule, x0, rand)
+    return (pred.float() - target.float()).pow(2).mean(), t
