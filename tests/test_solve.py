@@ -155,3 +155,31 @@ def test_infd_solve_writes_the_solution_layout_and_residuals_and_refuses_bad_spe
     assert "conditions[0].image" in error(conditions=[{"image": "missing.png"}]) and "no such file" in error(
         conditions=[{"image": "missing.png"}])
     assert "has no text encoder" in error(prompt="a cat")
+
+
+def test_masked_and_lpips_image_conditions_and_ddpm_steps():
+    """A mask keeps only its pixels in the residual (an all-zero mask: nothing to match); an LPIPS condition
+    (random-init VGG: plumbing) scores and guides; DDPM steps (eta 1) take the guidance too."""
+    from infd.losses import build_lpips
+
+    ae, model = tiny_ae(), _tiny_diffusion()
+    with torch.no_grad():
+        reference = render_box(ae.renderer, ae.decode(torch.randn(1, 3, 8, 8)), (64, 64), (0, 0, 64, 64), (16, 16))[0]
+    z = torch.randn(1, 3, 8, 8)
+    nothing = RegionGuide(ae, (64, 64), [ImageCondition((0, 0, 64, 64), reference, mask=torch.zeros(16, 16))])
+    assert float(nothing.residuals(z)[0, 0]) == 0.0
+    half = torch.zeros(16, 16)
+    half[:, :8] = 1
+    left = RegionGuide(ae, (64, 64), [ImageCondition((0, 0, 64, 64), reference, mask=half)])
+    changed = reference.clone()
+    changed[:, :, 8:] = 1.0  # only the masked-out half differs
+    right_changed = RegionGuide(ae, (64, 64), [ImageCondition((0, 0, 64, 64), changed, mask=half)])
+    torch.testing.assert_close(left.residuals(z), right_changed.residuals(z))
+    lpips = RegionGuide(ae, (64, 64), [ImageCondition((0, 0, 64, 64), reference, loss="lpips")],
+                        lpips=build_lpips("random"))
+    assert float(lpips.residuals(z)[0, 0]) > 0
+    shape, seeds = (1, 3, 8, 8), [5]
+    plain = generate_latents(model, SamplingSpec(sampler="ddpm", steps=6), Conditioning(), shape, seeds)
+    spec = SamplingSpec(sampler="ddpm", steps=6, guide_scale=64.0)
+    guided = generate_latents(model, spec, Conditioning(guide=left), shape, seeds)
+    assert left.residuals(guided)[0, 0] < left.residuals(plain)[0, 0]
