@@ -22,7 +22,8 @@ REFUSED = {("autoencoder", "data=latents"): "stage 1 trains on images",
 NEEDS = {("diffusion", "data=shards"): ["data.autoencoder=/exports/ae"],
          ("autoencoder", "experiment=ae_from_sd"): ["model.init.autoencoder=/models/sd"],
          ("diffusion", "experiment=diffusion_from_sd"): ["unet.pretrained=/models/sd"],
-         ("diffusion", "experiment=sr_cpu_tiny"): ["data.autoencoder=/exports/ae"]}
+         ("diffusion", "experiment=sr_cpu_tiny"): ["data.autoencoder=/exports/ae"],
+         ("diffusion", "experiment=sr_paper"): ["data.autoencoder=/exports/ae"]}
 
 
 def groups(stage: str) -> list[str]:

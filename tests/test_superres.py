@@ -153,3 +153,21 @@ def test_the_alignment_loss_reaches_the_unet_and_not_the_frozen_autoencoder():
     assert all(p.grad is None and not p.requires_grad for p in ae.parameters())
     above = alignment_loss(ae, z0_hat.detach(), t, gt, coords, cells, AlignConfig(t_max=int(t.min()) - 1), None)
     assert float(above) == 0.0
+
+
+def test_a_superres_unet_starts_from_a_plain_unet_export_computing_what_it_did(tmp_path):
+    """trainer.init_from with unet.lowres_channels: the plain export's weights load (first convolution widened
+    with zeros, the level embedding left at its zero init) and the output is the plain UNet's."""
+    from tests.exports import save_unet
+    from train.warm_start import load_export_weights
+
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(**TINY)).eval()
+    for p in plain.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    save_unet(plain, tmp_path / "plain")
+    sr = UNet(UNetConfig(**TINY, lowres_channels=3)).eval()
+    load_export_weights(sr, str(tmp_path / "plain"))
+    x, t, context, lowres, level = _inputs()
+    with torch.no_grad():
+        assert torch.equal(sr(x, t, context, lowres=lowres, level=level), plain(x, t, context))

@@ -299,7 +299,9 @@ def resolve_models(cfg: DiffusionTrainConfig) -> DiffusionTrainConfig:
     UNet and sample with its schedule without the source folder."""
     if cfg.trainer.init_from:
         record = export_record(cfg.trainer.init_from, "unet")
-        unet = replace(record.model, grad_checkpointing=cfg.unet.grad_checkpointing)
+        # Its architecture; a super-resolution run may add the low-resolution condition to a plain UNet.
+        unet = replace(record.model, grad_checkpointing=cfg.unet.grad_checkpointing,
+                       lowres_channels=cfg.unet.lowres_channels or record.model.lowres_channels)
         # The export's schedule; the training-only keys (noise augmentation, alignment) are this run's.
         diffusion = replace(record.diffusion or DiffusionConfig(), lowres_noise=cfg.diffusion.lowres_noise,
                             align=cfg.diffusion.align)

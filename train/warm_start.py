@@ -42,15 +42,29 @@ def export_model_config(path: str, kind: str, **keep):
 
 def load_export_weights(module: nn.Module, path: str) -> None:
     """Copy the export's weights into `module` (built from export_model_config); every key must match."""
-    state = load_file(str(Path(path) / WEIGHTS))
+    state = widened_for_lowres(load_file(str(Path(path) / WEIGHTS)), module)
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ
         raise ConfigError(f"config key '{KEY}' = {path}: its weights do not fit the model: {err}") from None
+    # A super-resolution UNet started from a plain one: its level embedding starts at zero (lowres_cond.py).
+    missing = [k for k in missing if "level_emb." not in k] if getattr(module, "level_emb", None) else missing
     if missing or unexpected:
         raise ConfigError(f"config key '{KEY}' = {path}: its weights do not fit the model "
                           f"(missing: {_listed(missing)}; unexpected: {_listed(unexpected)})")
     log.info("weights from %s (%s=%s); the optimizer starts fresh", path, KEY, path)
+
+
+def widened_for_lowres(state: dict, module: nn.Module) -> dict:
+    """A plain UNet's first-convolution weight padded with zero input channels where `module` is a
+    super-resolution UNet (unet.lowres_channels): it then computes what the plain UNet did."""
+    from infd.models.lowres_cond import widen_weight
+
+    own = module.state_dict()
+    for key, value in state.items():
+        if key.endswith("conv_in.weight") and key in own and own[key].shape[1] > value.shape[1]:
+            state[key] = widen_weight(value, own[key].shape[1])
+    return state
 
 
 def _listed(keys: list[str], limit: int = 10) -> str:
