@@ -179,7 +179,8 @@ def train(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, run_dir:
                                    {f"data/skipped/{k}": v for k, v in skips.items()} |
                                    {"data/skipped_total": sum(skips.values()),
                                     "data/read_mb": data.bytes_read() / 2**20,
-                                    "data/hedged_reads": data.hedges_fired()}, step)
+                                    "data/hedged_reads": data.hedges_fired(),
+                                    "data/cache_evicted": data.cache_evictions()}, step)
             if step % cfg.image_every == 0 and not stopping:
                 logger.log_images(task.image_panels(micro[0]), step)  # every rank renders (ZeRO-3 gathers); rank 0 logs
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:

@@ -185,6 +185,10 @@ class Loader:
         """Second GETs this rank's current workers sent for slow reads (counted like bytes_read)."""
         return sum(r.get("hedges", 0) for r in self.reads.values())
 
+    def cache_evictions(self) -> int:
+        """Chunks this rank's current workers evicted from the node's shard cache (counted like bytes_read)."""
+        return sum(r.get("evicted", 0) for r in self.reads.values())
+
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, sample_fn=None, collate_fn=None,
                  batches_per_step: int = 1, ranks_per_node: int = 1) -> Loader:
@@ -257,7 +261,7 @@ class RankBatches(IterableDataset):
         if info is not None:  # a forked worker starts with its parent's counts
             RANGE_READS.update(bytes=0, reads=0)
             HEDGES.update(fired=0, won=0)
-            CACHE.update(reads=0, fills=0, fill_bytes=0, evicted=0)
+            CACHE.update(evicted=0)
         threads = self.cfg.read_threads
         with ThreadPoolExecutor(threads) if threads > 1 else InProcess() as pool:
             for j, (epoch, first, batch, after) in enumerate(self.plans()):
@@ -271,8 +275,8 @@ class RankBatches(IterableDataset):
     @staticmethod
     def _reads() -> dict:
         """This worker's object-store / file reads so far (with the shard cache: its chunk fills), hedges and
-        cache counts."""
-        return dict(RANGE_READS, hedges=HEDGES["fired"], cache_reads=CACHE["reads"], cache_evicted=CACHE["evicted"])
+        the chunks it evicted from the node's cache."""
+        return dict(RANGE_READS, hedges=HEDGES["fired"], evicted=CACHE["evicted"])
 
     def batch_cfg(self, batch: int) -> DataConfig:
         """The config that batch `batch` of the run is made with (see the module docstring)."""

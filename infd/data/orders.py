@@ -2,7 +2,9 @@
 builds for a global batch, which of them are high-res, and the samples to try for each (the first,
 then its replacements, see infd/data/loader.py).
 
-- `global` (default): the global block shuffle of infd/data/epoch_plan.py; a rank takes a contiguous B
+`auto` (the default) picks `node` for indexed shards on s3:// and `global` otherwise (resolve_order).
+
+- `global`: the global block shuffle of infd/data/epoch_plan.py; a rank takes a contiguous B
   of each global batch's slots; high-res draws are uniform over the high-res samples.
 - `node`: the node-partitioned order of infd/data/node_order.py; a rank takes its node's slots; a
   high-res draw comes from the shards of its canonical node's current block (a shard weighted by its

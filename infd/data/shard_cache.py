@@ -20,7 +20,9 @@ Layout: CACHE_DIR/<digest of the shard's URL and size>/<chunk number>.
 - Reuse: chunks are plain files keyed by URL and size, so the next epoch, a restarted job or another
   job on the node reads what is there.
 
-Counts per process (`CACHE`): reads served, chunk fills (GETs are also in urls.RANGE_READS), evictions.
+Counts per process: `CACHE["evicted"]`, chunks this process evicted (its fills are its GETs, counted with their
+bytes in urls.RANGE_READS); the training log shows it as data/cache_evicted, the sign of a cache too small
+for the node's block.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from pathlib import Path
 from infd.data.urls import ReadOptions, ShardReadError, read_range
 
 log = logging.getLogger("infd.data")
-CACHE = {"reads": 0, "fills": 0, "fill_bytes": 0, "evicted": 0}
+CACHE = {"evicted": 0}
 TOUCH_EVERY_S = 60.0  # recency is refreshed at most this often per chunk (one utime, not one per read)
 EVICT_TO = 0.9  # an eviction pass frees the cache down to this fraction of its limit
 # A chunk GET moves megabytes: it is hedged only once it is slower than its size at this rate would allow
@@ -74,8 +76,6 @@ class ShardCache:
             lo, hi = max(offset, chunk * size), min(end, (chunk + 1) * size)
             if hi > lo:
                 parts.append(self._read_chunk(url, shard_bytes, chunk, lo - chunk * size, hi - lo))
-        with _lock:
-            CACHE["reads"] += 1
         return b"".join(parts)
 
     def chunk_path(self, url: str, shard_bytes: int, chunk: int) -> Path:
@@ -114,9 +114,6 @@ class ShardCache:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
-        with _lock:
-            CACHE["fills"] += 1
-            CACHE["fill_bytes"] += n
         self._account(n)
         return data
 

@@ -138,14 +138,15 @@ class ShardSource:
     def read(self, sample_id: int) -> dict:
         """A raw sample {"__key__", "__url__", ext: bytes, ...} by one ranged read of its span.
         Raises SkipSample (truncated_shard, index_mismatch)."""
-        shard, start, end = self.span(sample_id)
+        rec, start, end = self._located(sample_id)
+        shard = int(rec["shard"])
         url, key = self.url_of[shard], self.index.key(sample_id)
         try:
             span = self._read_span(url, shard, start, end - start)
         except ShortRead as err:
             raise SkipSample("truncated_shard", str(err)) from None
         raw = {"__key__": key, "__url__": url} | members_of(span, key)
-        ext = self.index.meta["exts"][int(self.index.records(sample_id, 1)[0]["ext"])]
+        ext = self.index.meta["exts"][int(rec["ext"])]
         if ext not in raw:
             raise SkipSample("index_mismatch", f"{url}: no {key}.{ext} where the index says; the shard changed "
                              "after indexing: re-index the shards")
@@ -154,13 +155,18 @@ class ShardSource:
     def span(self, sample_id: int) -> tuple[int, int, int]:
         """(shard id in the index, first byte, end byte) of the one read that fetches a sample: from its
         first indexed member's header to the next sample's."""
+        rec, start, end = self._located(sample_id)
+        return int(rec["shard"]), start, end
+
+    def _located(self, sample_id: int) -> tuple[np.void, int, int]:
+        """(the sample's index record, first byte, end byte of its read)."""
         records = self.index.records(sample_id, NEXT_RECORDS + 1)
         rec = records[0]
         start = span_start(rec)
         end = next((span_start(r) for r in records[1:] if r["shard"] == rec["shard"] and span_start(r) >= 0), None)
         if end is None:  # the shard's last sample, or unindexed ones follow: a bounded read
             end = min(int(self.index.shards[int(rec["shard"])]["bytes"]), span_end(rec) + SPAN_SLACK)
-        return int(rec["shard"]), start, end
+        return rec, start, end
 
     def _read_span(self, url: str, shard: int, offset: int, length: int) -> bytes:
         """One ranged read of the shard (index id `shard`): directly, or through the node's shard cache."""
