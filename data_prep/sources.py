@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from infd.data.decode import IMAGE_SUFFIXES
 from infd.data.tar_samples import TruncatedShard, iterate_tar
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PATH_COLUMNS = ("path", "filepath", "file", "image_path")
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
 

@@ -33,12 +33,16 @@ class Stage1LossConfig:
 VGG16_CACHE = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
 
 
+RANDOM_LPIPS_SEED = 0
+
+
 def build_lpips(backbone: str = "pretrained") -> nn.Module:
     """LPIPS (VGG) with its calibrated linear heads (infd/lpips.py).
 
     backbone: "pretrained" loads torchvision's ImageNet VGG16 from the torch hub cache;
     a path loads those weights from a file; "random" keeps a random-init VGG, for offline
-    tests only: such a network gives no meaningful perceptual distance and is named so.
+    tests only: such a network gives no meaningful perceptual distance and is named so. Its weights come
+    from a fixed seed, not the global random state: the same network on every rank and in every process.
     """
     from infd.lpips import LPIPS
 
@@ -47,7 +51,9 @@ def build_lpips(backbone: str = "pretrained") -> nn.Module:
             f"LPIPS needs torchvision's VGG16 weights at {VGG16_CACHE} (no download here). Copy "
             "vgg16-397923af.pth there, give its path as lpips_backbone, or use lpips_backbone=random "
             "for tests (random-init LPIPS).")
-    net = LPIPS(is_random_init=backbone == "random")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_LPIPS_SEED)
+        net = LPIPS(is_random_init=backbone == "random")
     if backbone != "random":
         path = VGG16_CACHE if backbone == "pretrained" else backbone
         net.load_vgg16(torch.load(path, map_location="cpu", weights_only=True))

@@ -171,3 +171,72 @@ def test_a_superres_unet_starts_from_a_plain_unet_export_computing_what_it_did(t
     x, t, context, lowres, level = _inputs()
     with torch.no_grad():
         assert torch.equal(sr(x, t, context, lowres=lowres, level=level), plain(x, t, context))
+
+
+def test_eval_sr_measures_every_method_alike_on_one_and_two_ranks(tmp_path, capsys):
+    """`infd eval-sr`: bicubic, the autoencoder alone, the super-resolution UNet (and with its condition zeroed)
+    and guided sampling with a plain UNet, at two scales; 2 ranks under torchrun give the one-rank metrics
+    (the same images, seeds and batches), exactly up to the float64 all-reduce."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.exports import save_ae, save_unet
+    from tests.s3_server import free_port
+    from tests.test_cli import run
+    from infd.models import NeuralFieldAutoencoder
+    from tests.test_models import tiny_cfg
+    from tests.training import ROOT, env
+
+    torch.manual_seed(0)  # an 8 x 8 latent and a narrow renderer: seconds on a CPU
+    ae = tiny_cfg(net={"resolution": 32}, renderer={"hidden": 8}, bottleneck={"kind": "none"})
+    save_ae(NeuralFieldAutoencoder(ae).eval(), tmp_path / "ae")
+    small = dict(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)
+    sr = UNet(UNetConfig(**small, lowres_channels=3))
+    for p in sr.parameters():  # past initialisation: the condition matters
+        p.data.add_(0.02 * torch.randn_like(p))
+    save_unet(sr, tmp_path / "sr")
+    save_unet(UNet(UNetConfig(**small)), tmp_path / "plain")
+    (tmp_path / "held_out").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 36), (32, 48), (20, 20), (36, 36)]):  # the 20 px one is below --size
+        smooth = rng.integers(0, 255, (h // 4, w // 4, 3), dtype=np.uint8)
+        Image.fromarray(smooth).resize((w, h), Image.BICUBIC).save(tmp_path / "held_out" / f"im{i}.png")
+    argv = ["eval-sr", "--ae", tmp_path / "ae", "--unet", tmp_path / "sr", "--guided-unet", tmp_path / "plain",
+            "--images", tmp_path / "held_out", "--methods", "bicubic", "ae", "diffusion", "diffusion_nocond",
+            "guided", "--scales", "2", "4", "--size", "32", "--num-images", "4", "--batch-size", "2", "--steps", "2",
+            "--lpips", "random", "--features", "randinit", "--feature-dim", "8", "--quiet", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1): the same float reductions
+    try:
+        code, out, err = run(capsys, *argv, "--out", tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    one = json.loads(out.strip().splitlines()[-1])
+    assert (one["num_images"], one["skipped"], one["world_size"]) == (3, {"smaller_than_size": 1}, 1)
+    rows = [row for method in one["methods"].values() for row in method.values()]
+    assert len(rows) == 10 and all(set(r) == {"psnr", "lr_rmse", "lpips_randinit", "fid_randinit"} for r in rows)
+    assert all(np.isfinite([r["psnr"], r["lr_rmse"], r["lpips_randinit"], r["fid_randinit"]]).all() for r in rows)
+    bicubic = one["methods"]["bicubic"]
+    assert bicubic["x2"]["lr_rmse"] < 0.1 and bicubic["x2"]["psnr"] > bicubic["x4"]["psnr"]  # smooth images
+    assert one["methods"]["diffusion"]["x2"] != one["methods"]["diffusion_nocond"]["x2"]
+    assert Image.open(tmp_path / "one" / "examples_x4.png").size[0] > 7 * 32  # input, 5 methods, original
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "infd.cli", *map(str, argv)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, res.stdout  # one JSON object, from rank 0
+    two = json.loads(lines[0])
+    assert two["world_size"] == 2 and two["skipped"] == one["skipped"]
+    for method, table in one["methods"].items():
+        for scale, row in table.items():
+            for key, value in row.items():
+                assert abs(two["methods"][method][scale][key] - value) <= 1e-7 * max(abs(value), 1), (method, key)
+    code, _, err = run(capsys, "eval-sr", "--ae", tmp_path / "ae", "--images", tmp_path / "held_out", "--methods",
+                       "guided")
+    assert code == 2 and "--methods guided needs --guided-unet" in err

@@ -8,7 +8,10 @@
 4. a held-out photograph upsampled 8x through tiles, and a region of a 4096 x 4096 render;
 5. stage 2: a latent cache, a few minutes of the tiny text-conditioned diffusion model, and one
    sampled image rendered at 1024 x 1024 (and a region of a 4096 x 4096 render of it);
-6. `infd eval-gen` on the demo UNet: FID-256, pFID 256/512/1K and CLIP score of a few samples
+6. super-resolution: a tiny UNet conditioned on low-resolution views (with the alignment loss) trains
+   briefly; a held-out photograph at 128 x 128 is upsampled 4x and 8x by it, and `infd eval-sr` measures
+   it against bicubic and the autoencoder alone on both held-out photographs at 2x-16x;
+7. `infd eval-gen` on the demo UNet: FID-256, pFID 256/512/1K and CLIP score of a few samples
    against the dataset's images of 1024 px and more, with random-init feature and CLIP networks
    (offline: every name ends in _randinit; the numbers check the pipeline, they are not FIDs).
 """
@@ -96,9 +99,44 @@ def stage2(out: Path, ae_export: Path, steps: int) -> list[Path]:
     return [full, region]
 
 
+def superres(out: Path, ae_export: Path, steps: int) -> list[Path]:
+    print("\n== 6. super-resolution: a UNet conditioned on low-resolution views, with the alignment loss", flush=True)
+    py = sys.executable
+    subprocess.run([py, "-m", "train.diffusion", "experiment=sr_cpu_tiny", f"run.root={out / 'runs'}",
+                    "run.name=demo_superres", f"data.loader.shards={out / 'shards'}", f"data.autoencoder={ae_export}",
+                    f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}", "data.loader.patch.gt=true",
+                    "diffusion.align.enabled=true", "diffusion.align.lpips=random"], check=True)
+    unet = out / "runs" / "demo_superres" / "export" / "unet"
+    held = out / "held_out"
+    held.mkdir(parents=True, exist_ok=True)
+    for name in HELD_OUT:
+        photo(name).convert("RGB").save(held / f"{name}.png")
+    name = HELD_OUT[0]
+    small = out / f"{name}_input_128.png"  # step 4's input: its 8x render there is the autoencoder alone
+    paths = []
+    for scale in (4, 8):
+        target = out / f"{name}_superres_{scale}x_{128 * scale}.png"
+        subprocess.run([py, "-m", "infd.cli", "upsample", str(small), "--ckpt", str(ae_export), "--unet", str(unet),
+                        "--scale", str(scale), "--steps", "20", "--out", str(target)], check=True)
+        paths.append(target)
+    print("   infd eval-sr: the held-out photographs' 256 px centre squares downscaled 2-16x and upsampled back "
+          "(random-init LPIPS and FID features offline: *_randinit)", flush=True)
+    cmd = [py, "-m", "infd.cli", "eval-sr", "--ae", str(ae_export), "--unet", str(unet), "--images", str(held),
+           "--methods", "bicubic", "ae", "diffusion", "diffusion_nocond", "--scales", "2", "4", "8", "16", "--steps",
+           "20", "--lpips", "random", "--features", "randinit", "--feature-dim", "64", "--out", str(out / "eval_sr")]
+    res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    table = json.loads(res.stdout.strip().splitlines()[-1])["methods"]
+    print("   scale   lr_rmse: bicubic    ae  diffusion  (condition zeroed)   psnr: bicubic    ae  diffusion")
+    for scale in table["bicubic"]:
+        lr, db = ({m: table[m][scale][key] for m in table} for key in ("lr_rmse", "psnr"))
+        print(f"   {scale:>5}            {lr['bicubic']:.3f}  {lr['ae']:.3f}  {lr['diffusion']:9.3f}  "
+              f"{lr['diffusion_nocond']:18.3f}         {db['bicubic']:6.2f} {db['ae']:5.2f} {db['diffusion']:10.2f}")
+    return paths + [out / "eval_sr" / "examples_x8.png"]
+
+
 def eval_gen(out: Path, ae_export: Path, n: int) -> None:
     """The last step: its JSON object is the demo's last line."""
-    print(f"\n== 6. infd eval-gen: {n} samples at 1024 against the dataset's >= 1024 px images", flush=True)
+    print(f"\n== 7. infd eval-gen: {n} samples at 1024 against the dataset's >= 1024 px images", flush=True)
     print("   offline, the feature and CLIP networks are random-init: the metrics are named *_randinit and only\n"
           "   show that the pipeline runs (they are not comparable with published FIDs; with the Inception weights\n"
           "   and --features inception the same command gives fid_256, pfid_256_1k, ...); sample i is prompted\n"
@@ -114,6 +152,7 @@ def main() -> None:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--diffusion-steps", type=int, default=200)
+    p.add_argument("--superres-steps", type=int, default=150)
     p.add_argument("--eval-samples", type=int, default=8, help="samples infd eval-gen draws at the end")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -156,6 +195,7 @@ def main() -> None:
              save_image(region, out / f"{name}_4096_region.png")]
     print(f"   {name}: 128x128 input -> latent {tuple(model.encode(x).shape[1:])} -> 1024x1024 in {t_big:.1f} s")
     paths += stage2(out, export, args.diffusion_steps)
+    paths += superres(out, export, args.superres_steps)
     summary = {"psnr_1x_before": round(before, 2), "psnr_1x_after": round(after, 2),
                "psnr_rise_db": round(after - before, 2), "steps": args.steps,
                "minutes": round((time.time() - start) / 60, 1), "export": str(export),

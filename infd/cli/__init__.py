@@ -2,7 +2,8 @@
 
     infd --version
     infd describe [MODEL_CONFIG] [--init SD_OR_LDM_PATH [--format auto|diffusers|ldm]] [--json] [--input-size 256]
-    infd upsample IMAGE --ckpt EXPORT (--scale S | --size WxH) --out OUT [--region x0,y0,x1,y1]
+    infd upsample IMAGE_OR_FOLDER --ckpt EXPORT (--scale S | --size WxH) --out OUT [--region x0,y0,x1,y1]
+                  [--unet SR_EXPORT [--num-images N] [--seed K] [--steps N]]
     infd eval-ae --ckpt EXPORT --data SHARDS [--limit N] [--lpips pretrained|random|PATH]
     infd sample --unet EXPORT [--ae EXPORT] [--prompt TEXT | --prompts FILE] [--label K] --size WxH
                 [--num-images N] [--batch-size B] [--region x0,y0,x1,y1] [--steps N]
@@ -11,13 +12,15 @@
     infd eval-gen --unet EXPORT [--ae EXPORT] --data REAL_SHARDS --num-samples N --out DIR
                   [--features inception|randinit]
                   [--patches 256 512 1024] [--fid-size 256] [--prompts FILE] [--seed K]   (torchrun for ranks)
+    infd eval-sr --ae EXPORT [--unet SR_EXPORT] [--guided-unet EXPORT] (--data SHARDS | --images FOLDER)
+                 [--scales 2 4 8 16] [--size 256] [--num-images N] [--out DIR]             (torchrun for ranks)
     infd data stats INDEX_OR_SHARDS [--png HIST.png] [--json]
     infd data preview SHARDS --out GRID.png [--n 8] [--p-hr 0.5] [--index DIR] [--patch-size 256]
 
 Every option's default is in `infd CMD --help`. A user mistake (a missing or unreadable input, a
 bad option value, options that do not fit the model) ends as `infd CMD: error: MESSAGE` on
-stderr with exit code 2, never a traceback. The commands live in this package's render, sample
-and eval_gen modules; what they share in common.
+stderr with exit code 2, never a traceback. The commands live in this package's render, sample,
+eval_gen, eval_sr and solve modules; what they share in common.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import argparse
 import json
 import sys
 
-from infd.cli import eval_gen, render, sample, solve
+from infd.cli import eval_gen, eval_sr, render, sample, solve
 from infd.cli.common import HelpFormatter, add_render_flags
 from infd.config import ConfigError, from_mapping, load_mapping
 
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=device)
 
     eval_gen.add_parser(sub, command, device)
+    eval_sr.add_parser(sub, command, device)
     solve.add_parser(sub, command, device)
 
     data = command(sub, "data", "look at a dataset: index statistics, loader preview", None).add_subparsers(

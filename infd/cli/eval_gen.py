@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from infd.cli.common import add_render_flags, device, read_lines, render_options
@@ -52,6 +53,19 @@ def finish_ranks(ok: bool) -> None:
         if ok:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def ranks(requested: str | None):
+    """(rank, world size, device) of init_ranks for the block; finish_ranks after it (no barrier after an
+    error)."""
+    rank, world, dev = init_ranks(requested)
+    ok = False
+    try:
+        yield rank, world, dev
+        ok = True
+    finally:
+        finish_ranks(ok)
 
 
 def note(text: str, rank: int) -> None:
@@ -159,9 +173,7 @@ def cmd_eval_gen(args) -> int:
     from infd.eval.samples import SampleStore
 
     cfg = eval_config(args)  # user mistakes first, before any model loads or process group starts
-    rank, world, dev = init_ranks(args.device)
-    ok = False
-    try:
+    with ranks(args.device) as (rank, world, dev):
         out = Path(args.out)
         real = choose_real_set(open_source(args.data, args.index), cfg.real_count,
                                PFID_SIZE if cfg.patches else cfg.fid_size)
@@ -175,9 +187,6 @@ def cmd_eval_gen(args) -> int:
             result["grid"] = str(write_grid(store, cfg.num_samples, out))
             (out / "metrics.json").write_text(json.dumps(result, indent=1))
             print(json.dumps(result), flush=True)
-        ok = True
-    finally:
-        finish_ranks(ok)
     return 0
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from infd.cli.common import (check_image_out, device, open_export, parse_region, parse_size, read_image,
                              render_options)
-from infd.cli.sample import IMAGE_SUFFIXES
 from infd.config import ConfigError
 
 
@@ -17,7 +16,8 @@ def cmd_upsample(args) -> int:
 
     import torch
 
-    from infd.image import pil_to_tensor, resize_antialiased, save_image
+    from infd.diffusion.superres import encode_images
+    from infd.image import save_image
     from infd.render import render_tiles
 
     options = render_options(args)
@@ -34,7 +34,10 @@ def cmd_upsample(args) -> int:
         check_image_out(args.out)
     dev = device(args.device)
     model, _ = open_export(args.ckpt, "autoencoder", "--ckpt", dev)
-    sr = _superres(args, model, dev) if args.unet else None
+    sr = None
+    if args.unet:
+        sr, line = superres_resolver(args, model, f"--ckpt {args.ckpt}", dev)
+        print(line, flush=True)
     skipped = 0
     for path in inputs:
         try:
@@ -49,12 +52,9 @@ def cmd_upsample(args) -> int:
         region = parse_region(args.region, size)
         # The field covers the whole image in [-1, 1]^2 whatever its aspect: encode a square resize at
         # the model's input size, render at the requested (H, W).
-        enc = model.cfg.net.resolution
-        x = pil_to_tensor(resize_antialiased(img, (enc, enc)))[None].to(dev)
         start = time.perf_counter()
-        with torch.no_grad():
-            z = model.encode(x)
-        latents = [z] if sr is None else [sr(z, args.seed + k) for k in range(args.num_images)]
+        z = encode_images(model, [img], dev)
+        latents = [z] if sr is None else [sr.latents(z, [args.seed + k], progress=True) for k in range(args.num_images)]
         for k, z in enumerate(latents):
             with torch.no_grad():
                 out = render_tiles(model.renderer, model.decode(z), size, region=region, options=options,
@@ -71,13 +71,9 @@ def cmd_upsample(args) -> int:
 
 def _input_images(spec: str) -> list[Path]:
     """The input: one image, or the images of a folder (sorted)."""
-    path = Path(spec)
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise ConfigError(f"image folder {spec}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return found
-    return [path]
+    from infd.data.decode import image_files
+
+    return image_files(spec) if Path(spec).is_dir() else [Path(spec)]
 
 
 def _output_size(args, img) -> tuple[int, int]:
@@ -90,11 +86,11 @@ def _output_size(args, img) -> tuple[int, int]:
     return size
 
 
-def _superres(args, ae, dev):
-    """(z of the input, seed) -> a latent sampled by the --unet super-resolution UNet conditioned on it."""
+def superres_resolver(args, ae, ae_what: str, dev):
+    """The SuperResolver of the --unet super-resolution UNet, checked against the autoencoder `ae` (named
+    `ae_what` in errors), with the sampling flags over the export's recorded options; and a line saying so."""
     from infd.cli.sample import check_sampling, latent_diffusion, load_unet, resolve_sampling
-    from infd.diffusion.generate import generate_latents
-    from infd.diffusion.spec import Conditioning
+    from infd.diffusion.superres import SuperResolver
 
     unet, record = load_unet(args.unet, dev)
     if not unet.cfg.lowres_channels:
@@ -102,18 +98,12 @@ def _superres(args, ae, dev):
                           "with experiment=sr_cpu_tiny, or leave out --unet for the autoencoder alone")
     if unet.cfg.lowres_channels != ae.cfg.bottleneck.embed_dim:
         raise ConfigError(f"--unet {args.unet} takes a {unet.cfg.lowres_channels}-channel condition, the autoencoder "
-                          f"--ckpt {args.ckpt} has {ae.cfg.bottleneck.embed_dim}-channel latents: use the autoencoder "
+                          f"{ae_what} has {ae.cfg.bottleneck.embed_dim}-channel latents: use the autoencoder "
                           "the UNet was trained with")
     spec, source = resolve_sampling(args, record.sampling, record.schedule().objective == "rectified_flow")
     check_sampling(spec, record.schedule())
-    print(f"super-resolution UNet {args.unet}: sampler {spec.sampler}, {spec.steps} steps ({source})", flush=True)
-    model = latent_diffusion(unet, record, dev)
-
-    def sample(z, seed: int):
-        return generate_latents(model, spec, Conditioning(lowres=z), (1, unet.cfg.in_channels, *z.shape[2:]), [seed],
-                                progress=True)
-
-    return sample
+    line = f"super-resolution UNet {args.unet}: sampler {spec.sampler}, {spec.steps} steps ({source})"
+    return SuperResolver(latent_diffusion(unet, record, dev), spec), line
 
 
 def cmd_eval_ae(args) -> int:

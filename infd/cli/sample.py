@@ -12,8 +12,6 @@ from pathlib import Path
 from infd.cli.common import device, open_export, parse_region, parse_size, read_lines, render_options
 from infd.config import ConfigError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
 
 def add_sampling_flags(p) -> None:
     """The sampling flags of `infd sample` and `infd eval-gen`, one per SamplingSpec field. They
@@ -129,6 +127,8 @@ def latent_size(args, unet, ae) -> int:
 
 
 def output_is_folder(out: str) -> bool:
+    from infd.data.decode import IMAGE_SUFFIXES
+
     return out.endswith(("/", "\\")) or Path(out).suffix.lower() not in IMAGE_SUFFIXES
 
 

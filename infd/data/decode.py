@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 _TRANSPOSED = {5, 6, 7, 8}
 ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = 179_000_000  # twice PIL's bomb threshold; 13K x 13K
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # image files, by name
 
 
 class SkipSample(Exception):
@@ -103,3 +104,18 @@ def needs_conversion(img: Image.Image) -> str | None:
     if img.mode == "P" and "transparency" not in img.info:
         return None
     return f"mode_{img.mode}"
+
+
+def image_files(folder) -> list:
+    """The image files directly in `folder` (by suffix), sorted by name; a folder without any is a ConfigError."""
+    from pathlib import Path
+
+    from infd.config import ConfigError
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"image folder {folder}: not a directory")
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise ConfigError(f"image folder {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found

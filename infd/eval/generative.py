@@ -140,7 +140,7 @@ def real_moments(real: RealSet, cfg: GenEvalConfig, views: dict, extractor, rank
     bar.close()
     for m in moments.values():
         m.all_reduce(device)
-    return moments, _sum_counts(skips)
+    return moments, sum_counts(skips)
 
 
 def _real_squares(real: RealSet, position: int, sizes: list[int], skips: dict) -> dict | None:
@@ -155,7 +155,7 @@ def _real_squares(real: RealSet, position: int, sizes: list[int], skips: dict) -
     return squares
 
 
-def _sum_counts(counts: dict) -> dict:
+def sum_counts(counts: dict) -> dict:
     """{reason: count} summed over ranks (ranks see different reasons: gathered as objects)."""
     import torch.distributed as dist
 

@@ -60,6 +60,29 @@ class RealSet:
             return ""
 
 
+@dataclass
+class FolderSet:
+    """The image files of a folder (sorted by name), read like a RealSet: ids are positions."""
+
+    paths: list
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.arange(len(self.paths), dtype=np.int64)
+
+    def read(self, position: int) -> Image.Image:
+        """The RGB image at `position` (upright). Raises SkipSample if it is unreadable."""
+        with open(self.paths[position], "rb") as f:
+            return decode_rgb(open_image(f.read()))
+
+
+def image_folder(folder: str, limit: int) -> FolderSet:
+    """The first `limit` image files of a folder (by name)."""
+    from infd.data.decode import image_files
+
+    return FolderSet(image_files(folder)[:limit])
+
+
 def require_captions(real: RealSet, what: str, fix: str) -> None:
     """Refuse captions as prompts when the real images have none (checked on the first one)."""
     if not len(real.ids):
