@@ -114,16 +114,24 @@ def test_lpips_loads_vgg_weights_from_a_path_and_equals_the_lpips_package(tmp_pa
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-7), (ours.flatten(), theirs.flatten())
 
 
-def test_random_init_lpips_is_torchvisions_random_vgg16_under_the_same_seed():
+def test_random_init_lpips_is_torchvisions_random_vgg16_under_its_fixed_seed():
+    """The same network whatever the global random state (every rank, every process), which it leaves as it was."""
     import torchvision
+
+    from infd.losses import RANDOM_LPIPS_SEED
 
     torch.manual_seed(3)
     net = build_lpips("random")
+    after = torch.rand(4)
     torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))  # the global generator did not move
+    torch.manual_seed(RANDOM_LPIPS_SEED)
     vgg = torchvision.models.vgg16(weights=None)
     assert net.is_random_init
     for ours, theirs in zip(net.features.state_dict().values(), vgg.features.state_dict().values()):
         assert torch.equal(ours, theirs)
+    torch.manual_seed(7)
+    assert torch.equal(build_lpips("random").features[0].weight, net.features[0].weight)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert net(x, x).abs().max() < 1e-6 and net(x, -x).item() > 0
 
