@@ -59,16 +59,19 @@ def server(tmp_path_factory):
                 proc.kill()
                 raise AssertionError(f"infd view did not start:\n{proc.stdout.read()}")
             time.sleep(0.2)
-    yield url, root
-    proc.terminate()  # SIGTERM, as a launcher stops it
-    assert proc.wait(timeout=30) is not None
+    run = json.loads(get(url + "api/info")[1])["run"]
+    yield url, root, run
+    proc.terminate()  # SIGTERM, as a launcher stops it: a clean exit
+    assert proc.wait(timeout=30) == 0, proc.stdout.read()
 
 
 def test_bad_requests_answer_4xx_and_the_server_keeps_serving(server):
-    url, _ = server
-    bad = ["tiles/0/0/1_0.png",  # outside the canvas: level 0 is one tile
-           "tiles/0/3/8_0.png", "tiles/0/9/0_0.png", "tiles/0/-1/0_0.png", "tiles/5/0/0_0.png", "tiles/0/1/a_0.png",
+    url, _, run = server
+    bad = [f"tiles/{run}/0/0/1_0.png",  # outside the canvas: level 0 is one tile
+           f"tiles/{run}/0/3/8_0.png", f"tiles/{run}/0/9/0_0.png", f"tiles/{run}/0/-1/0_0.png",
+           f"tiles/{run}/5/0/0_0.png", f"tiles/{run}/0/1/a_0.png", "tiles/0123abcd/0/0/0_0.png",  # another run's
            "tiles/../../../etc/passwd", "..%2f..%2fetc%2fpasswd", "static/../setup.py", "api/region?x0=0",
+           "api/region?latent=%C2%B2&x0=0&y0=0&x1=4&y1=4&w=8&h=8",  # a digit that int() refuses
            "api/region?latent=0&x0=0&y0=0&x1=2048&y1=2048&w=100000&h=100000",  # an absurd size
            "api/region?latent=0&x0=0&y0=0&x1=4&y1=4&w=4096&h=4096",  # far finer than the canvas
            "api/region?latent=0&x0=10&y0=0&x1=5&y1=4&w=8&h=8"]
@@ -79,7 +82,11 @@ def test_bad_requests_answer_4xx_and_the_server_keeps_serving(server):
     req = urllib.request.Request(url + "api/generate", data=b"{not json", method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
-    assert err.value.code == 400
+    assert err.value.code == 400  # no UNet behind this server
+    req = urllib.request.Request(url + "api/info", headers={"Host": "attacker.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as err:  # DNS rebinding: a loopback server answers loopback names
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 421
     status, body = get(url + "api/info")
     assert status == 200 and json.loads(body)["max_level"] == 3
 
@@ -90,7 +97,7 @@ def test_a_served_tile_is_the_quantised_render_exactly(server):
     from infd.export import load_export
     from infd.render import RenderOptions, render_tiles
 
-    url, root = server
+    url, root, run = server
     ae, _ = load_export(root / "ae", "cpu")
     z = torch.load(root / "z.pt")[1:2]
     pyramid = Pyramid(CANVAS)
@@ -98,7 +105,7 @@ def test_a_served_tile_is_the_quantised_render_exactly(server):
     torch.set_num_threads(1)
     try:
         for level, x, y in [(0, 0, 0), (2, 3, 1), (3, 7, 7)]:
-            status, body = get(url + f"tiles/1/{level}/{x}_{y}.png")
+            status, body = get(url + f"tiles/{run}/1/{level}/{x}_{y}.png")
             assert status == 200
             served = np.asarray(Image.open(io.BytesIO(body)))
             with torch.no_grad():
@@ -136,7 +143,7 @@ def test_the_page_renders_only_tiles_in_view_as_it_zooms(server):
         if os.geteuid() == 0:  # make test installs the browser as root: on CI this must run
             pytest.fail(f"the viewer's browser test cannot run: {reason}")
         pytest.skip(reason)
-    url, _ = server
+    url, _, _ = server
     pyramid = Pyramid(CANVAS)
 
     def record() -> list[dict]:
@@ -158,3 +165,50 @@ def test_the_page_renders_only_tiles_in_view_as_it_zooms(server):
         browser.wait_settled(page)
         assert page.evaluate("window.viewer.viewport()")["x0"] > vp["x0"]
         assert "download the visible region at 800 x" in page.inner_text("#download")
+
+
+def test_drawing_from_the_page_checks_its_requests_and_draws_one_at_a_time(server):
+    """/api/generate with a real (tiny, unconditional) UNet export, in process: malformed bodies, seeds that are
+    not integers, another content type (a cross-site form) and another Host are refused; a good request adds
+    a latent the page can show."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from infd.cli import build_parser
+    from infd.cli.view import _generator
+    from infd.models.unet import UNet, UNetConfig
+    from infd.viewer.server import Latent, ViewerState, build_app
+    from infd.viewer.tiles import TileRenderer
+    from tests.exports import save_unet
+
+    _, root, _ = server
+    save_unet(UNet(UNetConfig(ch=32, ch_mult=(1,), attn_ds=(), head_channels=16)), root / "unet",
+              autoencoder=str(root / "ae"))
+    args = build_parser().parse_args(["view", "--unet", str(root / "unet"), "--steps", "2"])
+    ae, generate, text = _generator(args, "cpu")
+    state = ViewerState(TileRenderer(ae, Pyramid((512, 512))), [Latent(generate("", 0), "seed 0")], generate, text)
+
+    async def exchange():
+        async with TestClient(TestServer(build_app(state))) as client:
+            statuses = []
+            for body in ("{not json", '{"seed": 1e400}', '{"seed": "3"}', '{"seed": true}', '{"seed": -1}',
+                         '{"prompt": 5}', '{"prompt": "%s"}' % ("x" * 1001), "[1, 2]"):
+                res = await client.post("/api/generate", data=body, headers={"Content-Type": "application/json"})
+                statuses.append(res.status)
+            res = await client.post("/api/generate", data='{"seed": 3}', headers={"Content-Type": "text/plain"})
+            statuses.append(res.status)
+            res = await client.get("/api/info", headers={"Host": "example.com"})
+            statuses.append(res.status)
+            good = await client.post("/api/generate", json={"prompt": "", "seed": 3})
+            body = await good.json()
+            two = await asyncio.gather(*(client.post("/api/generate", json={"seed": s}) for s in (4, 5)))
+            info = await (await client.get("/api/info")).json()
+            return statuses + sorted(r.status for r in two), good.status, body, info
+
+    statuses, status, body, info = asyncio.run(exchange())
+    assert statuses == [400] * 8 + [415, 421] + [200, 429]  # the second of two at once waits its turn: refused
+    assert status == 200 and body == {"id": 1}
+    assert not text and not info["text"] and info["generate"]
+    assert [x["label"] for x in info["latents"]][:2] == ["seed 0", "seed 3"] and len(info["latents"]) == 3
+    assert not torch.equal(state.latents[0].z, state.latents[1].z)

@@ -162,6 +162,8 @@ def viewer(out: Path, ae_export: Path) -> list[Path]:
                 urllib.request.urlopen(url + "api/info", timeout=5).read()
                 break
             except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"infd view exited ({server.returncode}): {' '.join(cmd)}") from None
                 time.sleep(0.2)
         shots = [out / "viewer_whole.png", out / "viewer_zoom4.png"]
         with browser.open_page(url, 1024, 768) as page:

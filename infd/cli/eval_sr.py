@@ -115,6 +115,8 @@ def _guided(args, ae, dev, options):
         raise ConfigError(f"--guided-unet {args.guided_unet} is a super-resolution UNet: give it as --unet; guided "
                           "sampling steers a plain UNet")
     spec, _ = resolve_sampling(args, record.sampling, record.schedule().objective == "rectified_flow")
+    if args.guide_steps is not None and args.guide_steps < 1:
+        raise ConfigError(f"--guide-steps {args.guide_steps}: expected at least 1")
     spec = replace(spec, steps=args.guide_steps or spec.steps, guide_scale=args.guide_scale,
                    guide_grad=args.guide_grad)
     check_sampling(spec, record.schedule())

@@ -42,19 +42,22 @@ def cmd_view(args) -> int:
     from infd.viewer.server import ViewerState, serve
     from infd.viewer.tiles import Pyramid, TileCache, TileRenderer
 
-    canvas = parse_size(args.canvas)
+    try:
+        canvas = parse_size(args.canvas)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("--size", "--canvas")) from None
     if not (args.image or args.latents or args.unet):
         raise ConfigError("nothing to show: give --image, --latents or --unet")
     if args.cache_mb < 1 or args.max_renders < 1 or not 0 < args.port < 65536:
         raise ConfigError(f"--cache-mb {args.cache_mb}, --max-renders {args.max_renders}, --port {args.port}: "
                           "expected positive sizes and a port in 1..65535")
     dev = device(args.device)
-    ae, latents, generate = _sources(args, dev)
+    ae, latents, generate, text = _sources(args, dev)
     if args.image and not (args.latents or args.unet):
         canvas = _aspect_canvas(canvas, read_image(args.image[0]))
     renderer = TileRenderer(ae, Pyramid(canvas), render_options(args), TileCache(args.cache_mb << 20),
                             args.max_renders)
-    state = ViewerState(renderer, latents, generate)
+    state = ViewerState(renderer, latents, generate, text)
     height, width = canvas
     print(f"{len(latents)} latent(s) on a {width}x{height} canvas, {renderer.pyramid.max_level + 1} zoom levels, "
           f"tiles of {renderer.pyramid.tile} px on {dev}", flush=True)
@@ -63,14 +66,15 @@ def cmd_view(args) -> int:
 
 
 def _sources(args, dev):
-    """(autoencoder, [Latent], generate(prompt, seed) -> z or None)."""
+    """(autoencoder, [Latent], generate(prompt, seed) -> z or None, whether generate takes the prompt)."""
     from infd.cli.common import open_export
     from infd.viewer.server import Latent
 
-    latents, generate, ae = [], None, None
+    latents, generate, ae, text = [], None, None, False
     if args.unet:
-        ae, generate = _generator(args, dev)
-        latents.append(Latent(generate(args.prompt, args.seed), f"{args.prompt!r}, seed {args.seed}"))
+        ae, generate, text = _generator(args, dev)
+        label = f"{args.prompt!r}, seed {args.seed}" if text else f"seed {args.seed}"
+        latents.append(Latent(generate(args.prompt, args.seed), label))
     elif args.ae:
         ae, _ = open_export(args.ae, "autoencoder", "--ae", dev)
     else:
@@ -81,11 +85,11 @@ def _sources(args, dev):
         latents.append(Latent(encode_images(ae, [read_image(path)], dev).cpu(), path))
     for path in args.latents:
         latents += [Latent(z, f"{path} [{i}]") for i, z in enumerate(_load_latents(path, ae))]
-    return ae, latents, generate
+    return ae, latents, generate, text
 
 
 def _generator(args, dev):
-    """(autoencoder, generate(prompt, seed) -> z (1, C, h, w)) of --unet (and --ae)."""
+    """(autoencoder, generate(prompt, seed) -> z (1, C, h, w), whether it takes the prompt) of --unet (and --ae)."""
     from infd.cli.sample import check_sampling, latent_diffusion, latent_size, load_unet, open_ae, resolve_sampling
     from infd.diffusion.generate import generate_latents
     from infd.diffusion.spec import Conditioning
@@ -106,12 +110,7 @@ def _generator(args, dev):
         cond = Conditioning([prompt] if model.text is not None else None)
         return generate_latents(model, spec, cond, (1, unet.cfg.in_channels, side, side), [seed]).cpu()
 
-    return ae, generate if model.text is not None else _fixed(generate)
-
-
-def _fixed(generate):
-    """An unconditional UNet: the page's box draws another seed (the prompt is not used)."""
-    return lambda prompt, seed: generate("", seed)
+    return ae, generate, model.text is not None
 
 
 def _load_latents(path: str, ae) -> list:
@@ -127,6 +126,8 @@ def _load_latents(path: str, ae) -> list:
     if not isinstance(z, torch.Tensor) or z.dim() not in (3, 4):
         raise ConfigError(f"--latents {path}: expected a tensor (N, C, h, w) or (C, h, w)")
     z = z[None] if z.dim() == 3 else z
+    if not len(z):
+        raise ConfigError(f"--latents {path}: the tensor holds no latent (N = 0)")
     if z.shape[1] != ae.cfg.bottleneck.embed_dim:
         raise ConfigError(f"--latents {path}: {z.shape[1]} channels; the autoencoder's latents have "
                           f"{ae.cfg.bottleneck.embed_dim}")

@@ -45,8 +45,9 @@ class SREvalConfig:
             raise ConfigError(f"config keys '{prefix}num_images' = {self.num_images} and '{prefix}batch_size' = "
                               f"{self.batch_size}: both must be at least 1")
         bad = [s for s in self.scales if not 1 <= s <= self.size]
-        if not self.scales or bad:
-            raise ConfigError(f"config key '{prefix}scales' = {self.scales}: give factors in [1, size = {self.size}]")
+        if not self.scales or bad or len(set(self.scales)) != len(self.scales):
+            raise ConfigError(f"config key '{prefix}scales' = {self.scales}: give distinct factors in [1, size = "
+                              f"{self.size}]")
         self.features.validate(prefix + "features.")
 
 
@@ -168,6 +169,9 @@ def evaluate_superres(images, upsamplers: dict[str, Upsample], cfg: SREvalConfig
     for m in moments.values():
         m.all_reduce(device)
     skips = sum_counts(skips)
+    if not moments[("original", 0)].count:
+        raise ConfigError(f"no held-out image could be used ({skips}): each needs a short side >= {cfg.size} "
+                          "(lower --size) and to be readable")
     return SRResult(_metrics(sums, moments, upsamplers, cfg, lpips_net, skips) if rank == 0 else {}, examples)
 
 

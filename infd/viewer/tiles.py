@@ -2,8 +2,9 @@
 
 Level L of a canvas of (H, W) pixels is the canvas at 2^(L - L_max) of its size (sides rounded up), L_max the
 smallest level count whose level 0 fits in one tile; tile (L, x, y) is the box [y T, (y+1) T) x [x T, (x+1) T)
-of level L clipped to it. A tile is `render_tiles(renderer, phi, level size, region=box)` in fp32 from phi
-decoded once per latent, quantised to 8 bits (infd.image.tensor_to_pil) and encoded as a lossless PNG.
+of level L clipped to it. A tile is `render_tiles(renderer, phi, level size, region=box)` (fp32 unless the
+render options say bf16) from phi decoded once per latent (the last PHI_KEPT latents' phi are kept), quantised
+to 8 bits (infd.image.tensor_to_pil) and encoded as a lossless PNG.
 
 `TileCache` keeps PNGs in memory (LRU, bounded in bytes); `TileRenderer` bounds concurrent renders and keeps
 a record of every tile it served (rendered or cached), which the tests and `/api/record` read.
@@ -15,12 +16,14 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 TILE = 256
+PHI_KEPT = 8  # decoded latents kept (a paper-size phi is 64 MB in fp32)
 
 
 class TileError(ValueError):
@@ -119,7 +122,7 @@ class TileRenderer:
     """Renders tiles of latents through an autoencoder's decoder and renderer (fp32).
 
     ae: a NeuralFieldAutoencoder; pyramid: the canvas's levels; options: infd.render.RenderOptions;
-    cache: a TileCache; max_renders: renders at once (the rest wait)."""
+    cache: a TileCache; max_renders: renders at once (the rest wait; `slot()` takes one for other renders)."""
 
     ae: nn.Module
     pyramid: Pyramid
@@ -127,26 +130,45 @@ class TileRenderer:
     cache: TileCache = field(default_factory=lambda: TileCache(256 << 20))
     max_renders: int = 2
     record: list[TileRecord] = field(default_factory=list)
-    _phi: dict = field(default_factory=dict)
+    _phi: OrderedDict = field(default_factory=OrderedDict)
     _slots: threading.Semaphore = None
 
     def __post_init__(self):
         self._slots = threading.Semaphore(self.max_renders)
         self._lock = threading.Lock()
-        self._inflight: dict = {}
+        self._inflight: dict = {}  # tile key -> the lock its renderer holds
+        self._decoding: dict = {}  # latent id -> the lock its decoder holds
         self.started = time.perf_counter()
 
-    def phi(self, latent_id: int, z: Tensor) -> Tensor:
-        """phi = D(z), decoded once per latent."""
-        with self._lock:
-            if latent_id not in self._phi:
-                with torch.no_grad():
-                    self._phi[latent_id] = self.ae.decode(z.to(next(self.ae.parameters()).device))
-            return self._phi[latent_id]
+    @contextmanager
+    def slot(self):
+        """One of the max_renders render slots, for the block."""
+        with self._slots:
+            yield
 
-    def tile_png(self, latent_id: int, z: Tensor, level: int, x: int, y: int) -> bytes:
+    def phi(self, latent_id: int, z: Tensor) -> Tensor:
+        """phi = D(z), decoded once per latent (other latents' tiles do not wait for it)."""
+        with self._lock:
+            if latent_id in self._phi:
+                self._phi.move_to_end(latent_id)
+                return self._phi[latent_id]
+            decoding = self._decoding.setdefault(latent_id, threading.Lock())
+        with decoding:
+            with self._lock:
+                phi = self._phi.get(latent_id)
+            if phi is None:
+                with torch.no_grad():
+                    phi = self.ae.decode(z.to(next(self.ae.parameters()).device))
+                with self._lock:
+                    self._phi[latent_id] = phi
+                    while len(self._phi) > PHI_KEPT:
+                        self._phi.popitem(last=False)
+        return phi
+
+    def tile_png(self, latent_id: int, z: Tensor, level: int, x: int, y: int, cancelled=None) -> bytes | None:
         """The PNG of tile (level, x, y) of latent `latent_id` (z (1, C, h, w)); TileError if it does not exist.
-        A tile asked for again while it renders is rendered once (the second request waits for the first)."""
+        A tile asked for again while it renders is rendered once (the second request waits for the first).
+        cancelled() -> True once a render slot is free: nothing is rendered, None returned (the asker left)."""
         box = self.pyramid.box(level, x, y)
         key = (latent_id, level, x, y)
         start = time.perf_counter()
@@ -159,11 +181,18 @@ class TileRenderer:
                 data = self.cache.get(key)
                 if data is None:
                     with self._slots:
-                        data = png_bytes(self.render(latent_id, z, self.pyramid.level_size(level), box)[0])
-                    self.cache.put(key, data)
-                    rendered = True
+                        if cancelled is not None and cancelled():
+                            data = None
+                        else:
+                            data = png_bytes(self.render(latent_id, z, self.pyramid.level_size(level), box)[0])
+                    if data is not None:
+                        self.cache.put(key, data)
+                        rendered = True
             with self._lock:
-                self._inflight.pop(key, None)
+                if self._inflight.get(key) is same_tile:
+                    del self._inflight[key]
+            if data is None:
+                return None
         self._note(key, start, cached=not rendered)
         return data
 

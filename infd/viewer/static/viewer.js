@@ -52,7 +52,7 @@
     const tile = {img, level, x, y, loaded: false};
     pending++;
     img.onload = img.onerror = () => { if (!tile.loaded) { tile.loaded = true; pending--; } prune(); status(); };
-    img.src = `tiles/${key}.png`;
+    img.src = `tiles/${info.run}/${key}.png`;
     tiles.set(key, tile);
     place(tile);
     stage.appendChild(img);
@@ -117,8 +117,10 @@
     const n = niceLength();
     $("scalelabel").textContent = `${n >= 1 ? Math.round(n) : n.toPrecision(2)} px of the ${cw} x ${ch} canvas`;
     $("scalebar").style.width = `${n * s}px`;
-    const v = viewport(), k = Number($("factor").value);
-    const w = Math.max(1, Math.round((v.x1 - v.x0) * s * k)), h = Math.max(1, Math.round((v.y1 - v.y0) * s * k));
+    const v = viewport();
+    let k = Number($("factor").value) * s;  // output pixels per canvas pixel, within the server's bounds
+    k = Math.min(k, Math.sqrt(info.max_download / Math.max(1, (v.x1 - v.x0) * (v.y1 - v.y0))), 16);
+    const w = Math.max(1, Math.floor((v.x1 - v.x0) * k)), h = Math.max(1, Math.floor((v.y1 - v.y0) * k));
     const q = `latent=${latent}&x0=${Math.floor(v.x0)}&y0=${Math.floor(v.y0)}&x1=${Math.ceil(v.x1)}` +
       `&y1=${Math.ceil(v.y1)}&w=${w}&h=${h}`;
     $("download").href = `api/region?${q}`;
@@ -132,7 +134,8 @@
     for (const l of info.latents) menu.add(new Option(`${l.id}: ${l.label}`, String(l.id)));
     latent = select === undefined ? 0 : select;
     menu.value = String(latent);
-    $("generate").classList.toggle("hidden", !info.text);
+    $("generate").classList.toggle("hidden", !info.generate);
+    $("prompt").classList.toggle("hidden", !info.text);
   }
   async function draw() {
     $("draw").disabled = true;
