@@ -8,10 +8,18 @@ bytes, which doubles a checkpoint's memory. The bytes are packed into a 64 MiB b
 written only in full buffers, whatever the tensors' sizes: on the development machine 4.6 GB took
 23.3 s written tensor by tensor (1477 writes for the paper UNet) and 6.8 s packed, against 8.8 s for
 the disk's own one-stream probe (medians of 3).
+
+The file is opened with O_DIRECT where the file system takes it (the buffer is page-aligned, the last write
+padded to the block and the file truncated back): the bytes go from the buffer to the disk without the
+page cache, whose copy and later reclaim cost the training CPU time (development machine, 1.5 GiB of
+distinct data: 0.13 s of CPU direct, 0.5-15 s buffered, as memory was free or not). Where O_DIRECT is
+refused (tmpfs, some network file systems) the same bytes are written buffered.
 """
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -20,6 +28,7 @@ import numpy as np
 import torch
 
 STAGE_BYTES = 64 << 20
+ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of the logical block (<= 4096)
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
@@ -41,16 +50,37 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         header["__metadata__"] = metadata
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with open(path, "wb", buffering=0) as f:
-        _write_staged(f, [np.frombuffer(struct.pack("<Q", len(text)) + text, dtype=np.uint8), *blobs],
-                      np.empty(min(STAGE_BYTES, 8 + len(text) + offset), dtype=np.uint8))
-        os.fsync(f.fileno())
-    return 8 + len(text) + offset
+    blobs = [np.frombuffer(struct.pack("<Q", len(text)) + text, dtype=np.uint8), *blobs]
+    total = 8 + len(text) + offset
+    stage_bytes = min(STAGE_BYTES, total + (-total % ALIGN))
+    stage = np.frombuffer(mmap.mmap(-1, stage_bytes), dtype=np.uint8)  # page-aligned, as O_DIRECT needs
+    try:
+        _write_file(path, blobs, stage, total, direct=True)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        _write_file(path, blobs, stage, total, direct=False)  # O_DIRECT refused here
+    return total
 
 
-def _write_staged(f, blobs: list, stage: np.ndarray) -> None:
+def _write_file(path: Path, blobs: list, stage: np.ndarray, total: int, direct: bool) -> None:
+    """The blobs through `stage` into a new file of `total` bytes, fsynced; direct: with O_DIRECT (the last
+    write padded to ALIGN with zeros, the file truncated back to `total`)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        _write_staged(fd, blobs, stage, ALIGN if direct else 1)
+        if direct:
+            os.ftruncate(fd, total)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_staged(fd: int, blobs: list, stage: np.ndarray, align: int = 1) -> None:
     """Write the blobs back to back through `stage`, which is written only when full (and once at the
-    end): every write but the last is STAGE_BYTES long, whatever the tensors' sizes."""
+    end, zero-padded to a multiple of `align`): every write but the last is the stage's length, whatever the
+    tensors' sizes."""
     fill = 0
     for blob in blobs:
         pos, size = 0, 0 if blob is None else blob.nbytes
@@ -59,16 +89,18 @@ def _write_staged(f, blobs: list, stage: np.ndarray) -> None:
             stage[fill:fill + n] = blob[pos:pos + n]
             fill, pos = fill + n, pos + n
             if fill == stage.nbytes:
-                _write_all(f, memoryview(stage))
+                _write_all(fd, memoryview(stage))
                 fill = 0
     if fill:
-        _write_all(f, memoryview(stage)[:fill])
+        padded = fill + (-fill % align)
+        stage[fill:padded] = 0
+        _write_all(fd, memoryview(stage)[:padded])
 
 
-def _write_all(f, data: memoryview) -> None:
-    """An unbuffered write may take fewer bytes than given (a signal, a full pipe): write the rest."""
+def _write_all(fd: int, data: memoryview) -> None:
+    """A write may take fewer bytes than given (a signal, a full disk's last blocks): write the rest."""
     while data:
-        data = data[f.write(data):]
+        data = data[os.write(fd, data):]
 
 
 def write_bytes(path: Path, data: bytes) -> None:
