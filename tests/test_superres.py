@@ -153,6 +153,13 @@ def test_the_alignment_loss_reaches_the_unet_and_not_the_frozen_autoencoder():
     assert all(p.grad is None and not p.requires_grad for p in ae.parameters())
     above = alignment_loss(ae, z0_hat.detach(), t, gt, coords, cells, AlignConfig(t_max=int(t.min()) - 1), None)
     assert float(above) == 0.0
+    assert t[0] != t[1]  # one sample below the bound, one above: the loss is the one below's alone
+    low = int(t.argmin())
+    with torch.no_grad():
+        mixed = alignment_loss(ae, z0_hat, t, gt, coords, cells, AlignConfig(t_max=int(t.min())), None)
+        alone = alignment_loss(ae, z0_hat[low:low + 1], t[low:low + 1], gt[low:low + 1], coords[low:low + 1],
+                               cells[low:low + 1], AlignConfig(t_max=1000), None)
+    assert torch.allclose(mixed, alone, rtol=1e-6) and mixed > 0
 
 
 def test_a_superres_unet_starts_from_a_plain_unet_export_computing_what_it_did(tmp_path):
