@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infd.config import ConfigError
-from infd.eval.features import FeatureConfig, metric_suffix
+from infd.eval.features import FeatureConfig, metric_suffix, to_uint8
 from infd.eval.frechet import FeatureMoments, frechet_distance
 from infd.eval.pfid import real_square
 from infd.eval.real_set import batches_of_rank, read_or_skip
@@ -60,8 +60,8 @@ def lowres_of(images: Tensor, scale: int) -> Tensor:
 
 
 def quantised(images: Tensor) -> Tensor:
-    """[-1, 1] -> the values an 8-bit file holds, back in [-1, 1]."""
-    return images.float().clamp(-1, 1).add(1).mul(127.5).round().div(127.5).sub(1)
+    """[-1, 1] -> the values an 8-bit file holds (infd.eval.features.to_uint8), back in [-1, 1]."""
+    return to_uint8(images).float().div(127.5).sub(1)
 
 
 def bicubic(lowres: Tensor, size: tuple[int, int], seeds: list[int]) -> Tensor:
