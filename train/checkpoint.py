@@ -149,7 +149,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        writer, entries = CheckpointWriter(tmp, snapshot=background), {}
+        writer, entries = CheckpointWriter(tmp, snapshot=background, eager=not background), {}
         for part in self.parts:
             entries |= part.save(writer, info)
             maybe_crash(step, "crash_in_checkpoint_save")

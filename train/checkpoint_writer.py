@@ -39,26 +39,42 @@ FAILED = ".failed-rank{:05d}"
 class CheckpointWriter:
     """Where parts put their files. snapshot: the files are written later, while training changes
     the live tensors: take host copies now (a part passes fresh=True for tensors that are already
-    its own copies, e.g. gathered from ZeRO partitions)."""
+    its own copies, e.g. gathered from ZeRO partitions). eager (a synchronous save): each file starts
+    writing as soon as it is handed over, so the EMA's file is on its way to the disk while the
+    engines gather theirs."""
 
     directory: Path
     snapshot: bool = False
+    eager: bool = False
     files: list = field(default_factory=list)  # (relative name, dict of tensors | torch object)
+    writing: list = field(default_factory=list)  # futures of the files started (eager)
 
     def tensors(self, name: str, tensors: dict[str, Tensor], fresh: bool = False) -> None:
         copy = self.snapshot and not fresh
-        self.files.append((name, {k: _host(v, copy) for k, v in tensors.items()}))
+        self._add(name, {k: _host(v, copy) for k, v in tensors.items()})
 
     def torch_object(self, name: str, obj) -> None:
-        self.files.append((name, obj))
+        self._add(name, obj)
+
+    def _add(self, name: str, payload) -> None:
+        self.files.append((name, payload))
+        if self.eager:
+            self.writing.append(self._start(name, payload))
+
+    def _start(self, name: str, payload):
+        path = self.directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return start_daemon(lambda: _write_file(path, payload), "checkpoint-file")
 
     def write(self, step: int) -> int:
-        """Write every file at once, each fsynced; returns the bytes of tensors written."""
-        for name, _ in self.files:
-            (self.directory / name).parent.mkdir(parents=True, exist_ok=True)
-        sizes = _in_threads([lambda name=name, payload=payload: _write_file(self.directory / name, payload)
-                             for name, payload in self.files], after_first=lambda: _maybe_hold(step))
-        return sum(sizes)
+        """Write every file at once (or wait for those already started), each fsynced; returns the bytes of
+        tensors written. A file's error is raised once all have ended."""
+        futures = self.writing if self.eager else [self._start(name, payload) for name, payload in self.files]
+        if futures:
+            wait(futures, return_when=FIRST_COMPLETED)
+            _maybe_hold(step)
+        wait(futures)
+        return sum(f.result() for f in futures)
 
 
 def _write_file(path: Path, payload) -> int:
@@ -67,17 +83,6 @@ def _write_file(path: Path, payload) -> int:
     torch.save(payload, path)
     fsync_path(path)
     return 0
-
-
-def _in_threads(jobs: list[Callable[[], int]], after_first: Callable[[], None]) -> list[int]:
-    """Run every job at once, each on a daemon thread (a crashed run does not wait for them); after_first
-    runs once the first has ended; the first job's error (in job order) is raised once all have ended."""
-    futures = [start_daemon(job, "checkpoint-file") for job in jobs]
-    if futures:
-        wait(futures, return_when=FIRST_COMPLETED)
-        after_first()
-    wait(futures)
-    return [f.result() for f in futures]
 
 
 def _host(t: Tensor, copy: bool) -> Tensor:

@@ -62,9 +62,11 @@ def _is_partitioned(param) -> bool:
 
 
 def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict]:
-    """(weights and buffers, Adam moments) this rank owns, as full fp32 CPU tensors by name
-    (collective: every rank gathers every ZeRO-partitioned tensor, and keeps the ones it owns).
-    own_copies: copy tensors that would otherwise be the live ones (a background save)."""
+    """(weights and buffers, Adam moments) this rank owns, as full fp32 CPU tensors by name.
+    A parameter that ZeRO-1/2 keeps whole in one rank's partition is owned by that rank and taken from
+    its partition as it is (no copy on a CPU, no collective); one split between ranks is gathered by
+    every rank alike (collective) and kept by its owner. own_copies: copy tensors that would otherwise
+    be the live ones (a background save)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = _base_optimizer(engine)
@@ -72,8 +74,9 @@ def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict
         _materialize_adam_state(engine, 0)
     params = dict(engine.module.named_parameters())
     buffers = persistent_buffers(engine.module)
-    sizes = {n: 4 * _full_numel(t) for n, t in (params | buffers).items()}
-    owners = assign_owners(sizes, info.world_size)
+    whole = whole_partition_ranks(params, info)
+    sizes = {n: 4 * _full_numel(t) for n, t in (params | buffers).items() if n not in whole}
+    owners = assign_owners(sizes, info.world_size) | whole
 
     def host(t, gathered: bool):
         out = t.detach().float().cpu()  # the live tensor itself when it is fp32 on the CPU
@@ -82,6 +85,13 @@ def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict
     weights, moments = {}, {}
     for name, param in params.items():
         partitioned, mine = _is_partitioned(param), owners[name] == info.rank
+        if name in whole:
+            if mine:
+                fragment = param._hp_mapping
+                weights[name] = host(fragment.hp_fragment.view(param.shape), False)
+                for key in MOMENTS:
+                    moments[f"{name}::{key}"] = host(fragment.get_optim_state_fragment(key).view(param.shape), False)
+            continue
         if partitioned or mine:  # a partitioned tensor is gathered by every rank alike
             full = safe_get_full_fp32_param(param) if partitioned else param
             if mine:
@@ -97,6 +107,27 @@ def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict
         if owners[name] == info.rank:
             weights[name] = host(buf, False)
     return weights, moments
+
+
+def whole_partition_ranks(params: dict, info: DistInfo) -> dict[str, int]:
+    """name -> the rank whose ZeRO-1/2 partition holds the whole parameter (every other rank holds none
+    of it); parameters split between ranks, ZeRO-3's and unpartitioned ones are left out. The same on
+    every rank: one all_gather of each rank's fragment sizes. At scale this keeps a checkpoint from
+    all-reducing every parameter over every rank: only the few that straddle a partition boundary are."""
+    import torch.distributed as dist
+
+    zero12 = [n for n, p in params.items() if hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id")]
+    local = [0 if params[n]._hp_mapping is None else params[n]._hp_mapping.lp_fragment_address.numel for n in zero12]
+    table = [local]
+    if info.world_size > 1:
+        table = [None] * info.world_size
+        dist.all_gather_object(table, local)
+    out = {}
+    for i, name in enumerate(zero12):
+        holders = [r for r in range(info.world_size) if table[r][i] > 0]
+        if len(holders) == 1 and table[holders[0]][i] == params[name].numel():
+            out[name] = holders[0]
+    return out
 
 
 def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -80,8 +80,9 @@ def find_resume(cfg: TrainerConfig, ckpt_root: Path) -> Path | None:
 
 def checkpointer(task: Task, data: Loader, cfg: TrainerConfig, info: DistInfo, ckpt_root: Path,
                  grad_accum: int) -> Checkpointer:
-    """Every piece of a run's state, gathered: restored in this order (the RNG last)."""
-    parts = [EnginesPart(task.engines), EmaPart(task.ema), DataPart(data, grad_accum), TaskPart(task), RngPart()]
+    """Every piece of a run's state, gathered: saved and restored in this order (the RNG last; the EMA
+    first: a stop checkpoint writes its file while the engines gather their ZeRO partitions)."""
+    parts = [EmaPart(task.ema), EnginesPart(task.engines), DataPart(data, grad_accum), TaskPart(task), RngPart()]
     return Checkpointer(ckpt_root, parts, info, cfg.keep_last, grace_s=cfg.grace_s)
 
 
