@@ -64,35 +64,45 @@ def epoch_shards(tmp_path_factory):
     return tmp / "shards"
 
 
+def _resume_from(tmp_path, source: str, step: int, name: str) -> None:
+    """A new run directory `name` holding only run `source`'s checkpoint of `step`."""
+    ckpts = tmp_path / name / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(tmp_path / source / "checkpoints" / f"step_{step:07d}", ckpts / f"step_{step:07d}")
+    (ckpts / "latest").write_text(f"step_{step:07d}")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_mid_epoch_checkpoint_resumes_at_another_world_size_exactly(tmp_path, epoch_shards, first, then):
-    """Stopped at step 4 of a 6-step epoch and resumed with another number of ranks (the same global
-    batch): the epoch still trains on every main-stream sample exactly once, and steps 5-6 equal
-    the uninterrupted run's (the order and the crops do not depend on the world size)."""
-    common = (*TINY, "trainer.max_steps=6", "trainer.ckpt_every=4", "deepspeed=zero2", "trainer.sample_log=true",
+def test_mid_epoch_checkpoints_resume_at_another_world_size_exactly(tmp_path, epoch_shards):
+    """Three runs chained over the 6-step epoch and 2 steps of the next, each with the same global batch:
+    2 ranks uninterrupted to step 6 ("two"); 1 rank from its step-4 checkpoint to step 8 ("one"); 2 ranks
+    from the 1-rank run's step-6 checkpoint ("back", steps 7-8). Both directions (2 -> 1, 1 -> 2) continue
+    exactly: the resumed steps equal the run they continue (the order and the crops do not depend on the
+    world size), and the epoch trains on every main-stream sample exactly once."""
+    common = (*TINY, "trainer.ckpt_every=2", "deepspeed=zero2", "trainer.sample_log=true",
               "data.kind=shards", f"data.loader.shards={epoch_shards}", "data.loader.num_workers=2",
               "data.loader.p_hr=0.5", "data.loader.patch.r_max=96",
               # Step 6 is also evaluated (4 held-out images, sharded over the ranks there are).
               "trainer.eval_every=6", f"eval.shards=[{epoch_shards}]", "eval.num_images=4", "eval.scales=[1]")
-    run(AE, tmp_path, "first", *common, f"data.loader.batch_size={4 // first}", nproc=first)
-    # A new run directory holding only the first run's checkpoint of step 4.
-    ckpts = tmp_path / "then" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    shutil.copytree(tmp_path / "first" / "checkpoints" / "step_0000004", ckpts / "step_0000004")
-    (ckpts / "latest").write_text("step_0000004")
-    res = run(AE, tmp_path, "then", *common, f"data.loader.batch_size={4 // then}", nproc=then)
-    assert f"written by {first} ranks" in res.stdout + res.stderr
-    full, resumed = metrics(tmp_path, "first"), metrics(tmp_path, "then")
-    assert sorted(resumed) == [5, 6]
-    for step in (5, 6):  # same global batches, same weights and Adam moments
-        assert_close(full[step], resumed[step], COMPARED, rtol=1e-4)
-    assert_close(full[6], resumed[6], ["eval/psnr_1x", "eval/lpips_1x_randinit"], rtol=1e-4)  # 1 or 2 ranks
-    before, after = sample_keys(tmp_path, "first"), sample_keys(tmp_path, "then")
-    assert {s: sorted(k) for s, k in after.items()} == {s: sorted(before[s]) for s in (5, 6)}
+    run(AE, tmp_path, "two", *common, "trainer.max_steps=6", "data.loader.batch_size=2", nproc=2)
+    _resume_from(tmp_path, "two", 4, "one")
+    res = run(AE, tmp_path, "one", *common, "trainer.max_steps=8", "data.loader.batch_size=4", nproc=1)
+    assert "written by 2 ranks" in res.stdout + res.stderr
+    _resume_from(tmp_path, "one", 6, "back")
+    res = run(AE, tmp_path, "back", *common, "trainer.max_steps=8", "data.loader.batch_size=2", nproc=2)
+    assert "written by 1 ranks" in res.stdout + res.stderr
+    two, one, back = metrics(tmp_path, "two"), metrics(tmp_path, "one"), metrics(tmp_path, "back")
+    assert sorted(one) == [5, 6, 7, 8] and sorted(back) == [7, 8]
+    for before, after, steps in ((two, one, (5, 6)), (one, back, (7, 8))):  # same batches, weights, moments
+        for step in steps:
+            assert_close(before[step], after[step], COMPARED, rtol=1e-4)
+    assert_close(two[6], one[6], ["eval/psnr_1x", "eval/lpips_1x_randinit"], rtol=1e-4)  # 2 ranks, 1 rank
+    keys = {name: sample_keys(tmp_path, name) for name in ("two", "one", "back")}
+    for before, after, steps in (("two", "one", (5, 6)), ("one", "back", (7, 8))):
+        assert {s: sorted(keys[after][s]) for s in steps} == {s: sorted(keys[before][s]) for s in steps}
     index = SampleIndex.open(epoch_shards)
     hr = {index.key(int(i)) for i in index.hr_ids}
-    trained = [k for step in range(1, 7) for k in (before if step <= 4 else after)[step] if k not in hr]
+    trained = [k for step in range(1, 7) for k in keys["two" if step <= 4 else "one"][step] if k not in hr]
     assert len(hr) == 4 and sorted(trained) == sorted({index.key(i) for i in range(16)} - hr)  # each once
 
 
