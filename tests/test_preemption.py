@@ -148,6 +148,6 @@ def test_deepspeed_launcher_sigterm_checkpoints_within_its_30_seconds(tmp_path, 
     stopped = re.search(r"stopped at step (\d+) by SIGTERM", out)
     assert stopped and int(stopped.group(1)) in (seen, seen + 1), out[-3000:]
     assert (tmp_path / "ds" / "checkpoints" / "latest").read_text() == f"step_{int(stopped.group(1)):07d}"
-    # DeepSpeed's CPU all-reduce maps a 69 MB file per rank in /dev/shm and never removes it: train/dist.py does
+    # DeepSpeed's CPU all-reduce op maps a 69 MB file per rank in /dev/shm and never removes it: training skips it
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{launch_env['MASTER_PORT']}_*"))
     assert not leaked, leaked

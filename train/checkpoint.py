@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 
 from infd.compat import checkpoint_data_position, checkpoint_task_state
-from train.checkpoint_writer import (BackgroundSave, CheckpointWriter, clear_marks, mark_done, maybe_crash,
-                                     wait_for_marks)
+from train.checkpoint_writer import (BackgroundSave, CheckpointWriter, SnapshotPool, clear_marks, mark_done,
+                                     maybe_crash, wait_for_marks)
 from train.dist import DistInfo
 from train.durable import fsync_path, replace_durably, write_bytes
 from train.portable import EMA, assign_owners, read_ema, shard_name
@@ -132,6 +132,7 @@ class Checkpointer:
                  grace_s: float | None = None):
         self.root, self.parts, self.info, self.keep_last, self.grace_s = root, parts, info, keep_last, grace_s
         self.pending: BackgroundSave | None = None
+        self.pool = SnapshotPool()  # a background save's host copies, reused by the next one
 
     def save(self, step: int, background: bool = False) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory it publishes.
@@ -149,7 +150,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        writer, entries = CheckpointWriter(tmp, snapshot=background, eager=not background), {}
+        writer, entries = CheckpointWriter(tmp, snapshot=background, eager=not background, pool=self.pool), {}
         for part in self.parts:
             entries |= part.save(writer, info)
             maybe_crash(step, "crash_in_checkpoint_save")

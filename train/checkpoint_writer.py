@@ -38,20 +38,24 @@ FAILED = ".failed-rank{:05d}"
 @dataclass
 class CheckpointWriter:
     """Where parts put their files. snapshot: the files are written later, while training changes
-    the live tensors: take host copies now (a part passes fresh=True for tensors that are already
-    its own copies, e.g. gathered from ZeRO partitions). eager (a synchronous save): each file starts
+    the live tensors: take host copies now (into `pool`'s buffers). eager (a synchronous save): each file starts
     writing as soon as it is handed over, so the EMA's file is on its way to the disk while the
     engines gather theirs."""
 
     directory: Path
     snapshot: bool = False
     eager: bool = False
+    pool: SnapshotPool | None = None  # where a snapshot's copies go (None: new tensors)
     files: list = field(default_factory=list)  # (relative name, dict of tensors | torch object)
     writing: list = field(default_factory=list)  # futures of the files started (eager)
 
-    def tensors(self, name: str, tensors: dict[str, Tensor], fresh: bool = False) -> None:
-        copy = self.snapshot and not fresh
-        self._add(name, {k: _host(v, copy) for k, v in tensors.items()})
+    def tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Tensors on any device, the live ones included: they reach the file as they are now."""
+        if self.snapshot:
+            pool = self.pool or SnapshotPool()
+            self._add(name, {k: pool.copy(f"{name}/{k}", v) for k, v in tensors.items()})
+        else:
+            self._add(name, {k: v.detach().to("cpu") for k, v in tensors.items()})
 
     def torch_object(self, name: str, obj) -> None:
         self._add(name, obj)
@@ -85,11 +89,21 @@ def _write_file(path: Path, payload) -> int:
     return 0
 
 
-def _host(t: Tensor, copy: bool) -> Tensor:
-    t = t.detach()
-    if t.device.type != "cpu":
-        return t.to("cpu")  # a copy already
-    return t.clone() if copy else t
+class SnapshotPool:
+    """Host buffers a background save copies the live tensors into, kept from one save to the next:
+    copying the paper UNet's 4.6 GB into new tensors spends most of its time faulting in their pages
+    (0.6-0.7 s on the development machine against 0.2 s into buffers used before). Pinned where there
+    is a GPU (faster copies from the device). Reusing them is safe because saves never overlap: a save
+    starts only after the previous one has written its files."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def copy(self, key: str, t: Tensor) -> Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+        return buf.copy_(t.detach())
 
 
 def mark_done(directory: Path, rank: int, failed: bool = False) -> None:

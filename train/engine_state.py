@@ -28,10 +28,10 @@ class EnginesPart:
     def save(self, writer, info: DistInfo) -> dict:
         counts, schedules = {}, {}
         for name, engine in self.engines.items():
-            weights, moments = portable_state(engine, info, own_copies=writer.snapshot)  # collective
+            weights, moments = portable_state(engine, info)  # collective
             directory = f"portable/{name}"
-            writer.tensors(f"{directory}/{shard_name('weights', info.rank, info.world_size)}", weights, fresh=True)
-            writer.tensors(f"{directory}/{shard_name('moments', info.rank, info.world_size)}", moments, fresh=True)
+            writer.tensors(f"{directory}/{shard_name('weights', info.rank, info.world_size)}", weights)
+            writer.tensors(f"{directory}/{shard_name('moments', info.rank, info.world_size)}", moments)
             counts[name] = optimizer_step_count(engine)
             schedules[name] = schedule_state(engine)
         return {"engines": list(self.engines), "optimizer_steps": counts, "schedules": schedules}
@@ -61,12 +61,12 @@ def _is_partitioned(param) -> bool:
     return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
 
 
-def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict]:
-    """(weights and buffers, Adam moments) this rank owns, as full fp32 CPU tensors by name.
+def portable_state(engine, info: DistInfo) -> tuple[dict, dict]:
+    """(weights and buffers, Adam moments) this rank owns, as full fp32 tensors by name, on the engine's
+    device and possibly the live ones (the CheckpointWriter copies them to the host).
     A parameter that ZeRO-1/2 keeps whole in one rank's partition is owned by that rank and taken from
     its partition as it is (no copy on a CPU, no collective); one split between ranks is gathered by
-    every rank alike (collective) and kept by its owner. own_copies: copy tensors that would otherwise
-    be the live ones (a background save)."""
+    every rank alike (collective) and kept by its owner."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = _base_optimizer(engine)
@@ -78,34 +78,30 @@ def portable_state(engine, info: DistInfo, own_copies: bool) -> tuple[dict, dict
     sizes = {n: 4 * _full_numel(t) for n, t in (params | buffers).items() if n not in whole}
     owners = assign_owners(sizes, info.world_size) | whole
 
-    def host(t, gathered: bool):
-        out = t.detach().float().cpu()  # the live tensor itself when it is fp32 on the CPU
-        return out.clone() if own_copies and not gathered and out.data_ptr() == t.data_ptr() else out
-
     weights, moments = {}, {}
     for name, param in params.items():
         partitioned, mine = _is_partitioned(param), owners[name] == info.rank
         if name in whole:
             if mine:
                 fragment = param._hp_mapping
-                weights[name] = host(fragment.hp_fragment.view(param.shape), False)
+                weights[name] = fragment.hp_fragment.view(param.shape)
                 for key in MOMENTS:
-                    moments[f"{name}::{key}"] = host(fragment.get_optim_state_fragment(key).view(param.shape), False)
+                    moments[f"{name}::{key}"] = fragment.get_optim_state_fragment(key).view(param.shape)
             continue
         if partitioned or mine:  # a partitioned tensor is gathered by every rank alike
             full = safe_get_full_fp32_param(param) if partitioned else param
             if mine:
-                weights[name] = host(full, partitioned)
+                weights[name] = full.detach().float()
         for key in MOMENTS:
             if partitioned:
                 value = safe_get_full_optimizer_state(param, key)
             else:
                 value = base.state.get(param, {}).get(key) if mine else None
             if mine and value is not None:
-                moments[f"{name}::{key}"] = host(value, partitioned)
+                moments[f"{name}::{key}"] = value.detach().float()
     for name, buf in buffers.items():
         if owners[name] == info.rank:
-            weights[name] = host(buf, False)
+            weights[name] = buf.detach().float()
     return weights, moments
 
 
