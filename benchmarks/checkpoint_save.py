@@ -152,27 +152,8 @@ def child(name: str, args) -> dict:
         # The disk's time is the faster of its two ways of writing (buffered, O_DIRECT): the harder yardstick.
         state["save_s"] = statistics.median(saves)
         disk_s = min(statistics.median(probes), statistics.median(direct_probes))
-        step_s = train(1)
-        # Enough steps for the background save to finish among them, as it does when ckpt_every is many steps.
-        steps = args.steps or min(args.max_steps, math.ceil(1.2 * state["save_s"] / step_s) + 1)
-        # A first background save fills the snapshot buffers (a run's first periodic save pays for their pages
-        # once; the saves after it reuse them): the steady state is measured on the second.
-        start = time.perf_counter()
-        saver.save(step, background=True)
-        first_blocking_s = time.perf_counter() - start
-        saver.wait()
-        plain_s = train(steps)
-        start = time.perf_counter()
-        saver.save(step, background=True)
-        blocking_s = time.perf_counter() - start
-        with_save_s = blocking_s + train(steps)
-        start = time.perf_counter()
-        saver.wait()
-        unfinished_s = time.perf_counter() - start
-        writer = disk_writer(root, nbytes)
-        beside_writer_s = train(steps)
-        writer.wait()
-        plain_s = (plain_s + train(steps)) / 2  # before and after: this CPU's step times drift
+        periodic = {} if args.stop_only else measure_periodic(saver, train, lambda: step, state["save_s"], nbytes,
+                                                              root, args)
     finally:
         shutdown(keep_group=False, clean=True)
     return {"params": params, "checkpoint_bytes": nbytes, "bytes_per_param": round(nbytes / params, 3),
@@ -182,18 +163,45 @@ def child(name: str, args) -> dict:
             "disk_gb_per_s": round(nbytes / disk_s / 1e9, 3),
             "stop_vs_disk_ratio": round(state["save_s"] / disk_s, 3),
             "grace_fraction": {k: round(state["save_s"] / v, 3) for k, v in GRACE_S.items()},
-            "steps": steps, "steps_s": round(plain_s, 3), "steps_with_background_save_s": round(with_save_s, 3),
+            **periodic}
+
+
+def measure_periodic(saver, train, current_step, save_s: float, nbytes: int, root: Path, args) -> dict:
+    """N steps with a background save against N without, and beside another process writing `nbytes`."""
+    step_s = train(1)
+    # Enough steps for the background save to finish among them, as it does when ckpt_every is many steps.
+    steps = args.steps or min(args.max_steps, math.ceil(1.2 * save_s / step_s) + 1)
+    # A first background save fills the snapshot buffers (a run's first periodic save pays for their pages
+    # once; the saves after it reuse them): the steady state is measured on the second.
+    start = time.perf_counter()
+    saver.save(current_step(), background=True)
+    first_blocking_s = time.perf_counter() - start
+    saver.wait()
+    plain_s = train(steps)
+    start = time.perf_counter()
+    saver.save(current_step(), background=True)
+    blocking_s = time.perf_counter() - start
+    with_save_s = blocking_s + train(steps)
+    start = time.perf_counter()
+    saver.wait()
+    unfinished_s = time.perf_counter() - start
+    writer = disk_writer(root, nbytes)
+    beside_writer_s = train(steps)
+    writer.wait()
+    plain_s = (plain_s + train(steps)) / 2  # before and after: this CPU's step times drift
+    return {"steps": steps, "steps_s": round(plain_s, 3), "steps_with_background_save_s": round(with_save_s, 3),
             "background_blocking_s": round(blocking_s, 3), "first_background_blocking_s": round(first_blocking_s, 3),
             "unfinished_s": round(unfinished_s, 3),
-            "periodic_slowdown_ratio": round((with_save_s - plain_s) / state["save_s"], 3),
+            "periodic_slowdown_ratio": round((with_save_s - plain_s) / save_s, 3),
             "steps_beside_a_disk_writer_s": round(beside_writer_s, 3),
-            "disk_writer_slowdown_ratio": round((beside_writer_s - plain_s) / state["save_s"], 3)}
+            "disk_writer_slowdown_ratio": round((beside_writer_s - plain_s) / save_s, 3)}
 
 
 def run_config(name: str, args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         cmd = [sys.executable, __file__, "--child", name, "--dir", tmp, f"--steps={args.steps}",
-               f"--max-steps={args.max_steps}", f"--rounds={args.rounds}", f"--sd-layers={args.sd_layers}"]
+               f"--max-steps={args.max_steps}", f"--rounds={args.rounds}", f"--sd-layers={args.sd_layers}",
+               *(["--stop-only"] if args.stop_only else [])]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         shutil.rmtree(tmp, ignore_errors=True)
     if res.returncode != 0:
@@ -201,8 +209,9 @@ def run_config(name: str, args) -> dict:
     row = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"{name:22s} {row['params'] / 1e6:7.1f} M params  {row['checkpoint_bytes'] / 2**30:6.2f} GiB "
           f"({row['bytes_per_param']:.2f} B/param)  stop save {row['stop_save_s']:6.1f} s = "
-          f"{row['stop_vs_disk_ratio']:.2f}x the disk's {row['disk_s']:.1f} s  periodic slowdown "
-          f"{row['periodic_slowdown_ratio']:.2f} of a synchronous save", flush=True)
+          f"{row['stop_vs_disk_ratio']:.2f}x the disk's {row['disk_s']:.1f} s" + (
+              f"  periodic slowdown {row['periodic_slowdown_ratio']:.2f} of a synchronous save"
+              if "periodic_slowdown_ratio" in row else ""), flush=True)
     return row
 
 
@@ -214,6 +223,8 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3, help="stop saves and disk probes, alternating (medians)")
     p.add_argument("--sd-layers", type=int, default=1, help="resnets per block of the SD-width UNet (SD: 2)")
+    p.add_argument("--stop-only", action="store_true", help="the stop checkpoint and the disk only (no training "
+                   "beside a background save: a snapshot the size of the SD-width UNet's state does not fit 24 GiB)")
     p.add_argument("--tmp", default=None, help="folder for the checkpoints (default: the system's temp folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
