@@ -38,22 +38,21 @@ FAILED = ".failed-rank{:05d}"
 @dataclass
 class CheckpointWriter:
     """Where parts put their files. snapshot: the files are written later, while training changes
-    the live tensors: take host copies now (into `pool`'s buffers). eager (a synchronous save): each file starts
-    writing as soon as it is handed over, so the EMA's file is on its way to the disk while the
-    engines gather theirs."""
+    the live tensors: take host copies now (into `pool`'s buffers, which the Checkpointer keeps from
+    one save to the next). eager (a synchronous save): each file starts writing as soon as it is handed
+    over, so the EMA's file is on its way to the disk while the engines gather theirs."""
 
     directory: Path
     snapshot: bool = False
     eager: bool = False
-    pool: SnapshotPool | None = None  # where a snapshot's copies go (None: new tensors)
+    pool: SnapshotPool = field(default_factory=lambda: SnapshotPool())  # where a snapshot's copies go
     files: list = field(default_factory=list)  # (relative name, dict of tensors | torch object)
     writing: list = field(default_factory=list)  # futures of the files started (eager)
 
     def tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
         """Tensors on any device, the live ones included: they reach the file as they are now."""
         if self.snapshot:
-            pool = self.pool or SnapshotPool()
-            self._add(name, {k: pool.copy(f"{name}/{k}", v) for k, v in tensors.items()})
+            self._add(name, {k: self.pool.copy(f"{name}/{k}", v) for k, v in tensors.items()})
         else:
             self._add(name, {k: v.detach().to("cpu") for k, v in tensors.items()})
 
