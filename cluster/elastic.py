@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from infd.utils.process_main import run_as_process
 from train.stop_status import StopReport, clear_report, signal_exit_status
 
 
@@ -60,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

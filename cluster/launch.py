@@ -18,6 +18,7 @@ import shlex
 import sys
 from typing import Mapping
 
+from infd.utils.process_main import run_as_process
 from train.slurm_env import SlurmEnvError, gpus_per_node, node_hosts, rendezvous_port
 
 STAGES = ("autoencoder", "diffusion")
@@ -87,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

@@ -32,6 +32,7 @@ from data_prep.shard_writer import FilterConfig, ShardWriter
 from data_prep.index_shards import add_part_args, build_index, check_part_args, part_name, part_range, pool
 from infd.data.sample_index import FILES, INDEX_NAME, merge_indexes
 from infd.data.urls import read_bytes
+from infd.utils.process_main import run_as_process
 
 log = logging.getLogger("data_prep.build_shards")
 
@@ -252,4 +253,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

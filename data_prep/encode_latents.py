@@ -53,6 +53,7 @@ from infd.data.transforms import centre_encoder_input, to_unit_range
 from infd.data.urls import dirname_url, expand_urls, join_url, open_stream
 from infd.data.workers import init_worker, preemption_signals_held
 from infd.export import load_export
+from infd.utils.process_main import run_as_process
 from infd.utils.signals import PreemptionFlag
 
 
@@ -326,4 +327,4 @@ def run(args, preempt: PreemptionFlag) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

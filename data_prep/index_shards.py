@@ -31,6 +31,7 @@ from infd.data.shard_scan import ShardScan, scan_shard
 from infd.data.tar_samples import IMAGE_EXTS
 from infd.data.urls import expand_urls
 from infd.utils.in_process import InProcess
+from infd.utils.process_main import run_as_process
 
 
 def part_name(part: int, num_parts: int) -> str:
@@ -147,4 +148,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

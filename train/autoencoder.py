@@ -27,6 +27,7 @@ from infd.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from infd.models.sync_batchnorm import synchronise_batchnorm
 from infd.render import render_tiles
 from infd.utils.mfu import Phases
+from infd.utils.process_main import run_as_process
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
@@ -238,4 +239,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

@@ -35,6 +35,7 @@ from infd.export import load_export
 from infd.image import pil_to_tensor, resize_antialiased, save_image
 from infd.models import AutoencoderConfig, NeuralFieldAutoencoder
 from infd.render import render_tiles
+from infd.utils.process_main import run_as_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PHOTOS = ["astronaut", "camera", "coffee", "coins", "hubble_deep_field", "immunohistochemistry", "moon",
@@ -253,4 +254,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from infd.utils.process_main import run_as_process
 from train.demo import write_dataset
 from train.tiny_sd import write_tiny_sd
 
@@ -89,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -32,6 +32,7 @@ from infd.losses import build_lpips
 from infd.models import UNetConfig, build_unet
 from infd.render import render_tiles
 from infd.text import TextEncoderConfig, build_text_encoder
+from infd.utils.process_main import run_as_process
 from train.config import DataSourceConfig, DeepSpeedConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 from train.data import build_batches
 from train.dist import DistInfo, all_reduce_mean, micro_batch_randoms, seed_rank_stream
@@ -339,4 +340,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

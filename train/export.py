@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from infd.config import ConfigError, from_mapping
+from infd.utils.process_main import run_as_process
 from train.autoencoder import AutoencoderTrainConfig
 from train.diffusion import DiffusionTrainConfig
 from train.run_exports import RUN_CONFIG, ExportError, checkpoint_stage, export_checkpoint, find_checkpoint
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_process(main))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from infd.utils.process_main import run_as_process
+
 # SD 1.x's DDIM settings (runwayml/stable-diffusion-v1-5 with DDIMScheduler).
 SD1_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
@@ -103,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_as_process(main))

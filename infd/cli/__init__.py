@@ -33,6 +33,7 @@ import sys
 from infd.cli import eval_gen, eval_sr, render, sample, solve, view
 from infd.cli.common import HelpFormatter, add_render_flags
 from infd.config import ConfigError, from_mapping, load_mapping
+from infd.utils.process_main import run_as_process
 
 
 def cmd_describe(args) -> int:
@@ -219,3 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.prog}: error: {err}", file=sys.stderr)
         return 2
 
+
+def console_main() -> int:
+    """The `infd` console script: main() as its process's whole life (infd/utils/process_main.py)."""
+    return run_as_process(main)

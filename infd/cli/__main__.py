@@ -4,8 +4,9 @@ import os
 import sys
 
 from infd.cli import main
+from infd.utils.process_main import run_as_process
 
-code = main()
+code = run_as_process(main)
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     # A rank of a torchrun job leaves without Python's finalization. A gloo worker thread can drop its
     # last reference to a collective's tensor after the process group is destroyed and the interpreter
