@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,32 @@ def data_workers(pid: int) -> list[psutil.Process]:
     return [w for trainer in psutil.Process(pid).children() for w in trainer.children()]
 
 
+class read_lines:
+    """A process's output, read line by line on a thread, so a test can act on a line as soon as it is printed."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.seen = threading.Condition()
+        self.reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.seen:
+                self.lines.append(line)
+                self.seen.notify_all()
+
+    def wait_for(self, *parts: str, timeout: float = 60) -> bool:
+        """Whether a line holding every one of `parts` is printed within `timeout` seconds."""
+        with self.seen:
+            return self.seen.wait_for(lambda: any(all(p in line for p in parts) for line in self.lines), timeout)
+
+    def text(self, proc: subprocess.Popen, timeout: float) -> str:
+        proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
+
+
 def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: str, reference: Path, shards,
                                         late: int = 1) -> None:
     """late: steps the stop may come after the one seen when the signal was sent (its way to the ranks)."""
@@ -82,12 +109,16 @@ def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, sha
     seen = wait_for_step(tmp_path / "k8s" / "metrics.jsonl", 3, proc)
     workers = data_workers(proc.pid)
     assert len(workers) == 4  # 2 ranks x 2 workers are up when the signal comes
+    output = read_lines(proc)
     proc.send_signal(signal.SIGTERM)
     # A worker that dies anyway while the stop is pending (the OOM killer, a node agent's SIGKILL):
     # the trainer still writes its checkpoint, which holds the data position on the trainer side.
-    time.sleep(0.3)
+    # Killed as soon as its trainer says the stop is pending; a fixed pause could outlast a stop that
+    # came at the end of a step (the trainer checkpoints, closes its loader and exits in 0.3 s).
+    trainer = workers[0].parent()
+    assert output.wait_for(f"[rank{trainer.environ()['RANK']}] ", "received SIGTERM: will checkpoint")
     workers[0].kill()
-    out, _ = proc.communicate(timeout=120)
+    out = output.text(proc, timeout=120)
     # A clean stop ends with 128 + SIGTERM, not torchrun's 1 and its SignalException traceback.
     assert proc.returncode == 143 and "Traceback" not in out, out[-4000:]
     assert re.search(r"cluster.elastic: stopped at step \d+ by SIGTERM: checkpoint \S+ saved; exit status 143", out)
