@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import pytest
 from tests.images import build, write_folder
 from tests.s3_server import free_port
 from tests.test_train_autoencoder import AE, COMPARED, TINY
-from tests.training import (ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd,
-                            wait_for_step)
+from tests.training import (ROOT, LineReader, assert_close, env, metrics, run, sample_keys, step_tree,
+                            train_cmd, wait_for_step)
 
 STEPS = 8
 
@@ -54,32 +53,6 @@ def data_workers(pid: int) -> list[psutil.Process]:
     return [w for trainer in psutil.Process(pid).children() for w in trainer.children()]
 
 
-class read_lines:
-    """A process's output, read line by line on a thread, so a test can act on a line as soon as it is printed."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self.seen = threading.Condition()
-        self.reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
-        self.reader.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self.seen:
-                self.lines.append(line)
-                self.seen.notify_all()
-
-    def wait_for(self, *parts: str, timeout: float = 60) -> bool:
-        """Whether a line holding every one of `parts` is printed within `timeout` seconds."""
-        with self.seen:
-            return self.seen.wait_for(lambda: any(all(p in line for p in parts) for line in self.lines), timeout)
-
-    def text(self, proc: subprocess.Popen, timeout: float) -> str:
-        proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        return "".join(self.lines)
-
-
 def assert_stopped_then_resumes_exactly(root: Path, name: str, seen: int, out: str, reference: Path, shards,
                                         late: int = 1) -> None:
     """late: steps the stop may come after the one seen when the signal was sent (its way to the ranks)."""
@@ -109,7 +82,7 @@ def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, sha
     seen = wait_for_step(tmp_path / "k8s" / "metrics.jsonl", 3, proc)
     workers = data_workers(proc.pid)
     assert len(workers) == 4  # 2 ranks x 2 workers are up when the signal comes
-    output = read_lines(proc)
+    output = LineReader(proc)
     proc.send_signal(signal.SIGTERM)
     # A worker that dies anyway while the stop is pending (the OOM killer, a node agent's SIGKILL):
     # the trainer still writes its checkpoint, which holds the data position on the trainer side.

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime
 
@@ -21,7 +20,7 @@ from infd.models import NeuralFieldAutoencoder
 from tests.images import build, write_folder
 from tests.test_export import check_unet_exports
 from tests.test_models import tiny_cfg
-from tests.training import ROOT, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd
+from tests.training import ROOT, LineReader, assert_close, env, metrics, run, sample_keys, step_tree, train_cmd
 from tests.wandb_reader import history_and_config
 
 DIFF = "train.diffusion"
@@ -93,20 +92,11 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
     run(DIFF, tmp_path, "straight", *args, nproc=2)
     proc = subprocess.Popen(train_cmd(DIFF, tmp_path, "stopped", *args, *evals, "trainer.eval_every=1", nproc=2),
                             cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, evaluating = [], threading.Event()
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line)
-            if "evaluating at step 1" in line:
-                evaluating.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    if not evaluating.wait(300):
+    output = LineReader(proc)
+    if not output.wait_for("evaluating at step 1", timeout=300):
         for process in step_tree(proc.pid):
             process.kill()
-        pytest.fail("no evaluation started: " + "".join(lines)[-4000:])
+        pytest.fail("no evaluation started: " + "".join(output.lines)[-4000:])
     tree = step_tree(proc.pid)
     ranks = psutil.Process(proc.pid).children()
     for process in tree:
@@ -116,9 +106,7 @@ def test_stop_signal_to_every_process_then_resume_exactly(tmp_path, cache):
             with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
         time.sleep(0.05)
-    proc.wait(timeout=60)
-    reader.join(timeout=60)
-    out = "".join(lines)
+    out = output.text(proc, timeout=60)
     stopped = re.search(r"stopped at step (\d+) by SIGTERM", out)
     assert stopped and int(stopped.group(1)) == 1, out[-4000:]
     assert "evaluation stopped by the stop signal: nothing logged for it" in out, out[-4000:]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,3 +75,29 @@ def sample_keys(root: Path, name: str) -> dict[int, list[str]]:
             entry = json.loads(line)
             steps.setdefault(entry["step"], []).extend(entry["keys"])
     return steps
+
+
+class LineReader:
+    """A process's output, read line by line on a thread, so a test can act on a line as soon as it is printed."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.seen = threading.Condition()
+        self.reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.seen:
+                self.lines.append(line)
+                self.seen.notify_all()
+
+    def wait_for(self, *parts: str, timeout: float = 60) -> bool:
+        """Whether a line holding every one of `parts` is printed within `timeout` seconds."""
+        with self.seen:
+            return self.seen.wait_for(lambda: any(all(p in line for p in parts) for line in self.lines), timeout)
+
+    def text(self, proc: subprocess.Popen, timeout: float) -> str:
+        proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return "".join(self.lines)

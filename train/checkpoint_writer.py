@@ -35,6 +35,23 @@ FAILED = ".failed-rank{:05d}"
 # 8.8 s (4.6 GB, medians of 3).
 
 
+class SnapshotPool:
+    """Host buffers a background save copies the live tensors into, kept from one save to the next:
+    copying the paper UNet's 4.6 GB into new tensors spends most of its time faulting in their pages
+    (0.6-0.7 s on the development machine against 0.2 s into buffers used before). Pinned where there
+    is a GPU (faster copies from the device). Reusing them is safe because saves never overlap: a save
+    starts only after the previous one has written its files."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def copy(self, key: str, t: Tensor) -> Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+        return buf.copy_(t.detach())
+
+
 @dataclass
 class CheckpointWriter:
     """Where parts put their files. snapshot: the files are written later, while training changes
@@ -45,7 +62,7 @@ class CheckpointWriter:
     directory: Path
     snapshot: bool = False
     eager: bool = False
-    pool: SnapshotPool = field(default_factory=lambda: SnapshotPool())  # where a snapshot's copies go
+    pool: SnapshotPool = field(default_factory=SnapshotPool)  # where a snapshot's copies go
     files: list = field(default_factory=list)  # (relative name, dict of tensors | torch object)
     writing: list = field(default_factory=list)  # futures of the files started (eager)
 
@@ -86,23 +103,6 @@ def _write_file(path: Path, payload) -> int:
     torch.save(payload, path)
     fsync_path(path)
     return 0
-
-
-class SnapshotPool:
-    """Host buffers a background save copies the live tensors into, kept from one save to the next:
-    copying the paper UNet's 4.6 GB into new tensors spends most of its time faulting in their pages
-    (0.6-0.7 s on the development machine against 0.2 s into buffers used before). Pinned where there
-    is a GPU (faster copies from the device). Reusing them is safe because saves never overlap: a save
-    starts only after the previous one has written its files."""
-
-    def __init__(self):
-        self.buffers: dict[str, Tensor] = {}
-
-    def copy(self, key: str, t: Tensor) -> Tensor:
-        buf = self.buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
-        return buf.copy_(t.detach())
 
 
 def mark_done(directory: Path, rank: int, failed: bool = False) -> None:
